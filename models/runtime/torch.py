@@ -1,0 +1,85 @@
+"""The torch executor, and the common interface both executors share."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from models.backbones.base import FrozenBackbone
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class BackboneRuntime(Protocol):
+    """Runs the frozen backbone: ``[B, 3, H, W]`` float batch -> ``{tap: [B, C, h, w]}`` float32."""
+
+    backbone: FrozenBackbone
+    device: torch.device
+    provider: str
+
+    def __call__(self, images: Tensor, taps: Collection[str]) -> dict[str, Tensor]: ...
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when a GPU is present; asking for ``cuda`` without one raises."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+class TorchRuntime:
+    """Eager torch execution under ``inference_mode``.
+
+    Args:
+        backbone: the frozen backbone (moved to ``device``).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        dtype: ``fp32``, or ``fp16``/``bf16`` autocast on CUDA.
+        channels_last: use the channels-last memory format (faster convolutions on GPUs).
+    """
+
+    def __init__(
+        self, backbone: FrozenBackbone, device: str = "auto", dtype: str = "fp32", channels_last: bool = False
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.device = resolve_device(device)
+        if dtype != "fp32" and self.device.type != "cuda":
+            raise ValueError(f"dtype {dtype} needs a CUDA device; the CPU runs fp32")
+        self.dtype = _DTYPES[dtype]
+        self.channels_last = channels_last
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.backbone = backbone.to(self.device, memory_format=memory_format)
+        self.provider = f"torch-{self.device.type}"
+
+    def __call__(self, images: Tensor, taps: Collection[str]) -> dict[str, Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
+            out = self.backbone(images, taps)
+        return {k: v.float() for k, v in out.items()}
+
+
+def build_runtime(
+    backbone: FrozenBackbone,
+    kind: str = "torch",
+    device: str = "auto",
+    *,
+    dtype: str = "fp32",
+    taps: Collection[str] | None = None,
+    cache_dir: Path | None = None,
+) -> BackboneRuntime:
+    """Builds the ``torch`` or ``onnx`` executor; ONNX needs the taps it should export."""
+    if kind == "torch":
+        return TorchRuntime(backbone, device, dtype)
+    if kind == "onnx":
+        from models.runtime.onnx import OnnxRuntime
+
+        return OnnxRuntime(backbone, list(taps or backbone.pyramid_taps), cache_dir or Path(".cache/onnx"), device)
+    raise ValueError(f"runtime must be 'torch' or 'onnx', got {kind!r}")

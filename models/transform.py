@@ -1,0 +1,105 @@
+"""Shared preprocessing: resize, normalise, pad onto a fixed canvas, and map boxes back.
+
+It belongs to the backbone, not to a task: the trainer and the server call the same code, and
+every image lands on the same ``[3, S, S]`` canvas, so a task's output does not depend on which
+other images share its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torchvision.transforms.v2.functional as F
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How images become backbone input.
+
+    Attributes:
+        size: the longest image side is resized to this many pixels (aspect ratio kept).
+        size_divisible: the square canvas side is ``size`` rounded up to a multiple of this.
+        mean: per-channel mean of ``[0, 1]`` RGB input.
+        std: per-channel standard deviation.
+    """
+
+    size: int = 320
+    size_divisible: int = 32
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
+    std: tuple[float, float, float] = field(default=IMAGENET_STD)
+
+    def __post_init__(self) -> None:
+        if self.size < self.size_divisible or self.size_divisible <= 0:
+            raise ValueError(f"size ({self.size}) must be >= size_divisible ({self.size_divisible}) > 0")
+
+    @property
+    def canvas(self) -> int:
+        return math.ceil(self.size / self.size_divisible) * self.size_divisible
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
+        return cls(
+            size=int(data["size"]),
+            size_divisible=int(data["size_divisible"]),
+            mean=tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What is needed to map canvas boxes back: ``original = canvas / scale``, clipped to ``(H, W)``."""
+
+    original_size: tuple[int, int]
+    scale: float
+
+
+class ImageTransform:
+    """Turns uint8 ``[3, H, W]`` RGB images into a normalised float ``[B, 3, S, S]`` batch."""
+
+    def __init__(self, spec: PreprocessSpec) -> None:
+        self.spec = spec
+        self._mean = torch.tensor(spec.mean).view(3, 1, 1)
+        self._std = torch.tensor(spec.std).view(3, 1, 1)
+
+    def one(self, image: Tensor) -> tuple[Tensor, ImageMeta]:
+        """Resizes so the longest side is ``spec.size``, normalises, pads bottom/right to the canvas."""
+        if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            raise ValueError(f"expected a uint8 [3, H, W] image, got {image.dtype} {tuple(image.shape)}")
+        h, w = int(image.shape[1]), int(image.shape[2])
+        scale = self.spec.size / max(h, w)
+        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+        resized = F.resize(image, [new_h, new_w], antialias=True)
+        x = (resized.float() / 255.0 - self._mean) / self._std
+        canvas = self.spec.canvas
+        x = torch.nn.functional.pad(x, (0, canvas - new_w, 0, canvas - new_h))
+        return x, ImageMeta(original_size=(h, w), scale=scale)
+
+    def __call__(self, images: Sequence[Tensor]) -> tuple[Tensor, list[ImageMeta]]:
+        pairs = [self.one(image) for image in images]
+        return torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+
+    @staticmethod
+    def boxes_to_canvas(boxes: Tensor, meta: ImageMeta) -> Tensor:
+        """``[N, 4]`` x1, y1, x2, y2 boxes in original pixels -> canvas pixels."""
+        return boxes * meta.scale
+
+    @staticmethod
+    def boxes_to_original(boxes: Tensor, meta: ImageMeta) -> Tensor:
+        """``[N, 4]`` x1, y1, x2, y2 canvas boxes -> original pixels, clipped to the image."""
+        h, w = meta.original_size
+        out = boxes / meta.scale
+        out[:, 0::2] = out[:, 0::2].clamp(0, w)
+        out[:, 1::2] = out[:, 1::2].clamp(0, h)
+        return out

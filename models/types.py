@@ -1,0 +1,42 @@
+"""Small typed values passed between layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Target:
+    """Ground truth for one image on the canvas.
+
+    Attributes:
+        boxes: float ``[N, 4]`` x1, y1, x2, y2 in canvas pixels.
+        labels: int64 ``[N]`` class indices in ``[0, num_classes)``.
+    """
+
+    boxes: Tensor
+    labels: Tensor
+
+    def to(self, device: torch.device | str) -> Target:
+        return Target(self.boxes.to(device), self.labels.to(device))
+
+
+@dataclass
+class Detections:
+    """Detections for one image.
+
+    Attributes:
+        boxes: float ``[N, 4]`` x1, y1, x2, y2 (canvas or original pixels, as the producer says).
+        scores: float ``[N]`` in ``[0, 1]``.
+        labels: int64 ``[N]`` class indices.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])

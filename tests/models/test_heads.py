@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import ImageTransform, PostprocessConfig, PreprocessSpec, Target, build_head, list_heads
+from models.heads.base import HeadOutputs
+from models.registry import Registry
+
+
+def test_registry_rejects_duplicates_and_bad_names() -> None:
+    registry: Registry = Registry("thing")
+    registry.add("a", 1)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.add("a", 2)
+    with pytest.raises(ValueError, match="invalid"):
+        registry.add("Bad-Name", 3)
+    with pytest.raises(KeyError, match="unknown thing"):
+        registry.get("b")
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_loss_finite_and_decreasing(name: str) -> None:
+    torch.manual_seed(0)
+    maps = [torch.randn(2, 16, 64 // s, 64 // s) for s in (8, 16, 32)]
+    head = build_head(name, 3, [16, 16, 16], [8, 16, 32])
+    targets = [
+        Target(torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 20.0, 60.0, 62.0]]), torch.tensor([0, 2])),
+        Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)),
+    ]
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = sum(head.loss(head(maps), targets).values())
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert min(losses[-3:]) < losses[0]
+
+
+def test_light_head_reads_a_vit_style_single_map() -> None:
+    head = build_head("light", 2, [32], [16])
+    out = head([torch.randn(1, 32, 4, 4)])
+    assert out.level_shapes == [(8, 8), (4, 4), (2, 2)]
+    assert out.tensors["cls_logits"].shape == (1, 84, 2)
+
+
+def test_decode_and_map_back_through_resize_and_padding() -> None:
+    """A known box on a 200x100 (H x W) image survives head decoding, the 0.32 resize and the padding."""
+    transform = ImageTransform(PreprocessSpec(size=64))
+    _, meta = transform.one(torch.zeros(3, 200, 100, dtype=torch.uint8))
+    assert meta.scale == pytest.approx(0.32)
+    head = build_head("light", 2, [8, 8, 8], [8, 16, 32])
+    shapes = [(8, 8), (4, 4), (2, 2)]
+    n = sum(h * w for h, w in shapes)
+    cls = torch.full((1, n, 2), -20.0)
+    reg, ctr = torch.zeros(1, n, 4), torch.full((1, n, 1), 20.0)
+    index = 2 * 8 + 1  # P3 location (x=1, y=2): centre (12, 20) on the canvas
+    cls[0, index, 1] = 20.0
+    reg[0, index] = torch.tensor([1.0, 2.0, 1.0, 0.5])  # l, t, r, b in strides of 8
+    outputs = HeadOutputs({"cls_logits": cls, "bbox_regression": reg, "bbox_ctrness": ctr}, shapes)
+    det = head.predict(outputs, (64, 64), PostprocessConfig(score_thresh=0.5))[0]
+    assert det.labels.tolist() == [1]
+    torch.testing.assert_close(det.boxes, torch.tensor([[4.0, 4.0, 20.0, 24.0]]))
+    original = ImageTransform.boxes_to_original(det.boxes.clone(), meta)
+    torch.testing.assert_close(original, torch.tensor([[12.5, 12.5, 62.5, 75.0]]))
+    clipped = ImageTransform.boxes_to_original(torch.tensor([[20.0, 50.0, 60.0, 70.0]]), meta)
+    torch.testing.assert_close(clipped, torch.tensor([[62.5, 156.25, 100.0, 200.0]]))
+
+
+def test_nms_keeps_best_of_overlapping_same_class() -> None:
+    from models.postprocess import nms_and_clip
+
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10]])
+    det = nms_and_clip(boxes, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 0, 1]), (64, 64), PostprocessConfig())
+    assert det.scores.tolist() == pytest.approx([0.9, 0.7])
