@@ -1,0 +1,175 @@
+"""Readers and writers for COCO JSON, Pascal VOC XML and YOLO txt. All produce :class:`DetectionData`.
+
+Layouts (one split per folder):
+  coco: ``annotations.json`` + ``images/``; boxes are ``[x, y, w, h]`` pixels.
+  voc:  ``Annotations/*.xml`` + ``JPEGImages/`` (+ ``classes.txt`` for the class order);
+        coordinates are read and written as given, with no 1-based shift.
+  yolo: ``images/`` + ``labels/*.txt`` (class cx cy w h, normalised) + ``classes.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from tuners.data.records import DatasetError, DetectionData, ImageRecord
+
+FORMATS = ("coco", "voc", "yolo")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def _boxes(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)
+
+
+def _labels(rows: list[int]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def read_coco(root: Path) -> DetectionData:
+    path = root / "annotations.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from e
+    categories = sorted(doc["categories"], key=lambda c: c["id"])
+    index = {c["id"]: i for i, c in enumerate(categories)}
+    per_image: dict[int, tuple[list[list[float]], list[int]]] = {img["id"]: ([], []) for img in doc["images"]}
+    for ann in doc["annotations"]:
+        x, y, w, h = ann["bbox"]
+        per_image[ann["image_id"]][0].append([x, y, x + w, y + h])
+        per_image[ann["image_id"]][1].append(index[ann["category_id"]])
+    records = [
+        ImageRecord(root / "images" / img["file_name"], img["width"], img["height"],
+                    _boxes(per_image[img["id"]][0]), _labels(per_image[img["id"]][1]))
+        for img in sorted(doc["images"], key=lambda i: i["id"])
+    ]
+    return DetectionData([c["name"] for c in categories], records, doc.get("info", {}).get("description", ""))
+
+
+def write_coco(data: DetectionData, root: Path, copy_images: bool = True) -> None:
+    images, annotations = [], []
+    for image_id, r in enumerate(data.records, start=1):
+        images.append({"id": image_id, "file_name": r.path.name, "width": r.width, "height": r.height})
+        for box, label in zip(r.boxes.tolist(), r.labels.tolist()):
+            x1, y1, x2, y2 = box
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    doc = {"info": {"description": data.description}, "images": images, "annotations": annotations,
+           "categories": [{"id": i + 1, "name": c} for i, c in enumerate(data.classes)]}
+    _copy_images(data, root / "images", copy_images)
+    (root / "annotations.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
+
+
+def read_voc(root: Path) -> DetectionData:
+    files = sorted((root / "Annotations").glob("*.xml"))
+    if not files:
+        raise DatasetError(f"no XML files in {root / 'Annotations'}")
+    parsed = []
+    for f in files:
+        try:
+            tree = ET.parse(f).getroot()
+        except ET.ParseError as e:
+            raise DatasetError(f"{f}: {e}") from e
+        objects = [(o.findtext("name", ""), [float(o.find("bndbox").findtext(k, "nan"))  # type: ignore[union-attr]
+                                              for k in ("xmin", "ymin", "xmax", "ymax")]) for o in tree.iter("object")]
+        size = tree.find("size")
+        parsed.append((tree.findtext("filename", f.stem), int(size.findtext("width", "0")),  # type: ignore[union-attr]
+                       int(size.findtext("height", "0")), objects))  # type: ignore[union-attr]
+    classes_file = root / "classes.txt"
+    classes = classes_file.read_text().split("\n") if classes_file.is_file() else sorted(
+        {name for *_, objs in parsed for name, _ in objs})
+    classes = [c for c in classes if c]
+    index = {c: i for i, c in enumerate(classes)}
+    records = [ImageRecord(root / "JPEGImages" / name, w, h, _boxes([b for _, b in objs]),
+                           _labels([index[n] for n, _ in objs])) for name, w, h, objs in parsed]
+    return DetectionData(classes, records)
+
+
+def write_voc(data: DetectionData, root: Path, copy_images: bool = True) -> None:
+    (root / "Annotations").mkdir(parents=True, exist_ok=True)
+    _copy_images(data, root / "JPEGImages", copy_images)
+    (root / "classes.txt").write_text("\n".join(data.classes) + "\n")
+    for r in data.records:
+        ann = ET.Element("annotation")
+        ET.SubElement(ann, "filename").text = r.path.name
+        size = ET.SubElement(ann, "size")
+        for k, v in (("width", r.width), ("height", r.height), ("depth", 3)):
+            ET.SubElement(size, k).text = str(v)
+        for box, label in zip(r.boxes.tolist(), r.labels.tolist()):
+            obj = ET.SubElement(ann, "object")
+            ET.SubElement(obj, "name").text = data.classes[label]
+            bnd = ET.SubElement(obj, "bndbox")
+            for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box):
+                ET.SubElement(bnd, k).text = repr(float(v))
+        ET.ElementTree(ann).write(root / "Annotations" / f"{r.path.stem}.xml")
+
+
+def read_yolo(root: Path) -> DetectionData:
+    classes_file = root / "classes.txt"
+    if not classes_file.is_file():
+        raise DatasetError(f"{classes_file} is missing")
+    classes = [c for c in classes_file.read_text().split("\n") if c]
+    records = []
+    for image in sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        with Image.open(image) as im:
+            w, h = im.size
+        rows, labels = [], []
+        label_file = root / "labels" / f"{image.stem}.txt"
+        lines = label_file.read_text().split("\n") if label_file.is_file() else []
+        for line in filter(None, (ln.strip() for ln in lines)):
+            parts = line.split()
+            if len(parts) != 5:
+                raise DatasetError(f"{label_file}: expected 'class cx cy w h', got {line!r}")
+            cx, cy, bw, bh = (float(v) for v in parts[1:])
+            rows.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+            labels.append(int(parts[0]))
+        records.append(ImageRecord(image, w, h, _boxes(rows), _labels(labels)))
+    return DetectionData(classes, records)
+
+
+def write_yolo(data: DetectionData, root: Path, copy_images: bool = True) -> None:
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    _copy_images(data, root / "images", copy_images)
+    (root / "classes.txt").write_text("\n".join(data.classes) + "\n")
+    for r in data.records:
+        lines = []
+        for (x1, y1, x2, y2), label in zip(r.boxes.tolist(), r.labels.tolist()):
+            cx, cy = (x1 + x2) / 2 / r.width, (y1 + y2) / 2 / r.height
+            lines.append(f"{label} {cx!r} {cy!r} {(x2 - x1) / r.width!r} {(y2 - y1) / r.height!r}")
+        (root / "labels" / f"{r.path.stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+
+
+def _copy_images(data: DetectionData, folder: Path, copy: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if copy:
+        for r in data.records:
+            if r.path.resolve() != (folder / r.path.name).resolve():
+                shutil.copyfile(r.path, folder / r.path.name)
+
+
+READERS = {"coco": read_coco, "voc": read_voc, "yolo": read_yolo}
+WRITERS = {"coco": write_coco, "voc": write_voc, "yolo": write_yolo}
+
+
+def read_dataset(root: Path, fmt: str) -> DetectionData:
+    """Reads one split folder in format ``fmt`` and validates every record."""
+    if fmt not in READERS:
+        raise DatasetError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder")
+    data = READERS[fmt](root)
+    data.validate()
+    return data
+
+
+def write_dataset(data: DetectionData, root: Path, fmt: str) -> None:
+    if fmt not in WRITERS:
+        raise DatasetError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    root.mkdir(parents=True, exist_ok=True)
+    WRITERS[fmt](data, root)

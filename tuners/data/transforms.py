@@ -1,0 +1,92 @@
+"""Box-aware training augmentation (``torchvision.transforms.v2`` + ``tv_tensors``) and the torch dataset.
+
+Augmentation runs on the original image, before the backbone's shared preprocessing
+(:class:`models.transform.ImageTransform`), which the trainer and the server both apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from models.transform import ImageMeta, ImageTransform
+from models.types import Target
+from tuners.data.records import DetectionData
+
+AUGMENTATIONS = ("none", "flip", "standard")
+
+
+def build_augmentation(name: str) -> v2.Transform | None:
+    """``none``; ``flip`` (horizontal flips); ``standard`` (flips, photometric distortion, zoom-out, IoU crops)."""
+    if name == "none":
+        return None
+    if name == "flip":
+        return v2.RandomHorizontalFlip(0.5)
+    if name == "standard":
+        return v2.Compose([
+            v2.RandomPhotometricDistort(p=0.5),
+            v2.RandomZoomOut(fill=114, side_range=(1.0, 1.6), p=0.3),
+            v2.RandomIoUCrop(sampler_options=[0.3, 0.5, 0.7, 0.9, 1.0], trials=20),
+            v2.RandomHorizontalFlip(0.5),
+            v2.SanitizeBoundingBoxes(min_size=4),
+        ])
+    raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {name!r}")
+
+
+def read_image(path: str) -> Tensor:
+    """uint8 ``[3, H, W]`` RGB."""
+    with open(path, "rb") as f:
+        data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    return decode_image(data, mode=ImageReadMode.RGB)
+
+
+@dataclass
+class Sample:
+    """One preprocessed image: canvas tensor ``[3, S, S]``, target in canvas pixels, and the mapping back."""
+
+    image: Tensor
+    target: Target
+    meta: ImageMeta
+    index: int
+
+
+class DetectionDataset(Dataset[Sample]):
+    """Reads, augments and preprocesses records into canvas samples."""
+
+    def __init__(self, data: DetectionData, transform: ImageTransform, augmentation: str = "none") -> None:
+        self.data = data
+        self.transform = transform
+        self.augment = build_augmentation(augmentation)
+
+    def __len__(self) -> int:
+        return len(self.data.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.data.records[index]
+        image = read_image(str(record.path))
+        boxes, labels = record.boxes.float(), record.labels
+        if self.augment is not None:
+            h, w = image.shape[-2:]
+            sample = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)), "labels": labels}
+            image, sample = self.augment(tv_tensors.Image(image), sample)
+            image, boxes, labels = image.as_subclass(Tensor), sample["boxes"].as_subclass(Tensor), sample["labels"]
+        canvas, meta = self.transform.one(image)
+        return Sample(canvas, Target(ImageTransform.boxes_to_canvas(boxes, meta), labels), meta, index)
+
+
+def collate(samples: list[Sample]) -> tuple[Tensor, list[Target], list[ImageMeta], list[int]]:
+    """Stacks canvases into ``[B, 3, S, S]``; keeps targets, metas and dataset indices as lists."""
+    return (torch.stack([s.image for s in samples]), [s.target for s in samples], [s.meta for s in samples],
+            [s.index for s in samples])
+
+
+def image_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
