@@ -19,7 +19,9 @@ from tuners.data.synth import TASKS, SynthConfig, generate
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="server-data", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="server-data", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser("synth", help="write a seeded composited dataset (COCO format, train + val)")
     synth.add_argument("--task", choices=sorted(TASKS), default="digits")
@@ -45,9 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "synth":
-            cfg = SynthConfig(task=args.task, images=args.images, size=args.size, min_objects=args.objects[0],
-                              max_objects=args.objects[1], min_scale=args.scale[0], max_scale=args.scale[1],
-                              seed=args.seed, val_fraction=args.val_fraction)
+            cfg = SynthConfig(
+                task=args.task,
+                images=args.images,
+                size=args.size,
+                min_objects=args.objects[0],
+                max_objects=args.objects[1],
+                min_scale=args.scale[0],
+                max_scale=args.scale[1],
+                seed=args.seed,
+                val_fraction=args.val_fraction,
+            )
             splits = generate(cfg, args.out)
             result = {split: data.stats() for split, data in splits.items()}
         elif args.command == "convert":

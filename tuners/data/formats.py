@@ -45,8 +45,13 @@ def read_coco(root: Path) -> DetectionData:
         per_image[ann["image_id"]][0].append([x, y, x + w, y + h])
         per_image[ann["image_id"]][1].append(index[ann["category_id"]])
     records = [
-        ImageRecord(root / "images" / img["file_name"], img["width"], img["height"],
-                    _boxes(per_image[img["id"]][0]), _labels(per_image[img["id"]][1]))
+        ImageRecord(
+            root / "images" / img["file_name"],
+            img["width"],
+            img["height"],
+            _boxes(per_image[img["id"]][0]),
+            _labels(per_image[img["id"]][1]),
+        )
         for img in sorted(doc["images"], key=lambda i: i["id"])
     ]
     return DetectionData([c["name"] for c in categories], records, doc.get("info", {}).get("description", ""))
@@ -58,10 +63,22 @@ def write_coco(data: DetectionData, root: Path, copy_images: bool = True) -> Non
         images.append({"id": image_id, "file_name": r.path.name, "width": r.width, "height": r.height})
         for box, label in zip(r.boxes.tolist(), r.labels.tolist()):
             x1, y1, x2, y2 = box
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-    doc = {"info": {"description": data.description}, "images": images, "annotations": annotations,
-           "categories": [{"id": i + 1, "name": c} for i, c in enumerate(data.classes)]}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
+    doc = {
+        "info": {"description": data.description},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": c} for i, c in enumerate(data.classes)],
+    }
     _copy_images(data, root / "images", copy_images)
     (root / "annotations.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
 
@@ -76,18 +93,39 @@ def read_voc(root: Path) -> DetectionData:
             tree = ET.parse(f).getroot()
         except ET.ParseError as e:
             raise DatasetError(f"{f}: {e}") from e
-        objects = [(o.findtext("name", ""), [float(o.find("bndbox").findtext(k, "nan"))  # type: ignore[union-attr]
-                                              for k in ("xmin", "ymin", "xmax", "ymax")]) for o in tree.iter("object")]
+        objects = [
+            (
+                o.findtext("name", ""),
+                [
+                    float(o.find("bndbox").findtext(k, "nan"))  # type: ignore[union-attr]
+                    for k in ("xmin", "ymin", "xmax", "ymax")
+                ],
+            )
+            for o in tree.iter("object")
+        ]
         size = tree.find("size")
-        parsed.append((tree.findtext("filename", f.stem), int(size.findtext("width", "0")),  # type: ignore[union-attr]
-                       int(size.findtext("height", "0")), objects))  # type: ignore[union-attr]
+        parsed.append(
+            (
+                tree.findtext("filename", f.stem),
+                int(size.findtext("width", "0")),  # type: ignore[union-attr]
+                int(size.findtext("height", "0")),
+                objects,
+            )
+        )  # type: ignore[union-attr]
     classes_file = root / "classes.txt"
-    classes = classes_file.read_text().split("\n") if classes_file.is_file() else sorted(
-        {name for *_, objs in parsed for name, _ in objs})
+    classes = (
+        classes_file.read_text().split("\n")
+        if classes_file.is_file()
+        else sorted({name for *_, objs in parsed for name, _ in objs})
+    )
     classes = [c for c in classes if c]
     index = {c: i for i, c in enumerate(classes)}
-    records = [ImageRecord(root / "JPEGImages" / name, w, h, _boxes([b for _, b in objs]),
-                           _labels([index[n] for n, _ in objs])) for name, w, h, objs in parsed]
+    records = [
+        ImageRecord(
+            root / "JPEGImages" / name, w, h, _boxes([b for _, b in objs]), _labels([index[n] for n, _ in objs])
+        )
+        for name, w, h, objs in parsed
+    ]
     return DetectionData(classes, records)
 
 

@@ -23,8 +23,16 @@ from PIL import Image
 from tuners.data.formats import write_coco
 from tuners.data.records import DatasetError, DetectionData, ImageRecord
 
-_BACKGROUNDS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "grass.png", "gravel.png",
-                "brick.png", "motorcycle_left.png")
+_BACKGROUNDS = (
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "grass.png",
+    "gravel.png",
+    "brick.png",
+    "motorcycle_left.png",
+)
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,9 @@ def _object(src: Sources, kind: str, rng: np.random.Generator, side: int) -> tup
     """Returns (alpha [s, s], colour [s, s, 3], source class) for one object of ``side`` pixels."""
     if kind == "digit":
         i = int(rng.integers(len(src.digits)))
-        alpha = np.asarray(Image.fromarray((src.digits[i] * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR))
+        alpha = np.asarray(
+            Image.fromarray((src.digits[i] * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+        )
         colour = np.broadcast_to(rng.integers(0, 256, 3).astype(np.float32), (side, side, 3))
         return alpha.astype(np.float32) / 255.0, colour, int(src.digit_labels[i])
     pool = src.faces if kind == "face" else src.nonfaces
@@ -121,10 +131,14 @@ def _object(src: Sources, kind: str, rng: np.random.Generator, side: int) -> tup
 
 def _free(box: tuple[int, int, int, int], taken: list[tuple[int, int, int, int]], margin: int = 2) -> bool:
     x1, y1, x2, y2 = box
-    return all(x2 + margin <= a1 or a2 + margin <= x1 or y2 + margin <= b1 or b2 + margin <= y1 for a1, b1, a2, b2 in taken)
+    return all(
+        x2 + margin <= a1 or a2 + margin <= x1 or y2 + margin <= b1 or b2 + margin <= y1 for a1, b1, a2, b2 in taken
+    )
 
 
-def compose(src: Sources, task: SynthTask, cfg: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, list, list]:
+def compose(
+    src: Sources, task: SynthTask, cfg: SynthConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, list, list]:
     """One ``[S, S, 3]`` uint8 image, its exact xyxy boxes (tight around visible ink) and labels."""
     canvas = _background(src, rng, cfg.size)
     boxes, labels, taken = [], [], []
@@ -166,10 +180,19 @@ def generate(cfg: SynthConfig, out: Path, sources: Sources | None = None) -> dic
             pixels, boxes, labels = compose(src, task, cfg, rng)
             path = folder / f"{split}_{i:05d}.png"
             Image.fromarray(pixels).save(path, format="PNG", optimize=False)
-            records.append(ImageRecord(path, cfg.size, cfg.size, torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
-                                       torch.tensor(labels, dtype=torch.int64)))
-        description = (f"synth:{cfg.task} composited from real labelled crops (scikit-learn digits, scikit-image "
-                       f"LFW) on real photos; seed={cfg.seed}; {split}; not a public benchmark")
+            records.append(
+                ImageRecord(
+                    path,
+                    cfg.size,
+                    cfg.size,
+                    torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
+                    torch.tensor(labels, dtype=torch.int64),
+                )
+            )
+        description = (
+            f"synth:{cfg.task} composited from real labelled crops (scikit-learn digits, scikit-image "
+            f"LFW) on real photos; seed={cfg.seed}; {split}; not a public benchmark"
+        )
         splits[split] = DetectionData(task.classes, records, description)
         write_coco(splits[split], out / split, copy_images=False)
     return splits

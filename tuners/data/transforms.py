@@ -30,13 +30,15 @@ def build_augmentation(name: str) -> v2.Transform | None:
     if name == "flip":
         return v2.RandomHorizontalFlip(0.5)
     if name == "standard":
-        return v2.Compose([
-            v2.RandomPhotometricDistort(p=0.5),
-            v2.RandomZoomOut(fill=114, side_range=(1.0, 1.6), p=0.3),
-            v2.RandomIoUCrop(sampler_options=[0.3, 0.5, 0.7, 0.9, 1.0], trials=20),
-            v2.RandomHorizontalFlip(0.5),
-            v2.SanitizeBoundingBoxes(min_size=4),
-        ])
+        return v2.Compose(
+            [
+                v2.RandomPhotometricDistort(p=0.5),
+                v2.RandomZoomOut(fill=114, side_range=(1.0, 1.6), p=0.3),
+                v2.RandomIoUCrop(sampler_options=[0.3, 0.5, 0.7, 0.9, 1.0], trials=20),
+                v2.RandomHorizontalFlip(0.5),
+                v2.SanitizeBoundingBoxes(min_size=4),
+            ]
+        )
     raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {name!r}")
 
 
@@ -83,8 +85,12 @@ class DetectionDataset(Dataset[Sample]):
 
 def collate(samples: list[Sample]) -> tuple[Tensor, list[Target], list[ImageMeta], list[int]]:
     """Stacks canvases into ``[B, 3, S, S]``; keeps targets, metas and dataset indices as lists."""
-    return (torch.stack([s.image for s in samples]), [s.target for s in samples], [s.meta for s in samples],
-            [s.index for s in samples])
+    return (
+        torch.stack([s.image for s in samples]),
+        [s.target for s in samples],
+        [s.meta for s in samples],
+        [s.index for s in samples],
+    )
 
 
 def image_size(path: str) -> tuple[int, int]:
