@@ -1,0 +1,17 @@
+"""Domain errors of the tuners package; the server maps them to HTTP codes in one place."""
+
+
+class TunerError(ValueError):
+    """A tuner config or method is invalid."""
+
+
+class ArtifactError(ValueError):
+    """An artifact is malformed. ``problems`` lists every problem found, not only the first."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"invalid artifact ({len(problems)} problems): " + "; ".join(problems))
+
+
+class IncompatibleBackboneError(ValueError):
+    """An artifact was trained on other backbone weights than the ones loaded."""
