@@ -104,3 +104,16 @@ def test_unknown_config_keys_are_rejected() -> None:
         build_task_model("cst", {"reduction": 4, "widht": 3}, BACKBONES["resnet18"], ["a"])
     with pytest.raises(TunerError, match="CNN"):
         build_task_model("cst", {}, BACKBONES["vit_b_16"], ["a"])
+
+
+@pytest.mark.parametrize("backbone_name", ["mobilenet_v2", "resnet18", "resnet50", "vit_b_16"])
+def test_conv_adapter_starts_at_the_pretrained_function(backbone_name: str) -> None:
+    """With scales at 0 the re-implemented block forwards must equal the frozen blocks exactly."""
+    backbone = BACKBONES.get(backbone_name) or small_backbone(backbone_name)
+    model = build_task_model("conv_adapter", {}, backbone, ["a"])
+    assert len(model.tuner.adapters) > 0
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours, plain = model.tuner.backbone_forward(backbone, images), backbone(images, model.required_taps())
+    for tap in plain:
+        torch.testing.assert_close(ours[tap], plain[tap], rtol=1e-5, atol=1e-5)
