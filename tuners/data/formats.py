@@ -57,7 +57,8 @@ def read_coco(root: Path) -> DetectionData:
     return DetectionData([c["name"] for c in categories], records, doc.get("info", {}).get("description", ""))
 
 
-def write_coco(data: DetectionData, root: Path, copy_images: bool = True) -> None:
+def to_coco(data: DetectionData) -> dict:
+    """The COCO document for ``data``: image ids from 1, category id = label + 1, ``bbox`` = x, y, w, h."""
     images, annotations = [], []
     for image_id, r in enumerate(data.records, start=1):
         images.append({"id": image_id, "file_name": r.path.name, "width": r.width, "height": r.height})
@@ -73,14 +74,17 @@ def write_coco(data: DetectionData, root: Path, copy_images: bool = True) -> Non
                     "iscrowd": 0,
                 }
             )
-    doc = {
+    return {
         "info": {"description": data.description},
         "images": images,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": c} for i, c in enumerate(data.classes)],
     }
+
+
+def write_coco(data: DetectionData, root: Path, copy_images: bool = True) -> None:
     _copy_images(data, root / "images", copy_images)
-    (root / "annotations.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
+    (root / "annotations.json").write_text(json.dumps(to_coco(data), indent=1, sort_keys=True))
 
 
 def read_voc(root: Path) -> DetectionData:

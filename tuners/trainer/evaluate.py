@@ -11,6 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from models.types import Detections
+from tuners.data.formats import to_coco
 from tuners.data.records import DetectionData
 
 
@@ -22,34 +23,17 @@ def coco_map(data: DetectionData, predictions: Sequence[Detections]) -> dict[str
     """
     if len(predictions) != len(data.records):
         raise ValueError(f"{len(predictions)} predictions for {len(data.records)} images")
-    images, annotations = [], []
-    for image_id, r in enumerate(data.records, start=1):
-        images.append({"id": image_id, "width": r.width, "height": r.height})
-        for (x1, y1, x2, y2), label in zip(r.boxes.tolist(), r.labels.tolist()):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": label + 1,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": (x2 - x1) * (y2 - y1),
-                    "iscrowd": 0,
-                }
-            )
+    doc = to_coco(data)
     rows = [
         [image_id, x1, y1, x2 - x1, y2 - y1, score, label + 1]
         for image_id, det in enumerate(predictions, start=1)
         for (x1, y1, x2, y2), score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())
     ]
     empty = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "per_class": {}}
-    if not annotations:
+    if not doc["annotations"]:
         return empty
     gt = COCO()
-    gt.dataset = {
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i + 1, "name": c} for i, c in enumerate(data.classes)],
-    }
+    gt.dataset = doc
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         if not rows:
