@@ -45,10 +45,6 @@ class TunerConfig:
             raise TunerError(f"unknown keys {unknown} for {cls.__name__}; valid keys: {sorted(names)}")
         return cls(**data)
 
-    @classmethod
-    def describe(cls) -> dict[str, dict[str, Any]]:
-        return {f.name: {"default": f.default, "help": f.metadata.get("help", "")} for f in dataclasses.fields(cls)}
-
 
 def option(default: Any, help: str) -> Any:  # noqa: A002
     """A config field with a default and a help string."""

@@ -55,9 +55,6 @@ class TaskModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
 
 def build_task_model(
     method: str,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -104,16 +103,6 @@ class FrozenBackbone(nn.Module):
                 if len(out) == len(wanted):
                     break
         return out
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "family": self.family,
-            "fingerprint": self.fingerprint,
-            "weights": self.weights_source,
-            "taps": self.feature_spec.to_dict(),
-            "preprocess": self.preprocess.to_dict(),
-        }
 
 
 class SequentialBackbone(FrozenBackbone):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -91,8 +90,3 @@ def collate(samples: list[Sample]) -> tuple[Tensor, list[Target], list[ImageMeta
         [s.meta for s in samples],
         [s.index for s in samples],
     )
-
-
-def image_size(path: str) -> tuple[int, int]:
-    with Image.open(path) as im:
-        return im.size
