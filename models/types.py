@@ -32,11 +32,16 @@ class Detections:
         boxes: float ``[N, 4]`` x1, y1, x2, y2 (canvas or original pixels, as the producer says).
         scores: float ``[N]`` in ``[0, 1]``.
         labels: int64 ``[N]`` class indices.
+        depth: backbone blocks actually run for this image, when a method can stop early (dyn_adapter).
     """
 
     boxes: Tensor
     scores: Tensor
     labels: Tensor
+    depth: int | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def to(self, device: torch.device | str) -> Detections:
+        return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device), self.depth)

@@ -3,7 +3,20 @@
 Importing this package registers every method (one import line per method package).
 """
 
-from tuners import bitfit, conv_adapter, cst, e3va, full_finetune, linear_probe, lora, lst, side_tuning  # noqa: F401
+from tuners import (  # noqa: F401  (registration)
+    bitfit,
+    conv_adapter,
+    cst,
+    dyn_adapter,
+    e3va,
+    full_finetune,
+    hst,
+    hst_full,
+    linear_probe,
+    lora,
+    lst,
+    side_tuning,
+)
 from tuners.base import TUNERS, Tuner, TunerConfig, register_tuner
 from tuners.task_model import TaskModel, build_task_model
 

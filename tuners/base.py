@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from models.backbones.base import FrozenBackbone
 from models.registry import Registry
+from models.types import Target
 from tuners.errors import TunerError
 
 TUNERS: Registry = Registry("tuner")
@@ -62,6 +63,7 @@ class Tuner(nn.Module):
     kind: ClassVar[str] = "side"
     config_cls: ClassVar[type[TunerConfig]] = TunerConfig
     needs_images: ClassVar[bool] = False
+    needs_num_classes: ClassVar[bool] = False  # when True, __init__ also takes num_classes (exit heads)
     carries_backbone_copy: ClassVar[bool] = False
     out_channels: list[int]
     out_strides: list[int]
@@ -81,6 +83,18 @@ class Tuner(nn.Module):
     def backbone_forward(self, backbone: FrozenBackbone, images: Tensor) -> dict[str, Tensor]:
         """The taps this task reads. Side tuners: the shared pass. Inline tuners override this."""
         return backbone(images, self.required_taps())
+
+    def auxiliary_losses(
+        self, taps: dict[str, Tensor], images: Tensor, targets: list[Target], progress: float
+    ) -> dict[str, Tensor]:
+        """Extra loss terms beyond the head's (early exits, for example); none by default."""
+        return {}
+
+    def early_exit_predict(
+        self, backbone: FrozenBackbone, images: Tensor, head: nn.Module, canvas: tuple[int, int], config: Any
+    ) -> list | None:
+        """Detections from a method that may stop the backbone early, or ``None`` to run the full path."""
+        return None
 
 
 def register_tuner(name: str, config_cls: type[TunerConfig]):  # noqa: ANN201

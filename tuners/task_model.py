@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from models.backbones.base import FrozenBackbone
 from models.heads import DetectionHead, HeadOutputs, build_head
 from models.postprocess import PostprocessConfig
+from models.transform import ImageMeta, ImageTransform
 from models.types import Detections, Target
 from tuners.base import TUNERS, Tuner
 
@@ -29,22 +30,65 @@ class TaskModel(nn.Module):
     def required_taps(self) -> list[str]:
         return self.tuner.required_taps()
 
-    def forward(
+    def taps(
         self, backbone: FrozenBackbone, images: Tensor, shared_taps: dict[str, Tensor] | None = None
-    ) -> HeadOutputs:
-        """Head outputs for a ``[B, 3, S, S]`` canvas batch.
+    ) -> dict[str, Tensor]:
+        """The taps this task reads for a ``[B, 3, S, S]`` canvas batch.
 
         Side tuners read ``shared_taps`` when given (one backbone pass for many tasks), else run
         the frozen backbone under ``no_grad``. Inline tuners always run their own pass.
         """
         if self.kind == "side":
-            if shared_taps is None:
-                with torch.no_grad():
-                    shared_taps = backbone(images, self.required_taps())
-            taps = shared_taps
-        else:
-            taps = self.tuner.backbone_forward(backbone, images)
+            if shared_taps is not None:
+                return shared_taps
+            with torch.no_grad():
+                return backbone(images, self.required_taps())
+        return self.tuner.backbone_forward(backbone, images)
+
+    def forward(
+        self, backbone: FrozenBackbone, images: Tensor, shared_taps: dict[str, Tensor] | None = None
+    ) -> HeadOutputs:
+        """Head outputs for a ``[B, 3, S, S]`` canvas batch (see :meth:`taps`)."""
+        return self.head_outputs(self.taps(backbone, images, shared_taps), images)
+
+    def head_outputs(self, taps: dict[str, Tensor], images: Tensor) -> HeadOutputs:
         return self.head(self.tuner(taps, images if self.tuner.needs_images else None))
+
+    def training_loss(
+        self,
+        backbone: FrozenBackbone,
+        images: Tensor,
+        targets: list[Target],
+        progress: float = 0.0,
+        shared_taps: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Named loss terms for one batch; ``progress`` in ``[0, 1]`` is the fraction of training done."""
+        taps = self.taps(backbone, images, shared_taps)
+        losses = self.head.loss(self.head_outputs(taps, images), targets)
+        return {**losses, **self.tuner.auxiliary_losses(taps, images, targets, progress)}
+
+    @torch.no_grad()
+    def predict(
+        self,
+        backbone: FrozenBackbone,
+        images: Tensor,
+        metas: list[ImageMeta],
+        config: PostprocessConfig,
+        shared_taps: dict[str, Tensor] | None = None,
+    ) -> list[Detections]:
+        """Detections per image in **original-image** pixels (xyxy), for a ``[B, 3, S, S]`` canvas batch.
+
+        The trainer's evaluation and the server call this same code.
+        """
+        canvas = (int(images.shape[-2]), int(images.shape[-1]))
+        early = self.tuner.early_exit_predict(backbone, images, self.head, canvas, config)
+        if early is not None:
+            detections = early
+        else:
+            detections = self.head.predict(self(backbone, images, shared_taps), canvas, config)
+        for det, meta in zip(detections, metas):
+            det.boxes = ImageTransform.boxes_to_original(det.boxes, meta)
+        return detections
 
     def loss(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
         return self.head.loss(outputs, targets)
@@ -65,7 +109,8 @@ def build_task_model(
 ) -> TaskModel:
     """Builds a registered method's tuner and its head, sized from the tuner's output maps."""
     tuner_cls = TUNERS.get(method)
-    tuner = tuner_cls(tuner_cls.config_cls.from_dict(config), backbone)
+    extra = {"num_classes": len(labels)} if tuner_cls.needs_num_classes else {}
+    tuner = tuner_cls(tuner_cls.config_cls.from_dict(config), backbone, **extra)
     head_config = {"name": "light", **(head_config or {})}
     options = {k: v for k, v in head_config.items() if k != "name"}
     head = build_head(head_config["name"], len(labels), tuner.out_channels, tuner.out_strides, **options)

@@ -77,6 +77,24 @@ class FrozenBackbone(nn.Module):
     def _walk(self, images: Tensor, last_depth: int, block_fn: BlockFn | None) -> Iterator[tuple[str, Tensor]]:
         raise NotImplementedError
 
+    def iter_taps(
+        self, images: Tensor, taps: Collection[str] | None = None, block_fn: BlockFn | None = None
+    ) -> Iterator[tuple[str, Tensor]]:
+        """Yields ``(tap, [B, C, H / stride, W / stride])`` for the requested taps in forward order.
+
+        The trunk runs lazily: a caller that stops iterating (an early exit) stops the blocks too.
+        """
+        wanted = set(taps or self.pyramid_taps)
+        for name in wanted:
+            self.feature_spec[name]  # raises with the list of valid taps
+        found = 0
+        for name, tensor in self._walk(images, self.feature_spec.deepest(wanted), block_fn):
+            if name in wanted:
+                yield name, tensor
+                found += 1
+                if found == len(wanted):
+                    return
+
     def forward(
         self,
         images: Tensor,
@@ -93,16 +111,7 @@ class FrozenBackbone(nn.Module):
         Returns:
             ``{tap: [B, C, H / stride, W / stride]}`` for the requested taps.
         """
-        wanted = set(taps or self.pyramid_taps)
-        for name in wanted:
-            self.feature_spec[name]  # raises with the list of valid taps
-        out: dict[str, Tensor] = {}
-        for name, tensor in self._walk(images, self.feature_spec.deepest(wanted), block_fn):
-            if name in wanted:
-                out[name] = tensor
-                if len(out) == len(wanted):
-                    break
-        return out
+        return dict(self.iter_taps(images, taps, block_fn))
 
 
 class SequentialBackbone(FrozenBackbone):

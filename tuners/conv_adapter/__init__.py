@@ -59,20 +59,20 @@ def _adapter_for(block: nn.Module, gamma: int) -> ConvAdapter | None:
     return None  # stems and plain conv layers are left as they are
 
 
-def _bottleneck(block: Bottleneck, adapter: ConvAdapter, x: Tensor) -> Tensor:
+def _bottleneck(block: Bottleneck, adapter: nn.Module, x: Tensor) -> Tensor:
     u = block.relu(block.bn1(block.conv1(x)))
     y = block.relu(block.bn2(block.conv2(u))) + adapter(u)
     identity = block.downsample(x) if block.downsample is not None else x
     return block.relu(block.bn3(block.conv3(y)) + identity)
 
 
-def _basic(block: BasicBlock, adapter: ConvAdapter, x: Tensor) -> Tensor:
+def _basic(block: BasicBlock, adapter: nn.Module, x: Tensor) -> Tensor:
     y = block.relu(block.bn1(block.conv1(x) + adapter(x)))
     identity = block.downsample(x) if block.downsample is not None else x
     return block.relu(block.bn2(block.conv2(y)) + identity)
 
 
-def _inverted(block: InvertedResidual, adapter: ConvAdapter, x: Tensor) -> Tensor:
+def _inverted(block: InvertedResidual, adapter: nn.Module, x: Tensor) -> Tensor:
     layers = list(block.conv)
     u = layers[0](x) if len(layers) == 4 else x  # expand 1x1, when there is one
     y = layers[-3](u) + adapter(u)  # depthwise conv-bn-relu6, plus the adapter
@@ -80,7 +80,7 @@ def _inverted(block: InvertedResidual, adapter: ConvAdapter, x: Tensor) -> Tenso
     return x + y if block.use_res_connect else y
 
 
-def _encoder(block: EncoderBlock, adapter: ConvAdapter, x: Tensor, grid: tuple[int, int]) -> Tensor:
+def _encoder(block: EncoderBlock, adapter: nn.Module, x: Tensor, grid: tuple[int, int]) -> Tensor:
     x = x + block.dropout(attention(block.self_attention, block.ln_1(x)))
     m = block.ln_2(x)
     b, n, d = m.shape
@@ -89,15 +89,31 @@ def _encoder(block: EncoderBlock, adapter: ConvAdapter, x: Tensor, grid: tuple[i
     return x + block.mlp(m) + torch.cat([torch.zeros_like(side[:, :1]), side], dim=1)
 
 
+def adapted_block(block: nn.Module, adapter: nn.Module, x: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``block(x)`` with ``adapter`` in its place (see the module docstring); ``grid`` is the ViT patch grid."""
+    if isinstance(block, Bottleneck):
+        return _bottleneck(block, adapter, x)
+    if isinstance(block, BasicBlock):
+        return _basic(block, adapter, x)
+    if isinstance(block, InvertedResidual):
+        return _inverted(block, adapter, x)
+    return _encoder(block, adapter, x, grid)
+
+
+def block_adapters(backbone: FrozenBackbone, gamma: int) -> dict[str, ConvAdapter]:
+    """One adapter per adaptable block, keyed by the block's depth (ViT layers count from 1)."""
+    offset = 1 if backbone.family == "vit" else 0
+    adapters = {str(i + offset): _adapter_for(b, gamma) for i, b in enumerate(backbone.blocks)}
+    return {k: a for k, a in adapters.items() if a is not None}
+
+
 @register_tuner("conv_adapter", ConvAdapterConfig)
 class ConvAdapterTuner(Tuner):
     kind = "inline"
 
     def __init__(self, config: ConvAdapterConfig, backbone: FrozenBackbone) -> None:
         super().__init__(config, backbone)
-        offset = 1 if backbone.family == "vit" else 0  # ViT block depths start at 1
-        adapters = {str(i + offset): _adapter_for(b, config.gamma) for i, b in enumerate(backbone.blocks)}
-        self.adapters = nn.ModuleDict({k: a for k, a in adapters.items() if a is not None})
+        self.adapters = nn.ModuleDict(block_adapters(backbone, config.gamma))
         self.taps = list(backbone.pyramid_taps)
         self.patch = getattr(backbone, "patch_size", 1)
         self.out_channels, self.out_strides = tap_shapes(backbone, self.taps)
@@ -110,15 +126,7 @@ class ConvAdapterTuner(Tuner):
 
         def block_fn(depth: int, block: nn.Module, x: Tensor) -> Tensor:
             adapter = self.adapters[str(depth)] if str(depth) in self.adapters else None
-            if adapter is None:
-                return block(x)
-            if isinstance(block, Bottleneck):
-                return _bottleneck(block, adapter, x)
-            if isinstance(block, BasicBlock):
-                return _basic(block, adapter, x)
-            if isinstance(block, InvertedResidual):
-                return _inverted(block, adapter, x)
-            return _encoder(block, adapter, x, grid)
+            return block(x) if adapter is None else adapted_block(block, adapter, x, grid)
 
         return backbone(images, self.taps, block_fn=block_fn)
 

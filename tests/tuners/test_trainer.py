@@ -1,0 +1,173 @@
+"""server-train on a small synth set with the real offline mobilenet_v2 (128 px canvas)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models import PreprocessSpec, build_backbone
+from tuners.artifact import load_artifact
+from tuners.data.synth import SynthConfig, generate
+from tuners.trainer.cli import describe_methods, main
+from tuners.trainer.config import ConfigError, build_config, read_config_file
+from tuners.trainer.loop import Trainer
+
+REPORT_FIELDS = {
+    "AP",
+    "AP50",
+    "AP75",
+    "trainable_params",
+    "artifact_bytes",
+    "peak_memory_bytes",
+    "seconds_per_epoch",
+    "images_per_second",
+    "task_cost_fraction_of_backbone",
+    "method",
+    "kind",
+    "backbone",
+    "best_epoch",
+}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    generate(SynthConfig(task="digits", images=20, size=128, min_scale=16, max_scale=48, val_fraction=0.2), out)
+    return out
+
+
+def _args(data: Path, out: Path, method: str, *extra: str) -> list[str]:
+    return [
+        "--method",
+        method,
+        "--data",
+        str(data),
+        "--format",
+        "coco",
+        "--epochs",
+        "1",
+        "--image-size",
+        "128",
+        "--batch-size",
+        "8",
+        "--augmentation",
+        "none",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _config(data: Path, out: Path, method: str, **overrides: object):
+    values = {
+        "method": method,
+        "data": data,
+        "epochs": 1,
+        "image_size": 128,
+        "batch_size": 8,
+        "augmentation": "none",
+        "out": out,
+        "progress": False,
+    }
+    return build_config({**values, **overrides})
+
+
+@pytest.mark.parametrize("method", ["cst", "lora"])
+def test_one_epoch_smoke_writes_a_loadable_artifact_and_a_full_report(digits: Path, tmp_path: Path, method: str):
+    assert main(_args(digits, tmp_path / method, method)) == 0
+    report = json.loads((tmp_path / method / "report.json").read_text())
+    assert REPORT_FIELDS <= set(report), REPORT_FIELDS - set(report)
+    assert report["trainable_params"] > 0 and report["artifact_bytes"] > 0 and report["peak_memory_bytes"] > 0
+    assert report["task_cost_fraction_of_backbone"] > 0
+    backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=128))
+    model, manifest = load_artifact(tmp_path / method / "best", backbone)
+    assert manifest["method"] == method and manifest["labels"] == [str(d) for d in range(10)]
+    assert {"created_at", "package_version", "train_config", "dataset"} <= set(manifest["provenance"])
+
+
+def test_side_training_leaves_the_backbone_untouched_and_gradients_out_of_it(digits: Path, tmp_path: Path):
+    trainer = Trainer(_config(digits, tmp_path, "cst"))
+    before = {k: v.clone() for k, v in trainer.backbone.state_dict().items()}
+    trainer.train_epoch()
+    assert all(torch.equal(before[k], v) for k, v in trainer.backbone.state_dict().items())
+    assert all(p.grad is None for p in trainer.backbone.parameters())
+
+
+def test_memory_of_side_tuners_is_below_full_finetune(digits: Path, tmp_path: Path):
+    peak = {}
+    for method in ("cst", "e3va", "lst", "linear_probe", "full_finetune"):
+        trainer = Trainer(_config(digits, tmp_path / method, method))
+        trainer.train_epoch()
+        peak[method] = trainer.memory.report(trainer.optimizer)["peak_memory_bytes"]
+    for method in ("cst", "e3va", "lst", "linear_probe"):
+        assert peak[method] < peak["full_finetune"], peak
+
+
+def test_feature_cache_is_faster_and_keeps_the_loss_trajectory(digits: Path, tmp_path: Path):
+    plain = Trainer(_config(digits, tmp_path / "plain", "linear_probe", epochs=3))
+    cached = Trainer(_config(digits, tmp_path / "cached", "linear_probe", epochs=3, cache_features="memory"))
+    plain_losses = [plain.train_epoch()["loss"] for plain.epoch in range(3)]
+    runs = []
+    for cached.epoch in range(3):
+        runs.append(cached.train_epoch())
+    assert cached.cache is not None and cached.cache.stats()["hits"] == 2 * len(cached.train_set)
+    assert [r["loss"] for r in runs] == pytest.approx(plain_losses, rel=1e-4)
+    assert min(r["seconds"] for r in runs[1:]) < runs[0]["seconds"]
+
+
+def test_resume_continues_exactly(digits: Path, tmp_path: Path):
+    straight = Trainer(_config(digits, tmp_path / "a", "cst", epochs=2))
+    straight.fit()
+    first = Trainer(_config(digits, tmp_path / "b", "cst", epochs=1))
+    first.fit()
+    resumed = Trainer(_config(digits, tmp_path / "b", "cst", epochs=2, resume=True))
+    resumed.fit()
+    a = load_file(str(tmp_path / "a" / "state" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "state" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert len(json.loads((tmp_path / "b" / "report.json").read_text())["history"]) == 2
+
+
+def test_unknown_keys_are_rejected_with_the_valid_ones(digits: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match="unknown keys \\['epochz'\\].*valid keys"):
+        build_config({"data": digits, "epochz": 3})
+    with pytest.raises(Exception, match="unknown keys \\['rnak'\\].*valid keys"):
+        _config(digits, tmp_path, "e3va", tuner={"rnak": 4})
+    assert main(_args(digits, tmp_path, "cst", "--set", "tuner.bogus=1")) == 2
+
+
+def test_feature_cache_is_refused_when_invalid(digits: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match="augmentation"):
+        _config(digits, tmp_path, "cst", cache_features="memory", augmentation="flip")
+    with pytest.raises(ConfigError, match="inline"):
+        _config(digits, tmp_path, "lora", cache_features="memory")
+
+
+def test_config_file_then_flags_then_set(digits: Path, tmp_path: Path):
+    toml = tmp_path / "train.toml"
+    toml.write_text(f'method = "e3va"\ndata = "{digits}"\nepochs = 7\nlr = 0.01\n[tuner]\nrank = 4\n')
+    yaml_file = tmp_path / "train.yaml"
+    yaml_file.write_text(f"method: e3va\ndata: {digits}\nepochs: 7\ntuner:\n  rank: 4\n")
+    assert read_config_file(toml) == {**read_config_file(yaml_file), "lr": 0.01}
+    from tuners.trainer.cli import config_from_args, parser
+
+    args = parser().parse_args(["--config", str(toml), "--epochs", "2", "--set", "tuner.rank=8"])
+    config = config_from_args(args)
+    assert (config.method, config.epochs, config.lr, config.tuner) == ("e3va", 2, 0.01, {"rank": 8})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        read_config_file(bad)
+
+
+def test_list_methods_shows_kind_and_defaults(capsys: pytest.CaptureFixture[str]):
+    assert main(["--list-methods"]) == 0
+    listed = {row["method"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(listed) == {row["method"] for row in describe_methods()}
+    assert listed["cst"]["kind"] == "side" and listed["lora"]["kind"] == "inline"
+    assert listed["e3va"]["options"]["rank"]["default"] == 16

@@ -1,0 +1,247 @@
+"""The training loop: one readable pass over data, model, optimizer, evaluation and artifacts.
+
+Run folder ``OUT/``: ``best/`` (the artifact with the best validation AP), ``state/`` (resume
+without pickle, see :mod:`tuners.trainer.state`), ``report.json`` (see :meth:`Trainer.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models import PostprocessConfig, build_backbone
+from models.runtime.torch import resolve_device
+from models.transform import ImageTransform, PreprocessSpec
+from tuners.artifact import WEIGHTS, save_artifact
+from tuners.data.formats import read_dataset
+from tuners.data.records import DatasetError, DetectionData
+from tuners.data.transforms import DetectionDataset, collate
+from tuners.errors import TunerError
+from tuners.task_model import build_task_model
+from tuners.trainer.config import TrainConfig
+from tuners.trainer.evaluate import coco_map
+from tuners.trainer.features_cache import FeatureCache
+from tuners.trainer.report import TrainingMemory, count_parameters, task_cost
+from tuners.trainer.state import load_state, save_state
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(TunerError):
+    """Training cannot go on (a non-finite loss, for example)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_splits(config: TrainConfig) -> tuple[DetectionData, DetectionData]:
+    """(train, val): ``--val-data`` if given, else ``DATA/train`` and ``DATA/val``."""
+    if config.val_data is not None:
+        train_dir, val_dir = config.data, config.val_data
+    elif (config.data / "train").is_dir():
+        train_dir, val_dir = config.data / "train", config.data / "val"
+    else:
+        raise DatasetError(f"{config.data} has no train/ and val/ folders; pass --val-data for a separate split")
+    train, val = read_dataset(train_dir, config.format), read_dataset(val_dir, config.format)
+    if train.classes != val.classes:
+        raise DatasetError(f"train classes {train.classes} differ from val classes {val.classes}")
+    if not train.records or not val.records:
+        raise DatasetError("train and val splits need at least one image each")
+    return train, val
+
+
+def lr_at(config: TrainConfig, step: int, total: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_iters``, then cosine decay to ``lr / 100``."""
+    if step < config.warmup_iters:
+        return config.lr * (0.001 + 0.999 * step / config.warmup_iters)
+    progress = (step - config.warmup_iters) / max(1, total - config.warmup_iters)
+    return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic: a temp file in the same folder, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains one task model on a frozen backbone. ``fit()`` returns the report it also writes."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        seed_everything(config.seed)
+        self.device = resolve_device(config.device)
+        self.backbone = build_backbone(
+            config.backbone, weights=config.weights, preprocess=PreprocessSpec(size=config.image_size)
+        ).to(self.device)
+        self.train_data, self.val_data = load_splits(config)
+        transform = ImageTransform(self.backbone.preprocess)
+        self.train_set = DetectionDataset(self.train_data, transform, config.augmentation)
+        self.val_set = DetectionDataset(self.val_data, transform, "none")
+        self.model = build_task_model(
+            config.method, config.tuner, self.backbone, self.train_data.classes, config.head
+        ).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.memory = TrainingMemory(self.model, self.backbone)
+        self.cache = None
+        if config.cache_features != "none":
+            self.cache = FeatureCache(config.cache_features, config.cache_bytes, config.out / "feature-cache")
+        self.epoch, self.step, self.best_ap, self.history = 0, 0, -1.0, []
+        self.total_steps = config.epochs * math.ceil(len(self.train_set) / config.batch_size)
+
+    def _loader(self, dataset: DetectionDataset, shuffle: bool, epoch: int = 0) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+        return DataLoader(
+            dataset,
+            batch_size=self.config.batch_size,
+            shuffle=shuffle,
+            collate_fn=collate,
+            num_workers=self.config.workers,
+            generator=generator,
+        )
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over the training set; returns the mean of each loss term and the timing."""
+        self.model.train()
+        sums: dict[str, float] = {}
+        start, images_seen = time.perf_counter(), 0
+        loader = self._loader(self.train_set, shuffle=True, epoch=self.epoch)
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", disable=not self.config.progress)
+        for images, targets, _, indices in bar:
+            lr = lr_at(self.config, self.step, self.total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            losses = self._step(images.to(self.device), [t.to(self.device) for t in targets], indices)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value * len(indices)
+            images_seen += len(indices)
+            self.step += 1
+            bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}")
+        seconds = time.perf_counter() - start
+        return {**{k: v / images_seen for k, v in sums.items()}, "seconds": seconds, "images": images_seen}
+
+    def _step(self, images: torch.Tensor, targets: list, indices: list[int]) -> dict[str, float]:
+        shared = None
+        if self.cache is not None:
+            shared = self.cache.taps(self.backbone, images, indices, self.model.required_taps())
+        progress = self.step / max(1, self.total_steps)
+        with self.memory.step():
+            terms = self.model.training_loss(self.backbone, images, targets, progress, shared)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {float(loss)} at epoch {self.epoch + 1}, step {self.step}; lower --lr")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+
+    def evaluate(self) -> dict[str, Any]:
+        """COCO mAP on the validation split, boxes mapped back to original pixels."""
+        self.model.eval()
+        post = PostprocessConfig(score_thresh=self.config.eval_score_thresh)
+        predictions = []
+        for images, _, metas, _ in self._loader(self.val_set, shuffle=False):
+            predictions += [
+                d.to("cpu") for d in self.model.predict(self.backbone, images.to(self.device), metas, post)
+            ]
+        return coco_map(self.val_data, predictions)
+
+    def provenance(self) -> dict[str, Any]:
+        try:
+            package = version("sidecar")
+        except PackageNotFoundError:
+            package = "unknown"
+        return {
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "package_version": package,
+            "train_config": self.config.model_dump(mode="json", exclude={"api_key"}),
+            "dataset": {
+                "train": self.train_data.stats(),
+                "val": self.val_data.stats(),
+                "description": self.train_data.description,
+            },
+            "epoch": self.epoch + 1,
+        }
+
+    def _resume(self) -> None:
+        info = load_state(self.config.out / "state", self.model, self.optimizer)
+        self.epoch, self.step = info["epoch"] + 1, info["step"]
+        self.best_ap, self.history = info["best_ap"], info["history"]
+        log.info("resumed from %s at epoch %d", self.config.out / "state", self.epoch + 1)
+
+    def fit(self) -> dict[str, Any]:
+        """Trains for ``epochs``, keeps the best artifact in ``OUT/best``, writes ``OUT/report.json``."""
+        self.config.out.mkdir(parents=True, exist_ok=True)
+        if self.config.resume:
+            self._resume()
+        while self.epoch < self.config.epochs:
+            stats = self.train_epoch()
+            metrics = self.evaluate()
+            stats.update({k: metrics[k] for k in ("AP", "AP50", "AP75")}, epoch=self.epoch + 1)
+            self.history.append(stats)
+            log.info(
+                "epoch %d: loss %.4f AP %.4f AP50 %.4f (%.1f s)",
+                self.epoch + 1,
+                stats["loss"],
+                metrics["AP"],
+                metrics["AP50"],
+                stats["seconds"],
+            )
+            if metrics["AP"] > self.best_ap or not (self.config.out / "best").exists():
+                self.best_ap = metrics["AP"]
+                save_artifact(self.model, self.backbone, self.config.out / "best", metrics, self.provenance())
+            info = {"epoch": self.epoch, "step": self.step, "best_ap": self.best_ap, "history": self.history}
+            save_state(self.config.out / "state", self.model, self.optimizer, info)
+            self.epoch += 1
+        report = self.report()
+        write_json(self.config.out / "report.json", report)
+        return report
+
+    def report(self) -> dict[str, Any]:
+        """Best epoch's metrics plus the costs users choose methods by."""
+        best_dir = self.config.out / "best"
+        manifest = json.loads((best_dir / "tuner.json").read_text())
+        seconds = [h["seconds"] for h in self.history]
+        images = sum(h["images"] for h in self.history)
+        return {
+            "method": self.config.method,
+            "kind": self.model.kind,
+            "backbone": self.backbone.name,
+            "best_epoch": manifest["provenance"]["epoch"],
+            **{k: manifest["metrics"][k] for k in ("AP", "AP50", "AP75", "per_class")},
+            "trainable_params": count_parameters(self.model),
+            "artifact_bytes": sum(f.stat().st_size for f in best_dir.iterdir()),
+            "weights_bytes": (best_dir / WEIGHTS).stat().st_size,
+            **self.memory.report(self.optimizer),
+            "seconds_per_epoch": sum(seconds) / len(seconds),
+            "epoch_seconds": seconds,
+            "images_per_second": images / sum(seconds),
+            **task_cost(self.model, self.backbone, self.device),
+            "feature_cache": self.cache.stats() if self.cache is not None else None,
+            "history": self.history,
+            "artifact": str(best_dir),
+        }
