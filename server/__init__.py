@@ -1,0 +1,1 @@
+"""The HTTP server: one frozen backbone, many hot-swapped task tuners (see ARCHITECTURE.md)."""

@@ -1,0 +1,49 @@
+"""Prometheus metrics, in a registry owned by the app (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric the server exports under ``/metrics``; names start with ``sidecar_``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram(
+            "sidecar_request_seconds", "detect latency per task", ["task"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.stage_seconds = Histogram(
+            "sidecar_stage_seconds",
+            "time per engine stage (queue, preprocess, backbone, tuner_head)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.backbone_image_passes = Counter(
+            "sidecar_backbone_image_passes", "images run through the shared backbone pass", registry=r
+        )
+        self.inline_image_passes = Counter(
+            "sidecar_inline_image_passes", "images run through an inline task's own backbone pass", registry=r
+        )
+        self.images_served = Counter("sidecar_images_served", "images answered by detect", registry=r)
+        self.task_results = Counter("sidecar_task_results", "task results answered by detect", registry=r)
+        self.cache_events = Counter(
+            "sidecar_tuner_cache_events", "tuner cache hits, misses and evictions", ["tier", "event"], registry=r
+        )
+        self.resident_bytes = Gauge("sidecar_tuner_cache_resident_bytes", "task model bytes", ["tier"], registry=r)
+        self.cold_load_seconds = Histogram(
+            "sidecar_cold_load_seconds", "store -> device load time", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.feature_cache_events = Counter(
+            "sidecar_feature_cache_events", "backbone feature cache hits and misses", ["event"], registry=r
+        )
+        self.feature_cache_bytes = Gauge("sidecar_feature_cache_bytes", "cached tap bytes", registry=r)
+        self.queue_depth = Gauge("sidecar_queue_depth", "requests waiting for the engine", registry=r)
+        self.errors = Counter("sidecar_errors", "error responses by code", ["code"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,91 @@
+"""Response bodies (pydantic); they make the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Detection(BaseModel):
+    box: list[float] = Field(description="x1, y1, x2, y2 in original-image pixels", min_length=4, max_length=4)
+    label: str
+    class_id: int
+    score: float
+
+
+class TaskResult(BaseModel):
+    task: str
+    version: int = Field(description="the task version that produced these detections")
+    method: str
+    kind: str = Field(description="side (shares the backbone pass) or inline (own pass)")
+    detections: list[Detection]
+    backbone_depth: int | None = Field(None, description="blocks run when the method can exit early")
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class DetectResponse(BaseModel):
+    image: ImageSize
+    results: list[TaskResult]
+    backbone_passes: int = Field(description="images the shared backbone pass ran on, in this request's batch")
+    timing_ms: dict[str, float]
+
+
+class TaskInfo(BaseModel):
+    id: str
+    version: int
+    versions: list[int]
+    method: str
+    kind: str
+    labels: list[str]
+    metrics: dict[str, Any]
+    bytes: int = Field(description="bytes of the artifact on disk")
+    residency: str | None = Field(description="device, host, or null when only in the store")
+    pinned: bool
+    backbone: dict[str, Any]
+    created_at: str | None = None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskInfo]
+
+
+class BackboneInfo(BaseModel):
+    name: str
+    fingerprint: str
+    weights_source: str
+    taps: dict[str, dict[str, int]]
+    preprocess: dict[str, Any]
+    runtime: str
+    provider: str
+    device: str
+    shared_image_passes: int
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: list[Any]
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        401: "missing key",
+        403: "wrong key",
+        404: "unknown task",
+        409: "incompatible backbone",
+        413: "too many bytes or pixels",
+        415: "not an image",
+        422: "invalid request, unreadable image or invalid artifact (every problem listed)",
+        503: "overloaded (Retry-After)",
+    }.items()
+}

@@ -1,0 +1,116 @@
+"""Server fixtures: a random mobilenet_v2 on a 64 px canvas, task artifacts, a live uvicorn server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image
+
+from models import FrozenBackbone, PreprocessSpec, build_backbone
+from server.config import Settings
+from server.main import create_app
+from tests.conftest import skimage_file
+from tuners import build_task_model
+from tuners.artifact import save_artifact
+
+SIDE_METHODS = ["linear_probe", "cst", "e3va", "lst", "side_tuning", "hst"]
+
+
+def server_backbone() -> FrozenBackbone:
+    """What ``server-serve --weights random --image-size 64`` builds (seeded, so the fingerprint is stable)."""
+    return build_backbone("mobilenet_v2", weights="random", preprocess=PreprocessSpec(size=64))
+
+
+@pytest.fixture(scope="session")
+def backbone() -> FrozenBackbone:
+    return server_backbone()
+
+
+def make_artifact(
+    backbone: FrozenBackbone, out: Path, method: str, seed: int, labels: list[str] | None = None
+) -> Path:
+    """A task with seeded, perturbed weights whose head fires (so results have boxes to compare)."""
+    torch.manual_seed(seed)
+    model = build_task_model(method, {}, backbone, labels or ["cat", "dog"], {"name": "light", "width": 32})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        model.head.predictor.bias[: len(model.labels)] += 3.0
+    return save_artifact(model, backbone, out / f"{method}-{seed}", metrics={"AP50": 0.0})
+
+
+@pytest.fixture(scope="session")
+def artifacts(backbone: FrozenBackbone, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Eight side tasks, two inline tasks."""
+    out = tmp_path_factory.mktemp("artifacts")
+    found = {f"side{i}": make_artifact(backbone, out, SIDE_METHODS[i % 6], i) for i in range(8)}
+    found["inline0"] = make_artifact(backbone, out, "lora", 100)
+    found["inline1"] = make_artifact(backbone, out, "dyn_adapter", 101)
+    return found
+
+
+@pytest.fixture(scope="session")
+def photo_bytes() -> bytes:
+    return skimage_file("astronaut.png").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[bytes]:
+    import io
+
+    out = []
+    for name in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"):
+        buf = io.BytesIO()
+        Image.open(skimage_file(name)).convert("RGB").save(buf, format="JPEG")
+        out.append(buf.getvalue())
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings(store: Path, **overrides: object) -> Settings:
+    values = {"weights": "random", "image_size": 64, "store_dir": store, "device": "cpu", "batch_window_ms": 2.0}
+    return Settings(**{**values, **overrides})
+
+
+class LiveServer:
+    """uvicorn on loopback in a background thread, serving ``app``."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def live(tmp_path: Path, backbone: FrozenBackbone) -> Iterator[LiveServer]:
+    with LiveServer(create_app(settings(tmp_path / "store"), backbone=backbone)) as server:
+        yield server

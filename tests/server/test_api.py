@@ -1,0 +1,148 @@
+"""End to end through a real uvicorn server on loopback, with the Python client."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from clients import SidecarClient, SidecarError
+from server.main import create_app
+from tests.server.conftest import LiveServer, settings
+
+
+def _boxes(result: dict) -> list[tuple]:
+    return [(d["label"], d["score"], *d["box"]) for d in result["detections"]]
+
+
+def _assert_same(a: dict, b: dict, tol: float = 1e-3) -> None:
+    """Same labels, scores and boxes; the API rounds boxes to 0.01 px and scores to 1e-4."""
+    assert len(a["detections"]) == len(b["detections"])
+    for x, y in zip(_boxes(a), _boxes(b)):
+        assert x[0] == y[0]
+        assert x[1:] == pytest.approx(y[1:], abs=tol + 0.01)
+
+
+def test_fan_out_runs_one_backbone_pass_and_equals_single_calls(live: LiveServer, artifacts, photo_bytes):
+    side = [f"side{i}" for i in range(8)]
+    with SidecarClient(live.url) as client:
+        for task in side:
+            client.upload_task(task, artifacts[task])
+        singles = {t: client.detect(photo_bytes, [t])["results"][0] for t in side}
+        before = client.backbone()["shared_image_passes"]
+        fan = client.detect(photo_bytes, side)
+        assert client.backbone()["shared_image_passes"] - before == 1
+        assert fan["backbone_passes"] == 1
+        metrics = httpx.get(f"{live.url}/metrics").text
+    assert "sidecar_backbone_image_passes_total" in metrics
+    assert [r["task"] for r in fan["results"]] == side
+    assert sum(len(r["detections"]) for r in fan["results"]) > 0
+    for result in fan["results"]:
+        _assert_same(result, singles[result["task"]])
+
+
+def test_lifecycle_upload_detect_replace_delete_restart(tmp_path: Path, backbone, artifacts, photo_bytes):
+    store = tmp_path / "store"
+    with LiveServer(create_app(settings(store), backbone=backbone)) as live, SidecarClient(live.url) as client:
+        assert client.upload_task("digits", artifacts["side1"])["version"] == 1
+        first = client.detect(photo_bytes, ["digits"])["results"][0]
+        assert first["version"] == 1 and first["method"] == "cst"
+        client.upload_task("digits", artifacts["side2"])
+        second = client.detect(photo_bytes, ["digits"])["results"][0]
+        assert second["version"] == 2 and second["method"] == "e3va"
+        client.upload_task("faces", artifacts["inline0"])
+        client.delete_task("faces")
+        with pytest.raises(SidecarError) as e:
+            client.detect(photo_bytes, ["faces"])
+        assert e.value.status == 404 and e.value.code == "unknown_task"
+    with LiveServer(create_app(settings(store), backbone=backbone)) as live, SidecarClient(live.url) as client:
+        tasks = {t["id"]: t for t in client.list_tasks()}
+        assert set(tasks) == {"digits"} and tasks["digits"]["version"] == 2
+        again = client.detect(photo_bytes, ["digits"])["results"][0]
+        _assert_same(again, second)
+
+
+def test_bad_input_gets_its_code(live: LiveServer, artifacts, photo_bytes, tmp_path: Path):
+    with SidecarClient(live.url) as client:
+        client.upload_task("ok", artifacts["side0"])
+
+        def code(call) -> tuple[int, str]:  # noqa: ANN001
+            with pytest.raises(SidecarError) as e:
+                call()
+            assert e.value.message
+            return e.value.status, e.value.code
+
+        assert code(lambda: client.detect(photo_bytes, ["nope"])) == (404, "unknown_task")
+        assert code(lambda: client.detect(b"hello, not an image", ["ok"])) == (415, "not_an_image")
+        assert code(lambda: client.detect(photo_bytes[: len(photo_bytes) // 3], ["ok"])) == (422, "unreadable_image")
+        assert code(lambda: client.detect(photo_bytes, ["Bad Id!"])) == (422, "invalid_task_id")
+        bomb = io.BytesIO()
+        Image.new("L", (20_000, 20_000)).save(bomb, format="PNG")  # 400 MP of zeros, a few hundred KB
+        assert code(lambda: client.detect(bomb.getvalue(), ["ok"])) == (413, "too_large")
+        assert code(lambda: client.detect(b"x" * (21 << 20), ["ok"])) == (413, "too_large")
+        bad = tmp_path / "bad"
+        shutil.copytree(artifacts["side0"], bad)
+        manifest = json.loads((bad / "tuner.json").read_text())
+        (bad / "tuner.json").write_text(json.dumps({**manifest, "backbone": {"name": "x", "fingerprint": "0" * 64}}))
+        assert code(lambda: client.upload_task("other", bad)) == (409, "incompatible_backbone")
+        (bad / "tuner.json").write_text(json.dumps(manifest))
+        (bad / "tuner.safetensors").write_bytes((bad / "tuner.safetensors").read_bytes()[:1000])
+        with pytest.raises(SidecarError) as e:
+            client.upload_task("other", bad)
+        assert e.value.code == "invalid_artifact" and len(e.value.details) >= 1
+        assert code(lambda: client.get_task("other")) == (404, "unknown_task")
+
+
+def test_auth_on_management_and_inference(tmp_path: Path, backbone, artifacts, photo_bytes):
+    app = create_app(settings(tmp_path / "s", admin_key="admin-secret", inference_key="infer"), backbone=backbone)
+    with LiveServer(app) as live:
+        with SidecarClient(live.url) as anonymous, pytest.raises(SidecarError) as e:
+            anonymous.upload_task("t", artifacts["side0"])
+        assert (e.value.status, e.value.code) == (401, "missing_key")
+        with SidecarClient(live.url, api_key="wrong") as wrong, pytest.raises(SidecarError) as e:
+            wrong.upload_task("t", artifacts["side0"])
+        assert (e.value.status, e.value.code) == (403, "wrong_key")
+        with SidecarClient(live.url, api_key="admin-secret") as admin:
+            admin.upload_task("t", artifacts["side0"])
+        with SidecarClient(live.url, api_key="infer") as user:
+            assert user.detect(photo_bytes, ["t"])["results"][0]["task"] == "t"
+            with pytest.raises(SidecarError) as e:
+                user.delete_task("t")
+            assert e.value.status == 403
+
+
+def test_concurrent_clients_mixed_tasks(live: LiveServer, artifacts, photos):
+    tasks = ["side0", "side1", "side2", "inline0", "inline1"]
+    with SidecarClient(live.url) as client:
+        for task in tasks:
+            client.upload_task(task, artifacts[task])
+        expected = {(i, t): client.detect(p, [t])["results"][0] for i, p in enumerate(photos) for t in tasks}
+    jobs = [(i % len(photos), [tasks[i % 5]] if i % 2 else tasks[: 2 + i % 4]) for i in range(64)]
+
+    def call(job: tuple[int, list[str]]) -> tuple[int, dict]:
+        with SidecarClient(live.url) as c:
+            return job[0], c.detect(photos[job[0]], job[1])
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(call, jobs))
+    for image, answer in answers:
+        for result in answer["results"]:
+            _assert_same(result, expected[(image, result["task"])])
+
+
+def test_openapi_health_and_pins(live: LiveServer, artifacts):
+    spec = httpx.get(f"{live.url}/openapi.json").json()
+    for path in ("/v1/detect", "/v1/tasks", "/v1/tasks/{task_id}", "/v1/tasks/{task_id}/pin", "/v1/backbone"):
+        assert path in spec["paths"]
+    assert httpx.get(f"{live.url}/healthz").status_code == 200
+    assert httpx.get(f"{live.url}/readyz").json() == {"ready": True}
+    with SidecarClient(live.url) as client:
+        client.upload_task("p", artifacts["side3"])
+        assert client.pin("p")["pinned"] is True and client.get_task("p")["residency"] == "device"
+        assert client.pin("p", pinned=False)["pinned"] is False
