@@ -118,3 +118,35 @@ def test_conv_adapter_starts_at_the_pretrained_function(backbone_name: str) -> N
         ours, plain = model.tuner.backbone_forward(backbone, images), backbone(images, model.required_taps())
     for tap in plain:
         torch.testing.assert_close(ours[tap], plain[tap], rtol=1e-5, atol=1e-5)
+
+
+def test_dyn_adapter_exits_early_and_reports_depth() -> None:
+    from models.postprocess import PostprocessConfig
+    from models.transform import ImageMeta
+
+    backbone = BACKBONES["mobilenet_v2"]
+    model = build_task_model("dyn_adapter", {"exit_threshold": 0.5}, backbone, ["a", "b"]).eval()
+    with torch.no_grad():  # make the first exit sure of one class everywhere
+        model.tuner.exit_heads[0].predictor.bias[:2] = 20.0
+    images, metas = torch.randn(2, 3, 64, 64), [ImageMeta((64, 64), 1.0)] * 2
+    ran = []
+    hook = backbone.blocks[-1].register_forward_hook(lambda *_: ran.append(1))  # a block no adapter replaces
+    early = model.predict(backbone, images, metas, PostprocessConfig(score_thresh=0.3))
+    assert ran == []  # the last block never ran
+    first_exit = model.tuner.blocks_run[model.tuner.exit_taps[0]]
+    assert all(d.depth == first_exit for d in early) and first_exit < len(backbone.blocks)
+    model.tuner.config.exit_threshold = 0.0
+    full = model.predict(backbone, images, metas, PostprocessConfig(score_thresh=0.3))
+    hook.remove()
+    assert all(d.depth is None for d in full) and ran == [1]
+
+
+def test_hst_full_meta_tokens_change_every_patch_token() -> None:
+    backbone = BACKBONES["vit_b_16"]
+    model = build_task_model("hst_full", {}, backbone, ["a"])
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours, plain = model.tuner.backbone_forward(backbone, images), backbone(images, ["z1", "z12"])
+    assert ours["meta"].shape == (1, 12, 32)
+    assert not torch.allclose(ours["z1"], plain["z1"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} >= {"tuner.meta", "tuner.ln_weight"}

@@ -1,0 +1,193 @@
+"""Tuner cache budgets, pins and frees; store atomicity and crash safety; engine batch invariance."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.postprocess import PostprocessConfig
+from models.runtime import build_runtime
+from server.engine import Engine, WorkItem
+from server.errors import ServerError
+from server.imaging import decode_image
+from server.metrics import Metrics
+from server.store import TaskStore
+from server.tuner_cache import TunerCache, model_bytes
+from tuners.artifact import MANIFEST, WEIGHTS, load_artifact
+
+
+def _publish(store: TaskStore, task_id: str, artifact: Path) -> None:
+    store.publish(task_id, (artifact / WEIGHTS).read_bytes(), (artifact / MANIFEST).read_bytes(), lambda _: None)
+
+
+def _cache(store: TaskStore, backbone, budget: int, host: int = 0) -> TunerCache:  # noqa: ANN001
+    return TunerCache(store, backbone, torch.device("cpu"), {"device": budget, "host": host}, Metrics())
+
+
+def test_budget_holds_with_20_tasks_cycled_and_pins_stay(tmp_path: Path, backbone, artifacts):
+    store = TaskStore(tmp_path)
+    for i in range(20):
+        _publish(store, f"t{i}", artifacts["side1"])  # cst: every task the same size
+    size = model_bytes(load_artifact(artifacts["side1"], backbone)[0])
+    cache = _cache(store, backbone, budget=3 * size, host=size)
+
+    async def cycle() -> None:
+        cache.pinned.add("t0")
+        for round_ in range(3):
+            for i in range(20):
+                lease = await cache.acquire(f"t{i}")
+                assert lease.model is not None
+                cache.release(lease)
+                assert cache.resident_bytes("device") <= 3 * size and cache.resident_bytes("host") <= size
+                assert cache.residency("t0") == "device", (round_, i)
+
+    asyncio.run(cycle())
+    cache.close()
+
+
+def test_evicted_models_are_freed_over_many_cycles(tmp_path: Path, backbone, artifacts):
+    store = TaskStore(tmp_path)
+    for i in range(4):
+        _publish(store, f"t{i}", artifacts["side0"])
+    size = model_bytes(load_artifact(artifacts["side0"], backbone)[0])
+    cache = _cache(store, backbone, budget=size)
+    refs = []
+
+    async def cycle() -> None:
+        for i in range(40):
+            lease = await cache.acquire(f"t{i % 4}")
+            refs.append(weakref.ref(lease.model))
+            cache.release(lease)
+
+    asyncio.run(cycle())
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 1  # only the resident one is alive
+    cache.close()
+
+
+def test_in_use_models_are_never_evicted(tmp_path: Path, backbone, artifacts):
+    store = TaskStore(tmp_path)
+    for i in range(2):
+        _publish(store, f"t{i}", artifacts["side0"])
+    cache = _cache(store, backbone, budget=model_bytes(load_artifact(artifacts["side0"], backbone)[0]))
+
+    async def run() -> None:
+        held = await cache.acquire("t0")
+        with pytest.raises(ServerError) as e:
+            await cache.acquire("t1")
+        assert e.value.status == 503
+        assert cache.residency("t0") == "device"
+        cache.release(held)
+        cache.release(await cache.acquire("t1"))
+
+    asyncio.run(run())
+    cache.close()
+
+
+def test_cold_load_does_not_block_resident_tasks(tmp_path: Path, backbone, artifacts, monkeypatch):
+    store = TaskStore(tmp_path)
+    _publish(store, "hot", artifacts["side0"])
+    _publish(store, "cold", artifacts["side1"])
+    cache = _cache(store, backbone, budget=1 << 30)
+    import server.tuner_cache as module
+
+    slow = module.load_artifact
+
+    def slow_load(folder, bb):  # noqa: ANN001, ANN202
+        if "cold" in str(folder):
+            time.sleep(1.0)
+        return slow(folder, bb)
+
+    monkeypatch.setattr(module, "load_artifact", slow_load)
+
+    async def run() -> float:
+        cache.release(await cache.acquire("hot"))
+        cold = asyncio.create_task(cache.acquire("cold"))
+        await asyncio.sleep(0.05)
+        start = time.perf_counter()
+        cache.release(await cache.acquire("hot"))
+        took = time.perf_counter() - start
+        cache.release(await cold)
+        return took
+
+    assert asyncio.run(run()) < 0.5
+    cache.close()
+
+
+def test_failed_upload_changes_nothing_and_concurrent_uploads_serialise(tmp_path: Path, artifacts):
+    store = TaskStore(tmp_path)
+    _publish(store, "t", artifacts["side0"])
+
+    def refuse(_: Path) -> None:
+        raise ValueError("bad")
+
+    with pytest.raises(ValueError):
+        store.publish("t", b"x", b"{}", refuse)
+    assert store.get("t").version == 1 and store.versions("t") == [1]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(lambda _: _publish(store, "t", artifacts["side0"]) or 0, range(8)))
+    assert len(versions) == 8 and store.versions("t") == list(range(1, 10)) and store.get("t").version == 9
+    with pytest.raises(ServerError):
+        store.get("Bad!")
+
+
+def test_sigkill_during_publish_leaves_no_partial_task(tmp_path: Path, artifacts):
+    """A process killed while an upload is being written and validated restarts with the old state."""
+    root = tmp_path / "store"
+    _publish(TaskStore(root), "t", artifacts["side0"])
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from server.store import TaskStore
+        store = TaskStore(Path({str(root)!r}))
+        def validate(folder):
+            print("validating", flush=True)
+            time.sleep(60)
+        store.publish("t", b"w" * 1000, b"{{}}", validate)
+        store.publish("new", b"w", b"{{}}", validate)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "validating"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(p.name.startswith(".upload-") for p in root.iterdir())  # the kill left a temp folder
+    store = TaskStore(root)
+    store.recover()
+    assert [t.task_id for t in store.list()] == ["t"] and store.get("t").version == 1
+    assert not any(p.name.startswith(".") for p in root.iterdir())
+
+
+def test_task_results_do_not_depend_on_the_batch(backbone, artifacts, photos):
+    """Alone, in a fan-out, or in a mixed batch with other images and tasks: the same detections."""
+    metrics = Metrics()
+    engine = Engine(backbone, build_runtime(backbone, "torch", "cpu"), metrics)
+    models = {t: load_artifact(artifacts[t], backbone)[0] for t in ("side0", "side4", "inline0", "inline1")}
+    images = [decode_image(p, 1 << 24, 1 << 26) for p in photos]
+    post = PostprocessConfig()
+    alone = {
+        (i, t): engine.run([WorkItem(img, str(i), {t: m}, post)]).detections[0][t]
+        for i, img in enumerate(images)
+        for t, m in models.items()
+    }
+    mixed = engine.run([WorkItem(img, str(i), dict(models), post) for i, img in enumerate(images)])
+    assert mixed.backbone_passes == len(images)
+    for i in range(len(images)):
+        for t in models:
+            a, b = alone[(i, t)], mixed.detections[i][t]
+            assert len(a) == len(b) and len(a) > 0
+            torch.testing.assert_close(a.boxes, b.boxes, atol=1e-4, rtol=0)
+            torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
