@@ -26,6 +26,12 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.head_cost
+	$(PY) -m bench.fan_out
+
+# Trains the demo tasks on first start (a few minutes, with progress), then serves on localhost:8000.
+serve: $(STAMP)
+	$(PY) -m server.demo --store-dir store
+	$(PY) -m server.main --store-dir store --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -9,6 +9,7 @@ Runs on the batcher's worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -54,9 +55,15 @@ class Engine:
         self.transform = ImageTransform(backbone.preprocess)
         self.device = next(iter(backbone.parameters())).device
         self.backbone_image_passes = 0  # the counter behind invariant 4
+        # Inline tuners swap per-task tensors into the shared backbone for their own pass
+        # (functional_call), so every forward on it, the upload dry-run included, holds this lock.
+        self.lock = threading.Lock()
 
-    @torch.inference_mode()
     def run(self, items: list[WorkItem]) -> BatchResult:
+        with self.lock, torch.inference_mode():
+            return self._run(items)
+
+    def _run(self, items: list[WorkItem]) -> BatchResult:
         start = time.perf_counter()
         canvases, metas = self.transform([item.image for item in items])
         canvases = canvases.to(self.device)
@@ -88,6 +95,8 @@ class Engine:
             for row, item in enumerate(items)
         }
         taps = sorted({t for names in needed.values() for t in names})
+        if self.feature_cache is not None and taps:  # cache the common taps too, so other tasks hit later
+            taps = sorted(set(taps) | set(self.backbone.stage_taps) | set(self.backbone.pyramid_taps))
         out: dict[int, dict[str, Tensor]] = {}
         missing = []
         for row, names in needed.items():

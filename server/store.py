@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.errors import ServerError, unknown_task
-from tuners.artifact import MANIFEST, WEIGHTS
+from tuners.artifact import MANIFEST, WEIGHTS, fsync_dir
 
 log = logging.getLogger(__name__)
 TASK_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -31,14 +31,6 @@ def check_task_id(task_id: str) -> str:
     if not TASK_ID.fullmatch(task_id):
         raise ServerError(422, "invalid_task_id", f"task id {task_id!r} must match {TASK_ID.pattern}")
     return task_id
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -122,7 +114,7 @@ class TaskStore:
                 version = max([latest.version if latest else 0, *self.versions(task_id)]) + 1
                 target = folder / f"v{version}"
                 os.replace(tmp, target)
-                _fsync(folder)
+                fsync_dir(folder)
                 self._point(folder, target.name)
                 return TaskVersion(task_id, version, target)
             finally:
@@ -135,7 +127,7 @@ class TaskStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, folder / CURRENT)
-        _fsync(folder)
+        fsync_dir(folder)
 
     def delete(self, task_id: str) -> None:
         """Removes the task atomically (a rename out of sight, then the files)."""
@@ -146,5 +138,5 @@ class TaskStore:
                 raise unknown_task(task_id)
             trash = self.root / f".trash-{task_id}-{uuid.uuid4().hex}"
             os.replace(folder, trash)
-            _fsync(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(trash, ignore_errors=True)

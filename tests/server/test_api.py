@@ -136,7 +136,7 @@ def test_concurrent_clients_mixed_tasks(live: LiveServer, artifacts, photos):
             _assert_same(result, expected[(image, result["task"])])
 
 
-def test_openapi_health_and_pins(live: LiveServer, artifacts):
+def test_openapi_health_pins_and_raw_body(live: LiveServer, artifacts, photo_bytes):
     spec = httpx.get(f"{live.url}/openapi.json").json()
     for path in ("/v1/detect", "/v1/tasks", "/v1/tasks/{task_id}", "/v1/tasks/{task_id}/pin", "/v1/backbone"):
         assert path in spec["paths"]
@@ -146,3 +146,73 @@ def test_openapi_health_and_pins(live: LiveServer, artifacts):
         client.upload_task("p", artifacts["side3"])
         assert client.pin("p")["pinned"] is True and client.get_task("p")["residency"] == "device"
         assert client.pin("p", pinned=False)["pinned"] is False
+        via_form = client.detect(photo_bytes, ["p"], score_threshold=0.2, max_detections=3)["results"][0]
+    raw = httpx.post(f"{live.url}/v1/tasks/p/detect?score_threshold=0.2&max_detections=3", content=photo_bytes)
+    assert raw.status_code == 200 and len(via_form["detections"]) <= 3
+    _assert_same(raw.json()["results"][0], via_form)
+    assert all(d["score"] >= 0.2 for d in via_form["detections"])
+
+
+def test_feature_cache_skips_the_backbone_for_a_known_image(tmp_path: Path, backbone, artifacts, photo_bytes):
+    app = create_app(settings(tmp_path / "s", feature_cache_bytes=64 << 20), backbone=backbone)
+    with LiveServer(app) as live, SidecarClient(live.url) as client:
+        for task in ("side0", "side1"):
+            client.upload_task(task, artifacts[task])
+        first = client.detect(photo_bytes, ["side0"])
+        second = client.detect(photo_bytes, ["side1"])
+        fresh = client.detect(photo_bytes[:-1] + b"\x00", ["side1"])  # other bytes: a miss
+    assert (first["backbone_passes"], second["backbone_passes"]) == (1, 0)
+    assert fresh["backbone_passes"] == 1
+
+
+def test_server_killed_during_an_upload_restarts_clean(tmp_path: Path, artifacts):
+    """SIGKILL a real server process while an upload's body is still arriving; restart; nothing partial."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.server.conftest import free_port
+
+    store = tmp_path / "store"
+
+    def start() -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        args = ["--weights", "random", "--image-size", "64", "--store-dir", str(store), "--port", str(port)]
+        proc = subprocess.Popen([sys.executable, "-m", "server.main", *args], stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                time.sleep(0.2)
+        proc.kill()
+        raise RuntimeError("server did not become ready")
+
+    proc, url = start()
+    with SidecarClient(url) as client:
+        client.upload_task("kept", artifacts["side0"])
+    body = (artifacts["side1"] / "tuner.safetensors").read_bytes()
+    head = (
+        f"PUT /v1/tasks/partial HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+        f'Content-Length: {len(body) + 10_000}\r\n\r\n--B\r\nContent-Disposition: form-data; name="weights"; '
+        f'filename="tuner.safetensors"\r\n\r\n'
+    ).encode()
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head + body[: len(body) // 2])
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    proc, url = start()
+    try:
+        with SidecarClient(url) as client:
+            assert [t["id"] for t in client.list_tasks()] == ["kept"]
+        assert sorted(p.name for p in store.iterdir()) == ["kept"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -75,13 +75,16 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+def median_seconds(fn: Callable[[], object], repeats: int = 30, warmup: int = 3) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs, after ``warmup`` runs, under ``inference_mode``."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
@@ -95,12 +98,12 @@ def task_cost(model: TaskModel, backbone: FrozenBackbone, device: torch.device, 
     canvas = backbone.preprocess.canvas
     images = torch.randn(1, 3, canvas, canvas, device=device)
     model.eval()
-    backbone_s = _median_seconds(lambda: backbone(images, list(backbone.pyramid_taps)), repeats)
+    backbone_s = median_seconds(lambda: backbone(images, list(backbone.pyramid_taps)), repeats)
     if model.kind == "side":
         taps = backbone(images, model.required_taps())
-        task_s = _median_seconds(lambda: model.head_outputs(taps, images), repeats)
+        task_s = median_seconds(lambda: model.head_outputs(taps, images), repeats)
     else:
-        task_s = _median_seconds(lambda: model(backbone, images), repeats)
+        task_s = median_seconds(lambda: model(backbone, images), repeats)
     return {
         "task_cost_fraction_of_backbone": task_s / backbone_s,
         "task_ms_per_image": task_s * 1e3,

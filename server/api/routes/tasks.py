@@ -75,7 +75,7 @@ def validate_artifact(request: Request, folder: Path) -> None:
     canvas = state.backbone.preprocess.canvas
     images = torch.zeros(1, 3, canvas, canvas, device=state.engine.device)
     try:
-        with torch.inference_mode():
+        with state.engine.lock, torch.inference_mode():
             outputs = model(state.backbone, images)
     except Exception as e:  # noqa: BLE001  (any failure of user weights is a bad artifact)
         raise ArtifactError([f"dry-run forward failed: {type(e).__name__}: {e}"]) from e

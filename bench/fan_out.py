@@ -1,0 +1,55 @@
+"""Fan-out: K side tasks on one image in one request, against K separate detectors.
+
+Both sides run through the server's engine on the real offline mobilenet_v2 at 320 px, batch 1:
+
+- fan-out: one work item asking for K tasks (one backbone pass, then K tuners + heads);
+- separate: K work items run one after another, each a full detector (its own backbone pass +
+  the same tuner + head), which is what K independently deployed detectors cost.
+
+Run: ``.venv/bin/python -m bench.fan_out --repeats 20``. Prints a markdown table of medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.common import median_seconds
+from models import PreprocessSpec, build_backbone
+from models.postprocess import PostprocessConfig
+from models.runtime import build_runtime
+from server.engine import Engine, WorkItem
+from server.imaging import decode_image
+from server.metrics import Metrics
+from tests.conftest import skimage_file
+from tuners import build_task_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--methods", nargs="+", default=["linear_probe", "cst"])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
+    engine = Engine(backbone, build_runtime(backbone, "torch", "cpu"), Metrics())
+    image = decode_image(skimage_file("astronaut.png").read_bytes(), 1 << 26, 1 << 26)
+    post = PostprocessConfig()
+    print("| method | K | fan-out ms | K separate detectors ms | fan-out / separate |")
+    print("|---|---|---|---|---|")
+    for method in args.methods:
+        tasks = {f"{method}{i}": build_task_model(method, {}, backbone, ["a", "b"]).eval() for i in range(8)}
+        for k in (1, 2, 4, 8):
+            chosen = dict(list(tasks.items())[:k])
+            fan = median_seconds(lambda c=chosen: engine.run([WorkItem(image, "x", c, post)]), args.repeats)
+            separate = median_seconds(
+                lambda c=chosen: [engine.run([WorkItem(image, "x", {t: m}, post)]) for t, m in c.items()],
+                args.repeats,
+            )
+            print(f"| {method} | {k} | {fan * 1e3:.1f} | {separate * 1e3:.1f} | {fan / separate:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
