@@ -216,3 +216,16 @@ def test_server_killed_during_an_upload_restarts_clean(tmp_path: Path, artifacts
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_onnx_runtime_serves_the_same_detections(tmp_path: Path, backbone, artifacts, photo_bytes):
+    results = {}
+    for runtime in ("torch", "onnx"):
+        app = create_app(settings(tmp_path / runtime, runtime=runtime), backbone=backbone)
+        with LiveServer(app) as live, SidecarClient(live.url) as client:
+            client.upload_task("t", artifacts["side1"])
+            results[runtime] = client.detect(photo_bytes, ["t"])["results"][0]
+            info = client.backbone()
+        assert info["runtime"] == runtime
+    assert info["provider"] == "CPUExecutionProvider"
+    _assert_same(results["onnx"], results["torch"], tol=2e-3)

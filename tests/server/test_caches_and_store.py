@@ -191,3 +191,51 @@ def test_task_results_do_not_depend_on_the_batch(backbone, artifacts, photos):
             assert len(a) == len(b) and len(a) > 0
             torch.testing.assert_close(a.boxes, b.boxes, atol=1e-4, rtol=0)
             torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
+
+
+def test_delete_while_in_use_lets_the_request_finish(tmp_path: Path, backbone, artifacts):
+    store = TaskStore(tmp_path)
+    _publish(store, "t", artifacts["side0"])
+    cache = _cache(store, backbone, budget=1 << 30)
+
+    async def run() -> None:
+        lease = await cache.acquire("t")
+        store.delete("t")
+        cache.forget("t")
+        assert cache.residency("t") == "device"  # still held by the request
+        with torch.no_grad():
+            lease.model(backbone, torch.zeros(1, 3, 64, 64))
+        cache.release(lease)
+        assert cache.residency("t") is None
+        with pytest.raises(ServerError) as e:
+            await cache.acquire("t")
+        assert e.value.status == 404
+
+    asyncio.run(run())
+    cache.close()
+
+
+def test_settings_come_from_env_and_flags(monkeypatch):
+    from server.config import Settings
+    from server.main import _flags
+
+    monkeypatch.setenv("SIDECAR_MAX_QUEUE", "3")
+    monkeypatch.setenv("SIDECAR_ADMIN_KEY", "s3cr3t-admin")
+    settings = Settings()
+    assert settings.max_queue == 3 and settings.admin_key is not None and "s3cr3t" not in repr(settings)
+    flags = vars(_flags().parse_args(["--max-queue", "5", "--runtime", "onnx"]))
+    assert Settings(**flags).max_queue == 5 and Settings(**flags).runtime == "onnx"
+
+
+def test_feature_cache_never_exceeds_its_budget():
+    from server.feature_cache import FeatureCache
+
+    one = {"c3": torch.zeros(1, 8, 16, 16), "c4": torch.zeros(1, 16, 8, 8)}  # 12 KiB
+    cache = FeatureCache(budget_bytes=30_000)
+    for i in range(10):
+        cache.put(str(i), one)
+        assert cache.bytes <= 30_000
+    assert cache.get("9", ["c3", "c4"]) is not None and cache.get("0", ["c3"]) is None
+    assert cache.get("9", ["c5"]) is None  # a tap it does not hold is a miss
+    cache.put("big", {"c3": torch.zeros(1, 64, 64, 64)})
+    assert cache.get("big", ["c3"]) is None and cache.bytes <= 30_000

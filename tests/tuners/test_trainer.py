@@ -171,3 +171,38 @@ def test_list_methods_shows_kind_and_defaults(capsys: pytest.CaptureFixture[str]
     assert set(listed) == {row["method"] for row in describe_methods()}
     assert listed["cst"]["kind"] == "side" and listed["lora"]["kind"] == "inline"
     assert listed["e3va"]["options"]["rank"]["default"] == 16
+
+
+def test_disk_feature_cache_is_fp16_and_bounded(tmp_path: Path):
+    from tests.conftest import small_backbone
+    from tuners.trainer.features_cache import FeatureCache
+
+    backbone = small_backbone("mobilenet_v2")
+    images = torch.randn(3, 3, 64, 64)
+    taps = ["c3", "c4"]
+    one_image = sum(backbone.feature_spec[t].channels * (64 // backbone.feature_spec[t].stride) ** 2 for t in taps)
+    cache = FeatureCache("disk", budget_bytes=2 * one_image * 2, folder=tmp_path / "cache")  # room for 2 in fp16
+    first = cache.taps(backbone, images, [0, 1, 2], taps)
+    second = cache.taps(backbone, images, [0, 1, 2], taps)
+    assert cache.stats()["hits"] == 2 and cache.stats()["not_cached_over_budget"] == 2  # the 3rd, each time
+    assert cache.bytes <= cache.budget_bytes
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    for t in taps:
+        torch.testing.assert_close(second[t], first[t], atol=1e-2, rtol=1e-2)
+
+
+def test_publish_uploads_the_best_artifact_to_a_running_server(digits: Path, tmp_path: Path):
+    from server.config import Settings
+    from server.main import create_app
+    from tests.server.conftest import LiveServer
+
+    backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=128))
+    settings = Settings(store_dir=tmp_path / "store", image_size=128, device="cpu", admin_key="secret")
+    with LiveServer(create_app(settings, backbone=backbone)) as live:
+        args = _args(digits, tmp_path / "run", "cst", "--publish", live.url, "--api-key", "secret", "--task-id", "dg")
+        assert main(args) == 0
+        from clients import SidecarClient
+
+        with SidecarClient(live.url) as client:
+            task = client.get_task("dg")
+    assert task["method"] == "cst" and task["version"] == 1 and task["labels"] == [str(d) for d in range(10)]
