@@ -48,6 +48,7 @@ class TaskStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._known: dict[str, TaskVersion] = {}  # current versions, so a request reads no file
 
     def _lock(self, task_id: str) -> threading.Lock:
         with self._guard:
@@ -83,9 +84,11 @@ class TaskStore:
         return TaskVersion(task_id, int(name[1:]), path)
 
     def get(self, task_id: str) -> TaskVersion:
-        found = self.current(check_task_id(task_id))
+        """The current version; from memory once seen (this process is the store's only writer)."""
+        found = self._known.get(task_id) or self.current(check_task_id(task_id))
         if found is None:
             raise unknown_task(task_id)
+        self._known[task_id] = found
         return found
 
     def list(self) -> list[TaskVersion]:
@@ -116,7 +119,8 @@ class TaskStore:
                 os.replace(tmp, target)
                 fsync_dir(folder)
                 self._point(folder, target.name)
-                return TaskVersion(task_id, version, target)
+                self._known[task_id] = TaskVersion(task_id, version, target)
+                return self._known[task_id]
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -138,5 +142,6 @@ class TaskStore:
                 raise unknown_task(task_id)
             trash = self.root / f".trash-{task_id}-{uuid.uuid4().hex}"
             os.replace(folder, trash)
+            self._known.pop(task_id, None)
             fsync_dir(self.root)
             shutil.rmtree(trash, ignore_errors=True)

@@ -87,7 +87,7 @@ class TunerCache:
 
     async def acquire(self, task_id: str) -> Lease:
         """The current version of ``task_id``, resident on the device and referenced until released."""
-        version = await asyncio.to_thread(self.store.get, task_id)
+        version = self.store.get(task_id)
         for _ in range(8):  # a just-loaded entry can be evicted before we take it, under heavy churn
             with self._lock:
                 entry = self.tiers["device"].get((task_id, version.version))
