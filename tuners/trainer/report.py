@@ -89,7 +89,7 @@ def median_seconds(fn: Callable[[], object], repeats: int = 30, warmup: int = 3)
 
 
 @torch.inference_mode()
-def task_cost(model: TaskModel, backbone: FrozenBackbone, device: torch.device, repeats: int = 10) -> dict[str, float]:
+def task_cost(model: TaskModel, backbone: FrozenBackbone, device: torch.device, repeats: int = 20) -> dict[str, float]:
     """Per-image inference cost of adding this task to a request, as a fraction of one backbone pass.
 
     Side task: its tuner + head on taps that the shared pass already computed. Inline task: its
