@@ -90,12 +90,6 @@ class TaskModel(nn.Module):
             det.boxes = ImageTransform.boxes_to_original(det.boxes, meta)
         return detections
 
-    def loss(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
-        return self.head.loss(outputs, targets)
-
-    def detect(self, outputs: HeadOutputs, canvas: tuple[int, int], config: PostprocessConfig) -> list[Detections]:
-        return self.head.predict(outputs, canvas, config)
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

@@ -229,3 +229,24 @@ def test_onnx_runtime_serves_the_same_detections(tmp_path: Path, backbone, artif
         assert info["runtime"] == runtime
     assert info["provider"] == "CPUExecutionProvider"
     _assert_same(results["onnx"], results["torch"], tol=2e-3)
+
+
+def test_cache_budget_over_http_with_20_tasks_and_a_pin(tmp_path: Path, backbone, artifacts, photo_bytes):
+    from server.tuner_cache import model_bytes
+    from tuners.artifact import load_artifact
+
+    size = model_bytes(load_artifact(artifacts["side0"], backbone)[0])
+    app = create_app(settings(tmp_path / "s", device_cache_bytes=3 * size, host_cache_bytes=size), backbone=backbone)
+    with LiveServer(app) as live, SidecarClient(live.url) as client:
+        for i in range(20):
+            client.upload_task(f"t{i}", artifacts["side0"])
+        client.pin("t0")
+        for i in list(range(20)) * 2:
+            assert client.detect(photo_bytes, [f"t{i}"])["results"][0]["task"] == f"t{i}"
+            resident = {
+                line.split('"')[1]: float(line.split()[-1])
+                for line in httpx.get(f"{live.url}/metrics").text.splitlines()
+                if line.startswith("sidecar_tuner_cache_resident_bytes{")
+            }
+            assert resident["device"] <= 3 * size and resident["host"] <= size
+        assert client.get_task("t0")["residency"] == "device"
