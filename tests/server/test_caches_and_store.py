@@ -172,7 +172,12 @@ def test_sigkill_during_publish_leaves_no_partial_task(tmp_path: Path, artifacts
 
 
 def test_task_results_do_not_depend_on_the_batch(backbone, artifacts, photos):
-    """Alone, in a fan-out, or in a mixed batch with other images and tasks: the same detections."""
+    """Alone, in a fan-out, or in a mixed batch with other images and tasks: the same detections.
+
+    Within 1e-4: scores (in [0, 1]) absolutely, boxes relatively. Boxes are in original pixels (up to
+    640 here), where a float32 ulp is 6e-5 px, and CPU kernels sum in another order for another
+    batch size; measured on the CPU, the worst box differs by 4e-7 of the image side.
+    """
     metrics = Metrics()
     engine = Engine(backbone, build_runtime(backbone, "torch", "cpu"), metrics)
     models = {t: load_artifact(artifacts[t], backbone)[0] for t in ("side0", "side4", "inline0", "inline1")}
@@ -189,7 +194,8 @@ def test_task_results_do_not_depend_on_the_batch(backbone, artifacts, photos):
         for t in models:
             a, b = alone[(i, t)], mixed.detections[i][t]
             assert len(a) == len(b) and len(a) > 0
-            torch.testing.assert_close(a.boxes, b.boxes, atol=1e-4, rtol=0)
+            torch.testing.assert_close(a.boxes, b.boxes, atol=1e-4, rtol=1e-4)
+            assert torch.equal(a.labels, b.labels)
             torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
 
 
