@@ -22,8 +22,8 @@ from models.runtime import build_runtime
 from server.engine import Engine, WorkItem
 from server.imaging import decode_image
 from server.metrics import Metrics
-from tests.conftest import skimage_file
 from tuners import build_task_model
+from tuners.data.synth import photo
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
     engine = Engine(backbone, build_runtime(backbone, "torch", "cpu"), Metrics())
-    image = decode_image(skimage_file("astronaut.png").read_bytes(), 1 << 26, 1 << 26)
+    image = decode_image(photo("astronaut.png").read_bytes(), 1 << 26, 1 << 26)
     post = PostprocessConfig()
     print("| method | K | fan-out ms | K separate detectors ms | fan-out / separate |")
     print("|---|---|---|---|---|")

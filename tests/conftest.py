@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from models import FrozenBackbone, PreprocessSpec, build_backbone
 
 torch.set_num_threads(2)
-
-
-def skimage_file(name: str) -> Path:
-    spec = importlib.util.find_spec("skimage")
-    assert spec is not None and spec.submodule_search_locations, "scikit-image data is installed by make install"
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / name
 
 
 @pytest.fixture(scope="session")

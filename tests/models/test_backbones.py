@@ -13,7 +13,7 @@ from models import PreprocessSpec, build_backbone, build_head, list_backbones
 from models.runtime import build_runtime
 from models.transform import ImageTransform
 from models.weights import OFFLINE_PACKAGES, WeightsError, find_offline_file, resolve_weights
-from tests.conftest import skimage_file
+from tuners.data.synth import photo
 from tuners.data.transforms import read_image
 
 MOBILENET_SHA = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
@@ -32,7 +32,7 @@ def test_real_weights_classify_coffee_as_espresso() -> None:
     model = mobilenet_v2()
     model.load_state_dict(resolved.state_dict, strict=True)
     model.eval()
-    image = read_image(str(skimage_file("coffee.png")))
+    image = read_image(str(photo("coffee.png")))
     x = MobileNet_V2_Weights.IMAGENET1K_V1.transforms()(image)[None]
     with torch.no_grad():
         probs = model(x).softmax(1)[0]

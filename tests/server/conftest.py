@@ -17,9 +17,9 @@ from PIL import Image
 from models import FrozenBackbone, PreprocessSpec, build_backbone
 from server.config import Settings
 from server.main import create_app
-from tests.conftest import skimage_file
 from tuners import build_task_model
 from tuners.artifact import save_artifact
+from tuners.data.synth import photo
 
 SIDE_METHODS = ["linear_probe", "cst", "e3va", "lst", "side_tuning", "hst"]
 
@@ -59,7 +59,7 @@ def artifacts(backbone: FrozenBackbone, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="session")
 def photo_bytes() -> bytes:
-    return skimage_file("astronaut.png").read_bytes()
+    return photo("astronaut.png").read_bytes()
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +69,7 @@ def photos() -> list[bytes]:
     out = []
     for name in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"):
         buf = io.BytesIO()
-        Image.open(skimage_file(name)).convert("RGB").save(buf, format="JPEG")
+        Image.open(photo(name)).convert("RGB").save(buf, format="JPEG")
         out.append(buf.getvalue())
     return out
 

@@ -78,11 +78,17 @@ class SynthConfig:
             raise ValueError("; ".join(problems))
 
 
-def _package_dir(name: str) -> Path:
+def package_dir(name: str) -> Path:
+    """Folder of an installed package whose data files we read, found without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise DatasetError(f"{name} is not installed; `make install` installs it (--no-deps, data files only)")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def photo(name: str) -> Path:
+    """One of scikit-image's sample photos (``astronaut.png``, ``coffee.png``, ...) for demos and tests."""
+    return package_dir("skimage") / "data" / name
 
 
 @dataclass
@@ -97,7 +103,7 @@ class Sources:
 
     @classmethod
     def load(cls) -> Sources:
-        sklearn, skimage = _package_dir("sklearn"), _package_dir("skimage")
+        sklearn, skimage = package_dir("sklearn"), package_dir("skimage")
         with gzip.open(sklearn / "datasets/data/digits.csv.gz") as f:
             table = np.loadtxt(f, delimiter=",")
         lfw = np.load(skimage / "data/lfw_subset.npy", allow_pickle=False)
