@@ -24,6 +24,7 @@ from models.transform import ImageTransform
 from models.types import Detections
 from server.feature_cache import FeatureCache
 from server.metrics import Metrics
+from tuners.errors import ArtifactError
 from tuners.task_model import TaskModel
 
 
@@ -62,6 +63,23 @@ class Engine:
     def run(self, items: list[WorkItem]) -> BatchResult:
         with self.lock, torch.inference_mode():
             return self._run(items)
+
+    def dry_run(self, model: TaskModel) -> None:
+        """Upload check: one forward pass of ``model`` (already on this device) on a blank canvas.
+
+        Raises:
+            ArtifactError: the forward pass fails, or its outputs hold NaN or Inf.
+        """
+        canvas = self.backbone.preprocess.canvas
+        images = torch.zeros(1, 3, canvas, canvas, device=self.device)
+        try:
+            with self.lock, torch.inference_mode():
+                outputs = model(self.backbone, images)
+        except Exception as e:  # noqa: BLE001  (any failure of user weights is a bad artifact)
+            raise ArtifactError([f"dry-run forward failed: {type(e).__name__}: {e}"]) from e
+        bad = [k for k, v in outputs.tensors.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ArtifactError([f"dry-run forward gives NaN or Inf in {', '.join(bad)}"])
 
     def _run(self, items: list[WorkItem]) -> BatchResult:
         start = time.perf_counter()

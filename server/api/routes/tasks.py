@@ -6,7 +6,6 @@ import asyncio
 import json
 from pathlib import Path
 
-import torch
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 
@@ -71,17 +70,7 @@ def validate_artifact(request: Request, folder: Path) -> None:
     """Strict keys, shapes, NaN/Inf and fingerprint (``load_artifact``), then a dry-run forward."""
     state = request.app.state
     model, _ = load_artifact(folder, state.backbone)
-    model = model.to(state.engine.device)
-    canvas = state.backbone.preprocess.canvas
-    images = torch.zeros(1, 3, canvas, canvas, device=state.engine.device)
-    try:
-        with state.engine.lock, torch.inference_mode():
-            outputs = model(state.backbone, images)
-    except Exception as e:  # noqa: BLE001  (any failure of user weights is a bad artifact)
-        raise ArtifactError([f"dry-run forward failed: {type(e).__name__}: {e}"]) from e
-    bad = [k for k, v in outputs.tensors.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise ArtifactError([f"dry-run forward gives NaN or Inf in {', '.join(bad)}"])
+    state.engine.dry_run(model.to(state.engine.device))
 
 
 async def _read_upload(request: Request) -> tuple[bytes, bytes]:
