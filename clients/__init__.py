@@ -8,6 +8,7 @@ with SidecarClient("http://localhost:8000") as client:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +39,36 @@ def _image_bytes(image: str | Path | bytes) -> bytes:
     return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 
-def _detect_request(
+@dataclass(frozen=True)
+class Call:
+    """One API call: HTTP method, path and httpx request arguments. Both clients send the same calls."""
+
+    method: str
+    path: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def detect_call(
     image: str | Path | bytes, tasks: list[str], score_threshold: float | None, max_detections: int | None
-) -> dict[str, Any]:
+) -> Call:
     params = {
         k: v for k, v in (("score_threshold", score_threshold), ("max_detections", max_detections)) if v is not None
     }
-    return {
-        "files": {"image": ("image", _image_bytes(image), "application/octet-stream")},
-        "data": {"tasks": ",".join(tasks)},
-        "params": params,
-    }
+    files = {"image": ("image", _image_bytes(image), "application/octet-stream")}
+    return Call("POST", "/v1/detect", {"files": files, "data": {"tasks": ",".join(tasks)}, "params": params})
 
 
-def _upload_files(artifact: Path) -> dict[str, tuple[str, bytes, str]]:
-    return {
-        "weights": (WEIGHTS, (artifact / WEIGHTS).read_bytes(), "application/octet-stream"),
-        "config": (MANIFEST, (artifact / MANIFEST).read_bytes(), "application/json"),
+def upload_call(task_id: str, artifact: str | Path) -> Call:
+    folder = Path(artifact)
+    files = {
+        "weights": (WEIGHTS, (folder / WEIGHTS).read_bytes(), "application/octet-stream"),
+        "config": (MANIFEST, (folder / MANIFEST).read_bytes(), "application/json"),
     }
+    return Call("PUT", f"/v1/tasks/{task_id}", {"files": files})
+
+
+def pin_call(task_id: str, pinned: bool) -> Call:
+    return Call("POST", f"/v1/tasks/{task_id}/{'pin' if pinned else 'unpin'}")
 
 
 class SidecarClient:
@@ -74,8 +87,8 @@ class SidecarClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._http.request(method, path, **kwargs)
+    def _send(self, call: Call) -> Any:
+        response = self._http.request(call.method, call.path, **call.options)
         _raise_for_error(response)
         return response.json() if response.content else None
 
@@ -87,33 +100,33 @@ class SidecarClient:
         max_detections: int | None = None,
     ) -> dict[str, Any]:
         """Detections of every task in ``tasks`` on one image (one backbone pass for the side tasks)."""
-        return self._call("POST", "/v1/detect", **_detect_request(image, tasks, score_threshold, max_detections))
+        return self._send(detect_call(image, tasks, score_threshold, max_detections))
 
     def upload_task(self, task_id: str, artifact: str | Path) -> dict[str, Any]:
         """Publishes an artifact folder (``tuner.safetensors`` + ``tuner.json``) as a new version."""
-        return self._call("PUT", f"/v1/tasks/{task_id}", files=_upload_files(Path(artifact)))
+        return self._send(upload_call(task_id, artifact))
 
     def list_tasks(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/tasks")["tasks"]
+        return self._send(Call("GET", "/v1/tasks"))["tasks"]
 
     def get_task(self, task_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/tasks/{task_id}")
+        return self._send(Call("GET", f"/v1/tasks/{task_id}"))
 
     def delete_task(self, task_id: str) -> None:
-        self._call("DELETE", f"/v1/tasks/{task_id}")
+        self._send(Call("DELETE", f"/v1/tasks/{task_id}"))
 
     def pin(self, task_id: str, pinned: bool = True) -> dict[str, Any]:
-        return self._call("POST", f"/v1/tasks/{task_id}/{'pin' if pinned else 'unpin'}")
+        return self._send(pin_call(task_id, pinned))
 
     def backbone(self) -> dict[str, Any]:
-        return self._call("GET", "/v1/backbone")
+        return self._send(Call("GET", "/v1/backbone"))
 
     def ready(self) -> bool:
         return self._http.get("/readyz").status_code == 200
 
 
 class AsyncSidecarClient:
-    """The same calls for asyncio code."""
+    """The same calls for asyncio code: ``async with AsyncSidecarClient(url) as client: await client.detect(...)``."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -123,10 +136,13 @@ class AsyncSidecarClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
         await self._http.aclose()
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self._http.request(method, path, **kwargs)
+    async def _send(self, call: Call) -> Any:
+        response = await self._http.request(call.method, call.path, **call.options)
         _raise_for_error(response)
         return response.json() if response.content else None
 
@@ -137,13 +153,28 @@ class AsyncSidecarClient:
         score_threshold: float | None = None,
         max_detections: int | None = None,
     ) -> dict[str, Any]:
-        return await self._call("POST", "/v1/detect", **_detect_request(image, tasks, score_threshold, max_detections))
+        return await self._send(detect_call(image, tasks, score_threshold, max_detections))
 
     async def upload_task(self, task_id: str, artifact: str | Path) -> dict[str, Any]:
-        return await self._call("PUT", f"/v1/tasks/{task_id}", files=_upload_files(Path(artifact)))
+        return await self._send(upload_call(task_id, artifact))
 
     async def list_tasks(self) -> list[dict[str, Any]]:
-        return (await self._call("GET", "/v1/tasks"))["tasks"]
+        return (await self._send(Call("GET", "/v1/tasks")))["tasks"]
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        return await self._send(Call("GET", f"/v1/tasks/{task_id}"))
+
+    async def delete_task(self, task_id: str) -> None:
+        await self._send(Call("DELETE", f"/v1/tasks/{task_id}"))
+
+    async def pin(self, task_id: str, pinned: bool = True) -> dict[str, Any]:
+        return await self._send(pin_call(task_id, pinned))
+
+    async def backbone(self) -> dict[str, Any]:
+        return await self._send(Call("GET", "/v1/backbone"))
+
+    async def ready(self) -> bool:
+        return (await self._http.get("/readyz")).status_code == 200
 
 
 __all__ = ["AsyncSidecarClient", "SidecarClient", "SidecarError"]

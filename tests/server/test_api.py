@@ -250,3 +250,32 @@ def test_cache_budget_over_http_with_20_tasks_and_a_pin(tmp_path: Path, backbone
             }
             assert resident["device"] <= 3 * size and resident["host"] <= size
         assert client.get_task("t0")["residency"] == "device"
+
+
+def test_async_client_has_every_call_and_matches_the_sync_one(live: LiveServer, artifacts, photos):
+    import asyncio
+
+    from clients import AsyncSidecarClient
+
+    with SidecarClient(live.url) as client:
+        for task in ("side0", "side1"):
+            client.upload_task(task, artifacts[task])
+        expected = [client.detect(p, ["side0", "side1"]) for p in photos]
+
+    async def run() -> tuple[list[dict], dict, list[str]]:
+        async with AsyncSidecarClient(live.url) as client:
+            assert await client.ready() and (await client.backbone())["name"] == "mobilenet_v2"
+            answers = await asyncio.gather(*(client.detect(p, ["side0", "side1"]) for p in photos))
+            pinned = await client.pin("side0")
+            assert (await client.get_task("side0"))["pinned"] and not (await client.pin("side0", False))["pinned"]
+            await client.delete_task("side1")
+            with pytest.raises(SidecarError) as e:
+                await client.get_task("side1")
+            assert e.value.code == "unknown_task"
+            return answers, pinned, [t["id"] for t in await client.list_tasks()]
+
+    answers, pinned, left = asyncio.run(run())
+    assert pinned["pinned"] and pinned["residency"] == "device" and left == ["side0"]
+    for answer, want in zip(answers, expected):
+        for got, ref in zip(answer["results"], want["results"]):
+            _assert_same(got, ref)
