@@ -6,6 +6,9 @@ Both sides run through the server's engine on the real offline mobilenet_v2 at 3
 - separate: K work items run one after another, each a full detector (its own backbone pass +
   the same tuner + head), which is what K independently deployed detectors cost.
 
+The two are timed alternately, run by run, so K = 1 (the same work on both sides) checks the method:
+its ratio should be 1.0 within the noise.
+
 Run: ``.venv/bin/python -m bench.fan_out --repeats 20``. Prints a markdown table of medians and ratios.
 """
 
@@ -15,7 +18,7 @@ import argparse
 
 import torch
 
-from bench.common import median_seconds
+from bench.common import paired_median_seconds
 from models import PreprocessSpec, build_backbone
 from models.postprocess import PostprocessConfig
 from models.runtime import build_runtime
@@ -43,8 +46,8 @@ def main() -> None:
         tasks = {f"{method}{i}": build_task_model(method, {}, backbone, ["a", "b"]).eval() for i in range(8)}
         for k in (1, 2, 4, 8):
             chosen = dict(list(tasks.items())[:k])
-            fan = median_seconds(lambda c=chosen: engine.run([WorkItem(image, "x", c, post)]), args.repeats)
-            separate = median_seconds(
+            fan, separate = paired_median_seconds(
+                lambda c=chosen: engine.run([WorkItem(image, "x", c, post)]),
                 lambda c=chosen: [engine.run([WorkItem(image, "x", {t: m}, post)]) for t, m in c.items()],
                 args.repeats,
             )
