@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-slow lint bench serve clean
+.PHONY: install test test-slow lint bench bench-methods serve clean
 
 $(STAMP): pyproject.toml requirements-offline.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.head_cost
 	$(PY) -m bench.fan_out
+
+# Trains every method on one synth task (tens of minutes on 2 CPU cores); prints the comparison table.
+bench-methods: $(STAMP)
+	$(PY) -m bench.methods
 
 # Trains the demo tasks on first start (a few minutes, with progress), then serves on localhost:8000.
 serve: $(STAMP)

@@ -20,8 +20,9 @@ from tuners.trainer.config import build_config
 from tuners.trainer.loop import Trainer
 
 log = logging.getLogger("sidecar.demo")
-DEMO_TASKS = {"digits": 8, "faces": 6}  # task -> epochs (a few minutes each on 2 CPU cores)
-IMAGES = 240
+# task -> (images, epochs); digits is the README's learning run (AP50 >= 0.5, tests/tuners/test_learning.py)
+DEMO_TASKS = {"digits": (400, 20), "faces": (240, 6)}
+LR = 0.004
 
 
 def ensure_demo_tasks(store_dir: Path, work: Path, image_size: int = 320) -> list[str]:
@@ -29,30 +30,23 @@ def ensure_demo_tasks(store_dir: Path, work: Path, image_size: int = 320) -> lis
     store = TaskStore(store_dir)
     made = []
     backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=image_size))
-    for task, epochs in DEMO_TASKS.items():
+    for task, (images, epochs) in DEMO_TASKS.items():
         if store.current(task) is not None:
             continue
         data, run = work / "data" / task, work / "runs" / task
-        log.info("demo task %s: server-data synth --task %s --images %d --seed 0 --out %s", task, task, IMAGES, data)
-        generate(SynthConfig(task=task, images=IMAGES, seed=0), data)
+        log.info("demo task %s: server-data synth --task %s --images %d --seed 0 --out %s", task, task, images, data)
+        generate(SynthConfig(task=task, images=images, seed=0), data)
         log.info(
-            "demo task %s: server-train --method cst --data %s --epochs %d --augmentation none --out %s",
+            "demo task %s: server-train --method cst --data %s --epochs %d --lr %s --augmentation none "
+            "--cache-features memory --out %s",
             task,
             data,
             epochs,
+            LR,
             run,
         )
-        config = build_config(
-            {
-                "method": "cst",
-                "data": data,
-                "epochs": epochs,
-                "augmentation": "none",
-                "out": run,
-                "image_size": image_size,
-                "lr": 0.004,
-            }
-        )
+        values = {"method": "cst", "data": data, "epochs": epochs, "lr": LR, "augmentation": "none"}
+        config = build_config({**values, "cache_features": "memory", "out": run, "image_size": image_size})
         report = Trainer(config).fit()
         artifact = Path(report["artifact"])
         store.publish(
