@@ -1,9 +1,10 @@
-"""Backbone taps computed once per training image and reused across epochs (side tuners only).
+"""Backbone taps computed once per image and reused across epochs (side tuners only).
 
-Valid only when an image is the same every epoch, i.e. with augmentation ``none``; the config
-refuses other combinations. ``memory`` keeps the taps as computed (the loss trajectory is then
-exactly the uncached one); ``disk`` writes them as fp16 safetensors. Both stay within a byte
-budget: images past it are recomputed each epoch rather than cached.
+The trainer caches both splits: validation images are never augmented, and training images are
+the same every epoch only with augmentation ``none``; the config refuses other combinations.
+``memory`` keeps the taps as computed (losses and predictions are then exactly the uncached
+ones); ``disk`` writes them as fp16 safetensors. Both stay within one byte budget: images past it
+are recomputed each epoch rather than cached.
 """
 
 from __future__ import annotations

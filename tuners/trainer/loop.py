@@ -142,10 +142,15 @@ class Trainer:
         seconds = time.perf_counter() - start
         return {**{k: v / images_seen for k, v in sums.items()}, "seconds": seconds, "images": images_seen}
 
+    def _cached_taps(self, images: torch.Tensor, keys: list[int]) -> dict[str, torch.Tensor] | None:
+        """Taps from the feature cache with ``--cache-features`` (side tuners), else ``None``: the
+        model then runs the backbone itself. Keys: training indices, then validation ones after them."""
+        if self.cache is None:
+            return None
+        return self.cache.taps(self.backbone, images, keys, self.model.required_taps())
+
     def _step(self, images: torch.Tensor, targets: list, indices: list[int]) -> dict[str, float]:
-        shared = None
-        if self.cache is not None:
-            shared = self.cache.taps(self.backbone, images, indices, self.model.required_taps())
+        shared = self._cached_taps(images, indices)
         progress = self.step / max(1, self.total_steps)
         with self.memory.step():
             terms = self.model.training_loss(self.backbone, images, targets, progress, shared)
@@ -164,10 +169,10 @@ class Trainer:
         self.model.eval()
         post = PostprocessConfig(score_thresh=self.config.eval_score_thresh)
         predictions = []
-        for images, _, metas, _ in self._loader(self.val_set, shuffle=False):
-            predictions += [
-                d.to("cpu") for d in self.model.predict(self.backbone, images.to(self.device), metas, post)
-            ]
+        for images, _, metas, indices in self._loader(self.val_set, shuffle=False):
+            images = images.to(self.device)
+            shared = self._cached_taps(images, [len(self.train_set) + i for i in indices])
+            predictions += [d.to("cpu") for d in self.model.predict(self.backbone, images, metas, post, shared)]
         return coco_map(self.val_data, predictions)
 
     def provenance(self) -> dict[str, Any]:
