@@ -118,6 +118,13 @@ def test_feature_cache_is_faster_and_keeps_the_loss_trajectory(digits: Path, tmp
     assert cached.cache is not None and cached.cache.stats()["hits"] == 2 * len(cached.train_set)
     assert [r["loss"] for r in runs] == pytest.approx(plain_losses, rel=1e-4)
     assert min(r["seconds"] for r in runs[1:]) < runs[0]["seconds"]
+    cached.evaluate()  # fills the cache with the validation split
+    hits = cached.cache.stats()["hits"]
+    again = cached.evaluate()
+    assert cached.cache.stats()["hits"] == hits + len(cached.val_set)
+    cache, cached.cache = cached.cache, None
+    assert again == cached.evaluate()  # the same metrics as without the cache
+    cached.cache = cache
 
 
 def test_resume_continues_exactly(digits: Path, tmp_path: Path):
@@ -166,11 +173,17 @@ def test_config_file_then_flags_then_set(digits: Path, tmp_path: Path):
 
 
 def test_list_methods_shows_kind_and_defaults(capsys: pytest.CaptureFixture[str]):
-    assert main(["--list-methods"]) == 0
+    assert main(["--list-methods", "--json"]) == 0
     listed = {row["method"]: row for row in json.loads(capsys.readouterr().out)}
     assert set(listed) == {row["method"] for row in describe_methods()}
     assert listed["cst"]["kind"] == "side" and listed["lora"]["kind"] == "inline"
     assert listed["e3va"]["options"]["rank"]["default"] == 16
+    assert listed["conv_adapter"]["about"].endswith("spatial convolution. Inline: the adapter output re-enters "
+                                                    "the residual stream.")
+    assert main(["--list-methods"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:2] == ["lora", "inline"] for line in text)
+    assert any(line.split()[:1] == ["rank=8"] for line in text)  # lora's rank, with its default
 
 
 def test_disk_feature_cache_is_fp16_and_bounded(tmp_path: Path):

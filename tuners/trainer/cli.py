@@ -3,7 +3,7 @@
 Examples:
     server-train --method cst --backbone mobilenet_v2 --data data/digits --format coco --epochs 12 --out runs/digits
     server-train --config train.toml --set tuner.reduction=4 --set lr=0.001
-    server-train --list-methods
+    server-train --list-methods [--json]
     server-train ... --publish http://localhost:8000 --api-key $KEY --task-id digits
 """
 
@@ -58,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML or YAML file with any of the keys below")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. tuner.rank=8")
     p.add_argument("--list-methods", action="store_true", help="list methods, their kind and default options")
+    p.add_argument("--json", action="store_true", help="with --list-methods: print JSON")
     p.add_argument("--verbose", action="store_true")
     for name, field in TrainConfig.model_fields.items():
         if name not in TABLES:
@@ -74,14 +75,26 @@ def describe_methods() -> list[dict[str, Any]]:
             f.name: {"default": f.default, "help": f.metadata.get("help", "")}
             for f in dataclasses.fields(cls.config_cls)
         }
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        rows.append({"method": name, "kind": cls.kind, "about": doc[0] if doc else "", "options": options})
+        about = " ".join((sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0].split())
+        rows.append({"method": name, "kind": cls.kind, "about": about, "options": options})
     return rows
+
+
+def format_methods(rows: list[dict[str, Any]]) -> str:
+    """A text table: method, kind and paper line, then each option's default and help."""
+    lines = ["method        kind    about", ""]
+    for row in rows:
+        lines.append(f"{row['method']:<14}{row['kind']:<8}{row['about']}")
+        for name, option in row["options"].items():
+            lines.append(f"{'':22}{name + '=' + repr(option['default']):<28}{option['help']}")
+        lines += [f"{'':22}(no options)"] if not row["options"] else []
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "set", "list_methods", "verbose")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "set", "list_methods", "json", "verbose")}
     values.update(flags)
     return build_config(apply_set(values, args.set))
 
@@ -99,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if args.list_methods:
-        sys.stdout.write(json.dumps(describe_methods(), indent=2) + "\n")
+        rows = describe_methods()
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n" if args.json else format_methods(rows))
         return 0
     from tuners.trainer.loop import Trainer  # torch-heavy; not needed for --help or --list-methods
 
