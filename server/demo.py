@@ -20,9 +20,9 @@ from tuners.trainer.config import build_config
 from tuners.trainer.loop import Trainer
 
 log = logging.getLogger("sidecar.demo")
-# task -> (images, epochs); digits is the README's learning run (AP50 >= 0.5, tests/tuners/test_learning.py)
-DEMO_TASKS = {"digits": (400, 20), "faces": (240, 6)}
-LR = 0.004
+# task -> (images, epochs, lr). digits is the README's learning run (tests/tuners/test_learning.py);
+# faces is the recipe of the README's methods table (bench/methods.py).
+DEMO_TASKS = {"digits": (400, 20, 0.006), "faces": (240, 6, 0.004)}
 
 
 def ensure_demo_tasks(store_dir: Path, work: Path, image_size: int = 320) -> list[str]:
@@ -30,7 +30,7 @@ def ensure_demo_tasks(store_dir: Path, work: Path, image_size: int = 320) -> lis
     store = TaskStore(store_dir)
     made = []
     backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=image_size))
-    for task, (images, epochs) in DEMO_TASKS.items():
+    for task, (images, epochs, lr) in DEMO_TASKS.items():
         if store.current(task) is not None:
             continue
         data, run = work / "data" / task, work / "runs" / task
@@ -42,10 +42,10 @@ def ensure_demo_tasks(store_dir: Path, work: Path, image_size: int = 320) -> lis
             task,
             data,
             epochs,
-            LR,
+            lr,
             run,
         )
-        values = {"method": "cst", "data": data, "epochs": epochs, "lr": LR, "augmentation": "none"}
+        values = {"method": "cst", "data": data, "epochs": epochs, "lr": lr, "augmentation": "none"}
         config = build_config({**values, "cache_features": "memory", "out": run, "image_size": image_size})
         report = Trainer(config).fit()
         artifact = Path(report["artifact"])
