@@ -142,6 +142,9 @@ def test_openapi_health_pins_and_raw_body(live: LiveServer, artifacts, photo_byt
         assert path in spec["paths"]
     assert httpx.get(f"{live.url}/healthz").status_code == 200
     assert httpx.get(f"{live.url}/readyz").json() == {"ready": True}
+    page = httpx.get(f"{live.url}/")
+    assert page.status_code == 200 and 'id="threshold"' in page.text
+    assert "innerHTML" not in page.text  # labels come from uploads: text nodes only
     with SidecarClient(live.url) as client:
         client.upload_task("p", artifacts["side3"])
         assert client.pin("p")["pinned"] is True and client.get_task("p")["residency"] == "device"
