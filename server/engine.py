@@ -33,7 +33,7 @@ class WorkItem:
     """One image and the task models asked about it (already leased from the tuner cache)."""
 
     image: Tensor  # uint8 [3, H, W]
-    image_key: str  # content hash, for the feature cache
+    image_key: str  # content hash, for the feature cache ("" when the server has none)
     tasks: dict[str, TaskModel]  # task id -> model
     post: PostprocessConfig = field(default_factory=PostprocessConfig)
 

@@ -7,6 +7,7 @@ import time
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.datastructures import UploadFile
+from torch import Tensor
 
 from models.postprocess import PostprocessConfig
 from server.deps import ensure_ready, require_inference
@@ -79,16 +80,23 @@ def parse_tasks(raw: str | None, limit: int) -> list[str]:
     return list(dict.fromkeys(check_task_id(t) for t in ids))
 
 
+def decode(data: bytes, max_bytes: int, max_pixels: int, keyed: bool) -> tuple[Tensor, str]:
+    """The uint8 ``[3, H, W]`` image, and its feature-cache key when ``keyed`` (hashing is CPU work
+    too, so it runs here, off the event loop, and only when a feature cache needs it)."""
+    return decode_image(data, max_bytes, max_pixels), content_hash(data) if keyed else ""
+
+
 async def run_detect(request: Request, task_ids: list[str], data: bytes, post: PostprocessConfig) -> DetectResponse:
     state, settings = request.app.state, request.app.state.settings
     start = time.perf_counter()
-    image = await asyncio.to_thread(decode_image, data, settings.max_request_bytes, settings.max_image_pixels)
+    keyed = state.engine.feature_cache is not None
+    image, key = await asyncio.to_thread(decode, data, settings.max_request_bytes, settings.max_image_pixels, keyed)
     leases = []
     try:
         for task_id in task_ids:
             leases.append(await state.tuner_cache.acquire(task_id))
         models = {t: lease.model for t, lease in zip(task_ids, leases)}
-        detections, passes = await state.batcher.submit(WorkItem(image, content_hash(data), models, post))
+        detections, passes = await state.batcher.submit(WorkItem(image, key, models, post))
     finally:
         for lease in leases:
             state.tuner_cache.release(lease)
