@@ -4,7 +4,7 @@ Each method is trained by ``server-train``'s own :class:`Trainer` on the same ``
 schedule and learning rate (not tuned per method), on the real offline mobilenet_v2. Side methods
 train with ``--cache-features memory`` (the same losses, faster epochs after the first); inline
 methods cannot. The table gathers each run's ``report.json``; ``hst_full`` needs a ViT and is
-listed as not run.
+listed with no result.
 
 Run: ``.venv/bin/python -m bench.methods --task faces --images 240 --epochs 6``
 """
@@ -67,8 +67,8 @@ def main() -> None:
         }
         try:
             rows.append(row(method, Trainer(build_config(values)).fit()))
-        except TunerError as e:  # a method that does not fit this backbone
-            rows.append(f"| `{method}` | {TUNERS.get(method).kind} | not run: {e} " + "| - " * 6 + "|")
+        except TunerError as e:  # a method that does not fit this backbone, or a diverged loss
+            rows.append(f"| `{method}` | {TUNERS.get(method).kind} | no result: {e} " + "| - " * 6 + "|")
         print(rows[-1], flush=True)
     print(f"\n{args.task}, {args.images} images, {args.epochs} epochs, lr {args.lr}, {args.image_size} px")
     print(COLUMNS)

@@ -45,8 +45,18 @@ def ensure_demo_tasks(store_dir: Path, work: Path, image_size: int = 320) -> lis
             lr,
             run,
         )
-        values = {"method": "cst", "data": data, "epochs": epochs, "lr": lr, "augmentation": "none"}
-        config = build_config({**values, "cache_features": "memory", "out": run, "image_size": image_size})
+        config = build_config(
+            {
+                "method": "cst",
+                "data": data,
+                "epochs": epochs,
+                "lr": lr,
+                "augmentation": "none",
+                "cache_features": "memory",
+                "out": run,
+                "image_size": image_size,
+            }
+        )
         report = Trainer(config).fit()
         artifact = Path(report["artifact"])
         store.publish(

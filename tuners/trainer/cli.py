@@ -94,7 +94,7 @@ def format_methods(rows: list[dict[str, Any]]) -> str:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "set", "list_methods", "json", "verbose")}
+    flags = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields}  # not --config, --json, ...
     values.update(flags)
     return build_config(apply_set(values, args.set))
 
