@@ -22,7 +22,7 @@ from bench.common import paired_median_seconds
 from models import PreprocessSpec, build_backbone
 from models.postprocess import PostprocessConfig
 from models.runtime import build_runtime
-from server.engine import Engine, WorkItem
+from server.executor import Executor, WorkItem
 from server.imaging import decode_image
 from server.metrics import Metrics
 from tuners import build_task_model
@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
-    engine = Engine(backbone, build_runtime(backbone, "torch", "cpu"), Metrics())
+    engine = Executor(backbone, build_runtime(backbone, "torch", "cpu"), Metrics())
     image = decode_image(photo("astronaut.png").read_bytes(), 1 << 26, 1 << 26)
     post = PostprocessConfig()
     print("| method | K | fan-out ms | K separate detectors ms | fan-out / separate |")

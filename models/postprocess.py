@@ -1,7 +1,14 @@
-"""Turn per-location candidates into final detections: threshold, top-k, batched NMS, clip."""
+"""Turn per-location candidates into final detections: threshold, top-k, batched NMS, clip.
+
+:func:`finish` postprocesses many (task, image) pairs in one ``batched_nms`` call: each pair's
+labels are offset so that no two pairs share an NMS group. Boxes go through NMS in float64,
+where adding the group offset to a float32 coordinate is exact, so a pair's result is bit-for-bit
+the same whether it is finished alone or with others (invariant 3).
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +26,21 @@ class PostprocessConfig:
     topk_candidates: int = 1000
     nms_thresh: float = 0.6
     max_detections: int = 100
+
+
+@dataclass
+class Candidates:
+    """One image's scored boxes before NMS.
+
+    Attributes:
+        boxes: float ``[K, 4]`` x1, y1, x2, y2 in canvas pixels.
+        scores: float ``[K]`` in ``[0, 1]``.
+        labels: int64 ``[K]`` class indices.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
 
 
 def select_candidates(scores: Tensor, score_thresh: float, topk: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -40,10 +62,33 @@ def select_candidates(scores: Tensor, score_thresh: float, topk: int) -> tuple[T
     return flat, torch.div(keep, num_classes, rounding_mode="floor"), keep % num_classes
 
 
+def finish(
+    candidates: list[Candidates], canvas: tuple[int, int], configs: list[PostprocessConfig]
+) -> list[Detections]:
+    """Clip to ``canvas`` (H, W), class-wise NMS, best ``max_detections``: one result per candidate set.
+
+    All sets that share an NMS threshold go through a single ``batched_nms`` call.
+    """
+    results: list[Detections | None] = [None] * len(candidates)
+    by_thresh: dict[float, list[int]] = defaultdict(list)
+    for i, config in enumerate(configs):
+        by_thresh[config.nms_thresh].append(i)
+    for thresh, members in by_thresh.items():
+        sets = [candidates[i] for i in members]
+        boxes = torch.cat([clip_boxes_to_image(c.boxes, canvas) for c in sets])
+        scores, labels = torch.cat([c.scores for c in sets]), torch.cat([c.labels for c in sets])
+        owner = torch.cat([torch.full((len(c.scores),), j, dtype=torch.long) for j, c in enumerate(sets)])
+        span = int(labels.max()) + 1 if labels.numel() else 1
+        keep = batched_nms(boxes.double(), scores.double(), labels + owner * span, thresh)
+        kept_owner = owner[keep]
+        for j, i in enumerate(members):
+            mine = keep[kept_owner == j][: configs[i].max_detections]
+            results[i] = Detections(boxes=boxes[mine], scores=scores[mine], labels=labels[mine])
+    return results  # type: ignore[return-value]
+
+
 def nms_and_clip(
     boxes: Tensor, scores: Tensor, labels: Tensor, canvas: tuple[int, int], config: PostprocessConfig
 ) -> Detections:
     """Class-wise NMS on ``[K, 4]`` xyxy canvas boxes, clipped to ``canvas`` (H, W); best ``max_detections``."""
-    boxes = clip_boxes_to_image(boxes, canvas)
-    keep = batched_nms(boxes, scores, labels, config.nms_thresh)[: config.max_detections]
-    return Detections(boxes=boxes[keep], scores=scores[keep], labels=labels[keep])
+    return finish([Candidates(boxes, scores, labels)], canvas, [config])[0]

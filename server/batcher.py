@@ -1,9 +1,12 @@
 """Dynamic batching with backpressure.
 
-Requests wait in a bounded queue; when it is full, :meth:`Batcher.submit` raises 503 with
-Retry-After at once. One collector task takes the first waiting request, gathers more for up to
-``window_s`` or ``max_batch`` images, and runs the engine on a single worker thread, so no GPU or
-CPU-heavy work runs on the event loop.
+Requests wait in a bounded queue; when it is full, :meth:`Batcher.submit` raises ``Overloaded``
+(503 with Retry-After) at once. One collector task takes the first waiting request and every
+other one already queued. If none was queued behind it, the server is idle and the batch runs at
+once, with no wait. If others were waiting, the server is under load: it gathers more for up to
+``window_s``, or until ``max_batch`` images. The executor runs on a single worker thread, so no
+GPU or CPU-heavy work runs on the event loop; requests that arrive while it runs form the next
+batch.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from server.engine import BatchResult, Engine, WorkItem
-from server.errors import overloaded
+from server.exceptions import Overloaded
+from server.executor import BatchResult, Executor, WorkItem
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,7 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, metrics: Metrics, max_batch: int, window_s: float, max_queue: int) -> None:
+    def __init__(self, engine: Executor, metrics: Metrics, max_batch: int, window_s: float, max_queue: int) -> None:
         self.engine, self.metrics = engine, metrics
         self.max_batch, self.window_s = max_batch, window_s
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
@@ -51,12 +54,14 @@ class Batcher:
         try:
             self.queue.put_nowait(_Pending(item, future, time.perf_counter()))
         except asyncio.QueueFull:
-            raise overloaded(f"the request queue is full ({self.queue.maxsize}); retry shortly") from None
+            raise Overloaded(f"the request queue is full ({self.queue.maxsize}); retry shortly") from None
         self.metrics.queue_depth.set(self.queue.qsize())
         return await future
 
     async def _gather(self) -> list[_Pending]:
         batch = [await self.queue.get()]
+        if self.queue.empty():
+            return batch  # idle: nobody else is waiting, so waiting out the window only adds latency
         deadline = time.perf_counter() + self.window_s
         while len(batch) < self.max_batch:
             try:

@@ -23,10 +23,19 @@ class Settings(BaseSettings):
     weights: str | None = Field(None, description="weights path (default: the offline package, then download)")
     allow_download: bool = Field(False, description="let torchvision download weights when nothing is local")
     image_size: int = Field(320, ge=32, description="longest image side on the backbone canvas")
-    runtime: Literal["torch", "onnx"] = Field("torch", description="executor of the shared backbone pass")
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="executor of the shared backbone pass (auto: onnx on the CPU, torch on CUDA)"
+    )
+    task_runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="executor of side tasks' tuners and heads (auto: onnx compiled graphs on the CPU)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+    stack_tasks: Literal["auto", "on", "off"] = Field(
+        "auto", description="run side tasks of one architecture as one vmapped computation (auto: on CUDA)"
+    )
+    threads: int = Field(0, ge=0, description="torch and ONNX Runtime CPU threads (0: their defaults)")
     store_dir: Path = Field(Path("store"), description="task artifacts, one folder per task and version")
+    cache_dir: Path = Field(Path(".cache"), description="exported ONNX graphs (backbone and compiled tasks)")
     device_cache_bytes: int = Field(256 * MiB, gt=0, description="byte budget of task models on the device")
     host_cache_bytes: int = Field(1024 * MiB, ge=0, description="byte budget of task models parked in host memory")
     feature_cache_bytes: int = Field(0, ge=0, description="byte budget of cached backbone taps (0: off)")

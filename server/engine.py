@@ -1,141 +1,141 @@
-"""The engine: runs a batch of (image, tasks) requests with one shared backbone pass.
+"""The Engine service: one call per detect request, no HTTP.
 
-For a batch: each image is preprocessed once; the side tasks' taps are unioned and the backbone
-runs once over the images that need them, stopping at the deepest tap (or the feature cache
-answers); each side task's tuner and head run on its slice of those taps; inline tasks run
-grouped by task, each on its own backbone pass. Boxes come back in original-image pixels.
-Runs on the batcher's worker thread, never on the event loop.
+``Engine.detect(image bytes, task ids, options)`` decodes the image with limits (off the event
+loop), leases every task from the tuner cache (cold ones load together, off the request path),
+queues the work in the batcher (which runs the :class:`~server.executor.Executor` on its own
+thread), releases the leases and records metrics. FastAPI routes and the Ray Serve replicas wrap
+the same object.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from models.backbones.base import FrozenBackbone
 from models.postprocess import PostprocessConfig
 from models.runtime.torch import BackboneRuntime
-from models.transform import ImageTransform
 from models.types import Detections
-from server.feature_cache import FeatureCache
+from server.batcher import Batcher
+from server.exceptions import InvalidRequest, TooManyTasks
+from server.executor import Executor, WorkItem
+from server.imaging import content_hash, decode_image
 from server.metrics import Metrics
-from tuners.errors import ArtifactError
+from server.schemas import BackboneInfo, Detection, DetectResponse, ImageSize, TaskResult
+from server.store import check_task_id
+from server.tuner_cache import Lease, TunerCache
 from tuners.task_model import TaskModel
 
 
-@dataclass
-class WorkItem:
-    """One image and the task models asked about it (already leased from the tuner cache)."""
+@dataclass(frozen=True)
+class Limits:
+    """Input limits a detect request is held to."""
 
-    image: Tensor  # uint8 [3, H, W]
-    image_key: str  # content hash, for the feature cache ("" when the server has none)
-    tasks: dict[str, TaskModel]  # task id -> model
-    post: PostprocessConfig = field(default_factory=PostprocessConfig)
+    max_image_bytes: int
+    max_image_pixels: int
+    max_tasks: int
 
 
-@dataclass
-class BatchResult:
-    detections: list[dict[str, Detections]]  # per item: task id -> detections (original pixels)
-    backbone_passes: int  # images that went through the shared backbone pass in this batch
+def parse_task_ids(raw: str | list[str] | None, limit: int) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> unique, validated ids in order.
+
+    Raises:
+        InvalidRequest: no task named. TooManyTasks: more than ``limit``. InvalidTaskId: a bad id.
+    """
+    parts = raw.split(",") if isinstance(raw, str) else list(raw or [])
+    ids = [t.strip() for t in parts if t.strip()]
+    if not ids:
+        raise InvalidRequest("name one or more tasks: form field or query parameter 'tasks'")
+    if len(ids) > limit:
+        raise TooManyTasks(f"{len(ids)} tasks in one request; the limit is {limit}")
+    return list(dict.fromkeys(check_task_id(t) for t in ids))
 
 
 class Engine:
+    """Detect requests over one backbone: decode, lease, batch, release, metrics."""
+
     def __init__(
         self,
-        backbone: FrozenBackbone,
-        runtime: BackboneRuntime,
+        executor: Executor,
+        batcher: Batcher,
+        tuner_cache: TunerCache,
         metrics: Metrics,
-        feature_cache: FeatureCache | None = None,
+        limits: Limits,
+        runtime_name: str,
     ) -> None:
-        self.backbone, self.runtime, self.metrics, self.feature_cache = backbone, runtime, metrics, feature_cache
-        self.transform = ImageTransform(backbone.preprocess)
-        self.device = next(iter(backbone.parameters())).device
-        self.backbone_image_passes = 0  # the counter behind invariant 4
-        # Inline tuners swap per-task tensors into the shared backbone for their own pass
-        # (functional_call), so every forward on it, the upload dry-run included, holds this lock.
-        self.lock = threading.Lock()
+        self.executor, self.batcher, self.cache, self.metrics = executor, batcher, tuner_cache, metrics
+        self.limits, self.runtime_name = limits, runtime_name
 
-    def run(self, items: list[WorkItem]) -> BatchResult:
-        with self.lock, torch.inference_mode():
-            return self._run(items)
+    @property
+    def runtime(self) -> BackboneRuntime:
+        return self.executor.runtime
 
-    def dry_run(self, model: TaskModel) -> None:
-        """Upload check: one forward pass of ``model`` (already on this device) on a blank canvas.
+    async def detect(self, data: bytes, task_ids: str | list[str], post: PostprocessConfig) -> DetectResponse:
+        """Detections of every named task on one image; side tasks share one backbone pass.
 
         Raises:
-            ArtifactError: the forward pass fails, or its outputs hold NaN or Inf.
+            InvalidRequest, TooManyTasks, InvalidTaskId, UnknownTask, TooLarge, NotAnImage,
+            UnreadableImage, Overloaded, CacheBudget.
         """
-        canvas = self.backbone.preprocess.canvas
-        images = torch.zeros(1, 3, canvas, canvas, device=self.device)
+        start = time.perf_counter()
+        ids = parse_task_ids(task_ids, self.limits.max_tasks)
+        keyed = self.executor.feature_cache is not None
+        image, key = await asyncio.to_thread(self._decode, data, keyed)
+        leases = await self.cache.acquire_many(ids)
         try:
-            with self.lock, torch.inference_mode():
-                outputs = model(self.backbone, images)
-        except Exception as e:  # noqa: BLE001  (any failure of user weights is a bad artifact)
-            raise ArtifactError([f"dry-run forward failed: {type(e).__name__}: {e}"]) from e
-        bad = [k for k, v in outputs.tensors.items() if not torch.isfinite(v).all()]
-        if bad:
-            raise ArtifactError([f"dry-run forward gives NaN or Inf in {', '.join(bad)}"])
+            item = WorkItem(
+                image,
+                key,
+                {t: lease.model for t, lease in zip(ids, leases)},
+                post,
+                {t: lease.compiled for t, lease in zip(ids, leases) if lease.compiled is not None},
+            )
+            detections, passes = await self.batcher.submit(item)
+        finally:
+            for lease in leases:
+                self.cache.release(lease)
+        results = [self._result(t, lease, detections[t]) for t, lease in zip(ids, leases)]
+        elapsed = time.perf_counter() - start
+        for task_id in ids:
+            self.metrics.request_seconds.labels(task=task_id).observe(elapsed)
+        self.metrics.images_served.inc()
+        self.metrics.task_results.inc(len(ids))
+        size = ImageSize(width=int(image.shape[2]), height=int(image.shape[1]))
+        return DetectResponse(image=size, results=results, backbone_passes=passes, timing_ms={"total": elapsed * 1e3})
 
-    def _run(self, items: list[WorkItem]) -> BatchResult:
-        start = time.perf_counter()
-        canvases, metas = self.transform([item.image for item in items])
-        canvases = canvases.to(self.device)
-        self.metrics.stage_seconds.labels(stage="preprocess").observe(time.perf_counter() - start)
-        side_rows, passes = self._shared_taps(items, canvases)
-        start = time.perf_counter()
-        results: list[dict[str, Detections]] = [{} for _ in items]
-        groups: dict[tuple[str, int, PostprocessConfig], list[int]] = defaultdict(list)
-        for row, item in enumerate(items):
-            for task_id, model in item.tasks.items():
-                groups[(task_id, id(model), item.post)].append(row)
-        for (task_id, _, post), rows in groups.items():
-            model = items[rows[0]].tasks[task_id]
-            shared = None
-            if model.kind == "side":
-                shared = {t: torch.cat([side_rows[r][t] for r in rows]) for t in model.required_taps()}
-            else:
-                self.metrics.inline_image_passes.inc(len(rows))
-            dets = model.predict(self.backbone, canvases[rows], [metas[r] for r in rows], post, shared)
-            for r, d in zip(rows, dets):
-                results[r][task_id] = d.to("cpu")
-        self.metrics.stage_seconds.labels(stage="tuner_head").observe(time.perf_counter() - start)
-        return BatchResult(results, passes)
+    def _decode(self, data: bytes, keyed: bool) -> tuple[Tensor, str]:
+        """The uint8 ``[3, H, W]`` image, and its feature-cache key when ``keyed`` (hashing is CPU work
+        too, so it runs here, off the event loop, and only when a feature cache needs it)."""
+        image = decode_image(data, self.limits.max_image_bytes, self.limits.max_image_pixels)
+        return image, content_hash(data) if keyed else ""
 
-    def _shared_taps(self, items: list[WorkItem], canvases: Tensor) -> tuple[dict[int, dict[str, Tensor]], int]:
-        """Per row that has side tasks: ``{tap: [1, C, h, w]}``, from the cache or one backbone pass."""
-        needed = {
-            row: sorted({t for m in item.tasks.values() if m.kind == "side" for t in m.required_taps()})
-            for row, item in enumerate(items)
-        }
-        taps = sorted({t for names in needed.values() for t in names})
-        if self.feature_cache is not None and taps:  # cache the common taps too, so other tasks hit later
-            taps = sorted(set(taps) | set(self.backbone.stage_taps) | set(self.backbone.pyramid_taps))
-        out: dict[int, dict[str, Tensor]] = {}
-        missing = []
-        for row, names in needed.items():
-            if not names:
-                continue
-            cached = self.feature_cache.get(items[row].image_key, taps) if self.feature_cache else None
-            if cached is not None:
-                out[row] = {t: v.to(self.device) for t, v in cached.items()}
-                self.metrics.feature_cache_events.labels(event="hit").inc()
-            else:
-                missing.append(row)
-        if missing:
-            start = time.perf_counter()
-            computed = self.runtime(canvases[missing], taps)
-            self.metrics.stage_seconds.labels(stage="backbone").observe(time.perf_counter() - start)
-            self.backbone_image_passes += len(missing)
-            self.metrics.backbone_image_passes.inc(len(missing))
-            for i, row in enumerate(missing):
-                out[row] = {t: computed[t][i : i + 1] for t in taps}
-                if self.feature_cache is not None:
-                    self.metrics.feature_cache_events.labels(event="miss").inc()
-                    self.feature_cache.put(items[row].image_key, out[row])
-                    self.metrics.feature_cache_bytes.set(self.feature_cache.bytes)
-        return out, len(missing)
+    @staticmethod
+    def _result(task_id: str, lease: Lease, det: Detections) -> TaskResult:
+        model: TaskModel = lease.model
+        return TaskResult(
+            task=task_id,
+            version=lease.version,
+            method=model.method,
+            kind=model.kind,
+            backbone_depth=det.depth,
+            detections=[
+                Detection(box=[round(v, 2) for v in box], label=model.labels[c], class_id=c, score=round(s, 4))
+                for box, s, c in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())
+            ],
+        )
+
+    def backbone_info(self) -> BackboneInfo:
+        backbone = self.executor.backbone
+        return BackboneInfo(
+            name=backbone.name,
+            fingerprint=backbone.fingerprint,
+            weights_source=backbone.weights_source,
+            taps=backbone.feature_spec.to_dict(),
+            preprocess=backbone.preprocess.to_dict(),
+            runtime=self.runtime_name,
+            provider=self.runtime.provider,
+            device=str(self.executor.device),
+            shared_image_passes=self.executor.backbone_image_passes,
+        )

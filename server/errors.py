@@ -9,70 +9,78 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server import exceptions as ex
 from tuners.errors import ArtifactError, IncompatibleBackboneError
 
 log = logging.getLogger(__name__)
 
-
-class ServerError(Exception):
-    """An error with a stable ``code`` and an HTTP ``status``."""
-
-    def __init__(
-        self, status: int, code: str, message: str, details: list | None = None, headers: dict | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.details, self.headers = details or [], headers
-
-
-def unknown_task(task_id: str) -> ServerError:
-    return ServerError(404, "unknown_task", f"no task {task_id!r}; GET /v1/tasks lists them")
-
-
-def overloaded(message: str, retry_after: int = 1) -> ServerError:
-    return ServerError(503, "overloaded", message, headers={"Retry-After": str(retry_after)})
+STATUS: dict[type[ex.SidecarError], int] = {
+    ex.InvalidRequest: 422,
+    ex.UnsupportedMediaType: 415,
+    ex.InvalidTaskId: 422,
+    ex.UnknownTask: 404,
+    ex.TooManyTasks: 413,
+    ex.TooLarge: 413,
+    ex.NotAnImage: 415,
+    ex.UnreadableImage: 422,
+    ex.Overloaded: 503,
+    ex.CacheBudget: 507,
+    ex.NotReady: 503,
+    ex.MissingKey: 401,
+    ex.WrongKey: 403,
+}
 
 
-def to_server_error(exc: Exception) -> ServerError | None:
-    """Maps the tuners package's errors; ``None`` for anything else."""
-    if isinstance(exc, ArtifactError):
-        return ServerError(422, "invalid_artifact", str(exc), details=list(exc.problems))
-    if isinstance(exc, IncompatibleBackboneError):
-        return ServerError(409, "incompatible_backbone", str(exc))
-    return None
+def http_status(error: ex.SidecarError) -> int:
+    """The status of a domain error: its own class's, else its nearest mapped base class's."""
+    return next((STATUS[c] for c in type(error).__mro__ if c in STATUS), 500)
 
 
 def _body(code: str, message: str, details: list | None = None) -> dict:
     return {"error": {"code": code, "message": message, "details": details or []}}
 
 
+def _response(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    details: list | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(code=code).inc()
+    return JSONResponse(_body(code, message, details), status, headers=headers)
+
+
 def install_handlers(app: FastAPI) -> None:
     """JSON errors for every path, including validation errors and unexpected exceptions."""
 
-    def respond(request: Request, error: ServerError) -> JSONResponse:
-        metrics = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            metrics.errors.labels(code=error.code).inc()
-        return JSONResponse(_body(error.code, error.message, error.details), error.status, headers=error.headers)
+    @app.exception_handler(ex.SidecarError)
+    async def _domain(request: Request, exc: ex.SidecarError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return _response(request, http_status(exc), exc.code, exc.message, exc.details, headers)
 
-    @app.exception_handler(ServerError)
-    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        return respond(request, exc)
+    @app.exception_handler(ArtifactError)
+    async def _artifact(request: Request, exc: ArtifactError) -> JSONResponse:
+        return _response(request, 422, "invalid_artifact", str(exc), list(exc.problems))
+
+    @app.exception_handler(IncompatibleBackboneError)
+    async def _backbone(request: Request, exc: IncompatibleBackboneError) -> JSONResponse:
+        return _response(request, 409, "incompatible_backbone", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return respond(request, ServerError(422, "invalid_request", "the request is malformed", details))
+        return _response(request, 422, "invalid_request", "the request is malformed", details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return respond(request, ServerError(exc.status_code, code, str(exc.detail)))
+        return _response(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        mapped = to_server_error(exc)
-        if mapped is None:
-            log.exception("unhandled error on %s %s", request.method, request.url.path)
-            mapped = ServerError(500, "internal", f"internal error: {type(exc).__name__}")
-        return respond(request, mapped)
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _response(request, 500, "internal", f"internal error: {type(exc).__name__}")

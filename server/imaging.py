@@ -14,35 +14,33 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from server.errors import ServerError
+from server.exceptions import NotAnImage, TooLarge, UnreadableImage
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> torch.Tensor:
-    """Decodes ``data``; raises :class:`ServerError` 413, 415 or 422 with a readable message."""
+    """Decodes ``data``; raises ``TooLarge``, ``NotAnImage`` or ``UnreadableImage`` with a readable message."""
     if not data:
-        raise ServerError(415, "not_an_image", "the image is empty")
+        raise NotAnImage("the image is empty")
     if len(data) > max_bytes:
-        raise ServerError(413, "too_large", f"the image has {len(data)} bytes; the limit is {max_bytes}")
+        raise TooLarge(f"the image has {len(data)} bytes; the limit is {max_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ServerError(
-                    413, "too_large", f"the image is {width}x{height} pixels; the limit is {max_pixels} pixels"
-                )
+                raise TooLarge(f"the image is {width}x{height} pixels; the limit is {max_pixels} pixels")
             if image.format not in FORMATS:
-                raise ServerError(415, "not_an_image", f"unsupported image format {image.format}; use {FORMATS}")
+                raise NotAnImage(f"unsupported image format {image.format}; use {FORMATS}")
             image.load()
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         if isinstance(e, UnidentifiedImageError):
-            raise ServerError(415, "not_an_image", "the body is not an image PIL can read") from e
-        raise ServerError(413, "too_large", f"decompression bomb refused: {e}") from e
+            raise NotAnImage("the body is not an image PIL can read") from e
+        raise TooLarge(f"decompression bomb refused: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise ServerError(422, "unreadable_image", f"the image is truncated or corrupt: {e}") from e
+        raise UnreadableImage(f"the image is truncated or corrupt: {e}") from e
     rgb = ImageOps.exif_transpose(image).convert("RGB")
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 

@@ -1,7 +1,8 @@
 """App factory, lifespan and ``server-serve``.
 
-The lifespan loads the backbone once, warms it up, recovers the store, starts the batcher, and
-only then turns ``/readyz`` ready. Every loaded object lives on ``app.state``.
+The lifespan builds the services once (``server.services``: backbone, runtime warmed up, store
+recovered, caches, batcher) and only then turns ``/readyz`` ready. Routes reach the services
+through the typed dependencies of ``server.deps``.
 """
 
 from __future__ import annotations
@@ -15,53 +16,14 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
-from models import build_backbone
 from models.backbones.base import FrozenBackbone
-from models.runtime import build_runtime
-from models.transform import PreprocessSpec
 from server.api.routes import backbone as backbone_routes
 from server.api.routes import detect, health, tasks
-from server.batcher import Batcher
 from server.config import Settings
-from server.engine import Engine
 from server.errors import install_handlers
-from server.feature_cache import FeatureCache
-from server.metrics import Metrics
-from server.store import TaskStore
-from server.tuner_cache import TunerCache
+from server.services import build_services, load_backbone
 
 log = logging.getLogger("sidecar")
-
-
-def load_backbone(settings: Settings) -> FrozenBackbone:
-    return build_backbone(
-        settings.backbone,
-        weights=settings.weights,
-        allow_download=settings.allow_download,
-        preprocess=PreprocessSpec(size=settings.image_size),
-    )
-
-
-def start_engine(app: FastAPI, settings: Settings, backbone: FrozenBackbone) -> None:
-    """Builds runtime, caches, engine and batcher onto ``app.state`` and warms the backbone up."""
-    state = app.state
-    state.metrics = Metrics()
-    state.runtime = build_runtime(backbone, settings.runtime, settings.device, taps=list(backbone.feature_spec))
-    device = torch.device(
-        settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    state.backbone = backbone.to(device)
-    state.store = TaskStore(settings.store_dir)
-    state.store.recover()
-    budgets = {"device": settings.device_cache_bytes, "host": settings.host_cache_bytes}
-    state.tuner_cache = TunerCache(state.store, state.backbone, device, budgets, state.metrics)
-    features = FeatureCache(settings.feature_cache_bytes) if settings.feature_cache_bytes else None
-    state.engine = Engine(state.backbone, state.runtime, state.metrics, features)
-    canvas = backbone.preprocess.canvas
-    state.runtime(torch.zeros(1, 3, canvas, canvas), list(backbone.pyramid_taps))  # warm-up
-    state.batcher = Batcher(
-        state.engine, state.metrics, settings.max_batch_size, settings.batch_window_ms / 1e3, settings.max_queue
-    )
 
 
 def create_app(settings: Settings | None = None, backbone: FrozenBackbone | None = None) -> FastAPI:
@@ -72,16 +34,16 @@ def create_app(settings: Settings | None = None, backbone: FrozenBackbone | None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        start_engine(app, settings, backbone or load_backbone(settings))
-        app.state.batcher.start()
+        services = build_services(settings, backbone or load_backbone(settings))
+        services.start()
+        app.state.services, app.state.metrics = services, services.metrics
         app.state.ready = True
-        log.info("ready: %s on %s, store %s", app.state.backbone.name, app.state.engine.device, settings.store_dir)
+        log.info("ready: serving store %s", settings.store_dir)
         try:
             yield
         finally:
             app.state.ready = False
-            await app.state.batcher.stop()
-            app.state.tuner_cache.close()
+            await services.stop()
 
     app = FastAPI(
         title="Sidecar",

@@ -46,6 +46,7 @@ class TaskInfo(BaseModel):
     bytes: int = Field(description="bytes of the artifact on disk")
     residency: str | None = Field(description="device, host, or null when only in the store")
     pinned: bool
+    compiled: bool = Field(False, description="served by a compiled ONNX Runtime graph of its tuner and head")
     backbone: dict[str, Any]
     created_at: str | None = None
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import ServerError, unknown_task
+from server.exceptions import InvalidTaskId, UnknownTask
 from tuners.artifact import MANIFEST, WEIGHTS, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ CURRENT = "CURRENT"
 
 def check_task_id(task_id: str) -> str:
     if not TASK_ID.fullmatch(task_id):
-        raise ServerError(422, "invalid_task_id", f"task id {task_id!r} must match {TASK_ID.pattern}")
+        raise InvalidTaskId(f"task id {task_id!r} must match {TASK_ID.pattern}")
     return task_id
 
 
@@ -87,7 +87,7 @@ class TaskStore:
         """The current version; from memory once seen (this process is the store's only writer)."""
         found = self._known.get(task_id) or self.current(check_task_id(task_id))
         if found is None:
-            raise unknown_task(task_id)
+            raise UnknownTask.of(task_id)
         self._known[task_id] = found
         return found
 
@@ -139,7 +139,7 @@ class TaskStore:
         with self._lock(task_id):
             folder = self.root / task_id
             if self.current(task_id) is None:
-                raise unknown_task(task_id)
+                raise UnknownTask.of(task_id)
             trash = self.root / f".trash-{task_id}-{uuid.uuid4().hex}"
             os.replace(folder, trash)
             self._known.pop(task_id, None)

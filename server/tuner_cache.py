@@ -4,7 +4,12 @@
   budget), and from there it is dropped; the store on disk is the last tier.
 - Pinned tasks and tasks with a reference count above zero (in use by a batch) are never evicted.
 - Loads run on their own thread (``tuner-loader``), so a request for a cold task waits for its
-  load while requests for resident tasks go straight to the batcher.
+  load while requests for resident tasks go straight to the batcher. A request naming several
+  cold tasks queues all their loads at once (:meth:`TunerCache.acquire_many`).
+- A version is verified in full once (sha256, NaN/Inf) at upload or first load; later reloads
+  read its tensors straight into a freshly built model.
+- With a ``compiler``, each loaded side task is also compiled (ONNX Runtime) on a background
+  thread; it is served in torch until its compiled graph is ready, then by the graph.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,18 +27,25 @@ from typing import Any
 import torch
 
 from models.backbones.base import FrozenBackbone
-from server.errors import ServerError
+from server.exceptions import CacheBudget, Overloaded
 from server.store import TaskStore, TaskVersion
 from tuners.artifact import load_artifact
+from tuners.compiled import CompiledTask
 from tuners.task_model import TaskModel
 
 log = logging.getLogger(__name__)
 Key = tuple[str, int]  # (task id, version)
 TIERS = ("device", "host")
+Compiler = Callable[[TaskModel, dict[str, Any]], CompiledTask]
 
 
 def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def entry_bytes(model: TaskModel, compiles: bool) -> int:
+    """What an entry costs: its tensors, twice for a side task that will also hold a compiled graph."""
+    return model_bytes(model) * (2 if compiles and model.kind == "side" else 1)
 
 
 @dataclass
@@ -43,6 +56,7 @@ class Entry:
     nbytes: int
     refs: int = 0
     stale: bool = False  # deleted or replaced: dropped when the last user releases it
+    compiled: CompiledTask | None = None
 
 
 @dataclass
@@ -60,22 +74,36 @@ class Lease:
     def version(self) -> int:
         return self.entry.key[1]
 
+    @property
+    def compiled(self) -> CompiledTask | None:
+        return self.entry.compiled
+
 
 class TunerCache:
     """Byte-budgeted two-tier LRU of task models with pins and reference counts."""
 
     def __init__(
-        self, store: TaskStore, backbone: FrozenBackbone, device: torch.device, budgets: dict[str, int], metrics: Any
+        self,
+        store: TaskStore,
+        backbone: FrozenBackbone,
+        device: torch.device,
+        budgets: dict[str, int],
+        metrics: Any,
+        compiler: Compiler | None = None,
     ) -> None:
         self.store, self.backbone, self.device, self.budgets, self.metrics = store, backbone, device, budgets, metrics
+        self.compiler = compiler
         self.tiers: dict[str, OrderedDict[Key, Entry]] = {t: OrderedDict() for t in TIERS}
-        self.pinned: set[str] = set()
+        self._pinned: set[str] = set()
+        self._verified: set[Key] = set()
         self._loading: dict[Key, Future] = {}
         self._lock = threading.RLock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuner-loader")
+        self._compile = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuner-compiler")
 
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
+        self._compile.shutdown(wait=True, cancel_futures=True)
 
     def resident_bytes(self, tier: str) -> int:
         with self._lock:
@@ -85,24 +113,71 @@ class TunerCache:
         with self._lock:
             return next((t for t in TIERS for k in self.tiers[t] if k[0] == task_id), None)
 
+    def is_compiled(self, task_id: str) -> bool:
+        with self._lock:
+            return any(e.compiled is not None for t in TIERS for k, e in self.tiers[t].items() if k[0] == task_id)
+
+    def is_pinned(self, task_id: str) -> bool:
+        return task_id in self._pinned
+
+    async def pin(self, task_id: str) -> None:
+        """Loads ``task_id`` and keeps it resident on the device until :meth:`unpin`."""
+        with self._lock:
+            was = task_id in self._pinned
+            self._pinned.add(task_id)
+        try:
+            self.release(await self.acquire(task_id))
+        except Exception:
+            if not was:
+                self._pinned.discard(task_id)
+            raise
+
+    def unpin(self, task_id: str) -> None:
+        self._pinned.discard(task_id)
+
     async def acquire(self, task_id: str) -> Lease:
         """The current version of ``task_id``, resident on the device and referenced until released."""
-        version = self.store.get(task_id)
+        return (await self.acquire_many([task_id]))[0]
+
+    async def acquire_many(self, task_ids: list[str]) -> list[Lease]:
+        """Leases for every task, in order. The loads of all cold ones are queued before waiting on any."""
+        versions = [self.store.get(t) for t in task_ids]
+        for version in versions:  # prefetch: the loader works through them while we wait on the first
+            with self._lock:
+                if (version.task_id, version.version) not in self.tiers["device"]:
+                    self._start_load(version)
+        leases: list[Lease] = []
+        try:
+            for version in versions:
+                leases.append(await self._acquire(version))
+        except BaseException:
+            for lease in leases:
+                self.release(lease)
+            raise
+        return leases
+
+    async def _acquire(self, version: TaskVersion) -> Lease:
+        key = (version.task_id, version.version)
         for _ in range(8):  # a just-loaded entry can be evicted before we take it, under heavy churn
             with self._lock:
-                entry = self.tiers["device"].get((task_id, version.version))
+                entry = self.tiers["device"].get(key)
                 if entry is not None:
                     entry.refs += 1
-                    self.tiers["device"].move_to_end(entry.key)
+                    self.tiers["device"].move_to_end(key)
                     self.metrics.cache_events.labels(tier="device", event="hit").inc()
                     return Lease(entry)
-                future = self._loading.get((task_id, version.version))
-                if future is None:
-                    self.metrics.cache_events.labels(tier="device", event="miss").inc()
-                    future = self._loader.submit(self._load, version)
-                    self._loading[(task_id, version.version)] = future
+                future = self._start_load(version)
             await asyncio.wrap_future(future)
-        raise ServerError(503, "overloaded", f"task {task_id} was evicted repeatedly while loading; retry")
+        raise Overloaded(f"task {version.task_id} was evicted repeatedly while loading; retry")
+
+    def _start_load(self, version: TaskVersion) -> Future:
+        """The running load of ``version``, or a new one (call with the lock held)."""
+        key = (version.task_id, version.version)
+        future = self._loading.get(key)
+        if future is None:
+            self.metrics.cache_events.labels(tier="device", event="miss").inc()
+            future = self._loading[key] = self._loader.submit(self._load, version)
+        return future
 
     def release(self, lease: Lease) -> None:
         with self._lock:
@@ -114,46 +189,68 @@ class TunerCache:
                 self._drop(lease.entry)
             self._update_gauges()
 
+    def admit(self, version: TaskVersion, model: TaskModel, manifest: dict[str, Any]) -> None:
+        """Makes a model that was just built and verified (an upload) resident, when it fits without waiting."""
+        key = (version.task_id, version.version)
+        entry = Entry(key, model.to(self.device).eval(), manifest, entry_bytes(model, self.compiler is not None))
+        with self._lock:
+            self._verified.add(key)
+            try:
+                self._make_room("device", entry.nbytes)
+            except (CacheBudget, Overloaded):
+                return  # loaded on first use instead
+            self.tiers["device"][key] = entry
+            self._update_gauges()
+        self._schedule_compile(entry)
+
     def _load(self, version: TaskVersion) -> None:
         key = (version.task_id, version.version)
         try:
             start = time.perf_counter()
             with self._lock:
-                parked = self.tiers["host"].pop(key, None)
-            if parked is not None:
+                entry = self.tiers["host"].pop(key, None)
+            if entry is not None:
                 self.metrics.cache_events.labels(tier="host", event="hit").inc()
-                entry = parked
                 entry.model.to(self.device)
             else:
-                model, manifest = load_artifact(version.path, self.backbone)
+                model, manifest = load_artifact(version.path, self.backbone, verify=key not in self._verified)
+                self._verified.add(key)
                 model = model.to(self.device).eval()
-                entry = Entry(key, model, manifest, model_bytes(model))
+                entry = Entry(key, model, manifest, entry_bytes(model, self.compiler is not None))
                 self.metrics.cold_load_seconds.observe(time.perf_counter() - start)
             with self._lock:
                 self._make_room("device", entry.nbytes)
                 self.tiers["device"][key] = entry
                 self._update_gauges()
+            self._schedule_compile(entry)
         finally:
             with self._lock:
                 self._loading.pop(key, None)
+
+    def _schedule_compile(self, entry: Entry) -> None:
+        if self.compiler is None or entry.compiled is not None or entry.model.kind != "side":
+            return
+
+        def compile_entry() -> None:
+            if entry.stale or not any(entry is e for t in TIERS for e in self.tiers[t].values()):
+                return  # dropped while waiting
+            try:
+                entry.compiled = self.compiler(entry.model, entry.manifest)  # type: ignore[misc]
+            except Exception:  # noqa: BLE001  (the task keeps serving in torch)
+                log.exception("compiling task %s v%d failed; it is served in torch", *entry.key)
+
+        self._compile.submit(compile_entry)
 
     def _make_room(self, tier: str, nbytes: int) -> None:
         """Evicts least-recently-used idle, unpinned entries until ``nbytes`` more fit in ``tier``."""
         budget = self.budgets[tier]
         if nbytes > budget:
-            raise ServerError(
-                507, "cache_budget", f"a task model of {nbytes} bytes exceeds the {tier} budget {budget}"
-            )
+            raise CacheBudget(f"a task model of {nbytes} bytes exceeds the {tier} budget {budget}")
         entries = self.tiers[tier]
         while sum(e.nbytes for e in entries.values()) + nbytes > budget:
-            victim = next((e for e in entries.values() if e.refs == 0 and e.key[0] not in self.pinned), None)
+            victim = next((e for e in entries.values() if e.refs == 0 and e.key[0] not in self._pinned), None)
             if victim is None:
-                raise ServerError(
-                    503,
-                    "overloaded",
-                    f"the {tier} tuner cache is full of pinned or in-use tasks",
-                    headers={"Retry-After": "1"},
-                )
+                raise Overloaded(f"the {tier} tuner cache is full of pinned or in-use tasks")
             del entries[victim.key]
             self.metrics.cache_events.labels(tier=tier, event="eviction").inc()
             if tier == "device" and self.budgets["host"] >= victim.nbytes and not victim.stale:

@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from models.backbones.base import FrozenBackbone
 from tuners.base import TUNERS
@@ -115,51 +115,102 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _read_tensors(path: Path, expected_sha: str, problems: list[str]) -> dict[str, torch.Tensor] | None:
-    if not path.is_file():
-        problems.append(f"{WEIGHTS} is missing")
-        return None
-    if _sha256(path) != expected_sha:
-        problems.append(f"{WEIGHTS} sha256 does not match tuner.json (truncated or altered file)")
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        problems.append(f"{WEIGHTS} is not a readable safetensors file ({e}); pickle files are never read")
-        return None
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
 
 
-def check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
-    """Every missing, extra or mis-shaped key, and every tensor with NaN or Inf."""
-    problems = [f"missing key {k}" for k in sorted(set(expected) - set(got))]
-    problems += [f"extra key {k}" for k in sorted(set(got) - set(expected))]
-    for k in sorted(set(expected) & set(got)):
-        if tuple(got[k].shape) != tuple(expected[k].shape):
-            problems.append(f"{k}: shape {tuple(got[k].shape)}, expected {tuple(expected[k].shape)}")
-        elif got[k].is_floating_point() and not torch.isfinite(got[k]).all():
-            problems.append(f"{k}: contains NaN or Inf")
-    return problems
+def _read_header(f: Any, size: int) -> tuple[dict[str, Any], int]:
+    """The header's tensor entries, and the offset where tensor data starts."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise ValueError("the file is shorter than a safetensors header")
+    (length,) = struct.unpack("<Q", raw)
+    if length > min(size - 8, 100 << 20):
+        raise ValueError(f"header length {length} does not fit the file")
+    header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + length
 
 
-def load_artifact(folder: Path, backbone: FrozenBackbone) -> tuple[TaskModel, dict[str, Any]]:
-    """Reads, checks and builds an artifact for ``backbone``. See the module docstring for the checks."""
-    manifest = read_manifest(folder)
+def read_into(path: Path, state: dict[str, torch.Tensor]) -> list[str]:
+    """Reads ``path`` (safetensors) straight into the preallocated tensors of ``state``.
+
+    Each tensor's bytes go from the file into the tensor's own memory (``readinto``), with no
+    intermediate copy and without ``safe_open``, which leaks about 8 KB per read (ENVIRONMENT.md).
+    Returns every problem (missing, extra or mis-shaped key, wrong dtype, bad offsets); the
+    tensors are only written when there is none.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        try:
+            header, base = _read_header(f, size)
+        except (ValueError, UnicodeDecodeError) as e:
+            return [f"{WEIGHTS} is not a readable safetensors file ({e}); pickle files are never read"]
+        problems = [f"missing key {k}" for k in sorted(set(state) - set(header))]
+        problems += [f"extra key {k}" for k in sorted(set(header) - set(state))]
+        for k in sorted(set(state) & set(header)):
+            info, t = header[k], state[k]
+            begin, end = info.get("data_offsets", (0, -1))
+            if tuple(info.get("shape", ())) != tuple(t.shape):
+                problems.append(f"{k}: shape {tuple(info.get('shape', ()))}, expected {tuple(t.shape)}")
+            elif DTYPES.get(info.get("dtype")) != t.dtype:
+                problems.append(f"{k}: dtype {info.get('dtype')}, expected {t.dtype}")
+            elif end - begin != t.numel() * t.element_size() or base + end > size:
+                problems.append(f"{k}: data offsets {begin}..{end} do not fit the tensor or the file")
+        if problems:
+            return problems
+        for k, t in state.items():
+            f.seek(base + header[k]["data_offsets"][0])
+            target = t.detach().cpu() if t.is_contiguous() else t.detach().cpu().contiguous()
+            if target.numel():
+                f.readinto(memoryview(target.reshape(-1).view(torch.uint8).numpy()))
+            if target.data_ptr() != t.data_ptr():
+                t.detach().copy_(target)
+    return []
+
+
+def nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Every floating-point tensor holding NaN or Inf."""
+    return [f"{k}: contains NaN or Inf" for k, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+
+
+def load_artifact(
+    folder: Path, backbone: FrozenBackbone, manifest: dict[str, Any] | None = None, verify: bool = True
+) -> tuple[TaskModel, dict[str, Any]]:
+    """Reads, checks and builds an artifact for ``backbone``. See the module docstring for the checks.
+
+    Args:
+        manifest: the folder's parsed ``tuner.json``, when the caller has it already.
+        verify: also check the weights' sha256 and look for NaN or Inf. A version that was fully
+            checked once (at upload) is reloaded without them; keys, shapes and dtypes are always checked.
+    """
+    manifest = manifest if manifest is not None else read_manifest(folder)
     fp = manifest["backbone"].get("fingerprint") if isinstance(manifest["backbone"], dict) else None
     if fp != backbone.fingerprint:
         raise IncompatibleBackboneError(
             f"artifact was trained on backbone {manifest['backbone']!r}; this server runs {backbone.name} "
             f"with fingerprint {backbone.fingerprint}"
         )
-    problems: list[str] = []
-    tensors = _read_tensors(folder / WEIGHTS, manifest["weights_sha256"], problems)
+    weights, problems = folder / WEIGHTS, []
+    if not weights.is_file():
+        problems.append(f"{WEIGHTS} is missing")
+    elif verify and _sha256(weights) != manifest["weights_sha256"]:
+        problems.append(f"{WEIGHTS} sha256 does not match tuner.json (truncated or altered file)")
     try:
         model = build_task_model(
             manifest["method"], manifest["config"], backbone, manifest["labels"], manifest["head"]
         )
     except (TunerError, KeyError, TypeError, ValueError) as e:
         raise ArtifactError(problems + [f"cannot build {manifest['method']}: {e}"]) from e
-    if tensors is not None:
-        problems += check_state(model.state_dict(), tensors)
+    if weights.is_file():
+        problems += read_into(weights, model.state_dict())
+    if verify and not problems:
+        problems += nonfinite(model.state_dict())
     if problems:
         raise ArtifactError(problems)
-    model.load_state_dict(tensors, strict=True)
     return model.eval(), manifest

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from models.postprocess import PostprocessConfig, nms_and_clip, select_candidates
+from models.postprocess import Candidates, PostprocessConfig, finish, select_candidates
 from models.types import Detections, Target
 
 STRIDES = (8, 16, 32)
@@ -57,9 +57,14 @@ class DetectionHead(nn.Module):
     def loss(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def candidates(self, outputs: HeadOutputs, configs: list[PostprocessConfig]) -> list[Candidates]:
+        """Scored boxes per image before NMS, in canvas pixels; ``configs`` has one entry per image."""
+        raise NotImplementedError
+
     def predict(self, outputs: HeadOutputs, canvas: tuple[int, int], config: PostprocessConfig) -> list[Detections]:
         """Detections per image, in canvas pixels (``canvas`` is ``(H, W)``)."""
-        raise NotImplementedError
+        configs = [config] * int(next(iter(outputs.tensors.values())).shape[0])
+        return finish(self.candidates(outputs, configs), canvas, configs)
 
 
 def level_points(
@@ -152,15 +157,14 @@ class AnchorFreeHead(DetectionHead):
         loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos], ctr_target, reduction="sum") / num_pos
         return {"classification": loss_cls, "bbox_regression": loss_box, "bbox_ctrness": loss_ctr}
 
-    def predict(self, outputs: HeadOutputs, canvas: tuple[int, int], config: PostprocessConfig) -> list[Detections]:
+    def candidates(self, outputs: HeadOutputs, configs: list[PostprocessConfig]) -> list[Candidates]:
         cls_logits = outputs.tensors["cls_logits"]
         points, point_strides = level_points(outputs.level_shapes, self.strides, cls_logits.device)
         scores_all = torch.sqrt(cls_logits.sigmoid() * outputs.tensors["bbox_ctrness"].sigmoid())
-        boxes_all = decode_ltrb(points, point_strides, outputs.tensors["bbox_regression"])
         results = []
-        for scores, boxes in zip(scores_all, boxes_all):
+        for scores, reg, config in zip(scores_all, outputs.tensors["bbox_regression"], configs):
             s, idx, labels = select_candidates(scores, config.score_thresh, config.topk_candidates)
-            results.append(nms_and_clip(boxes[idx], s, labels, canvas, config))
+            results.append(Candidates(decode_ltrb(points[idx], point_strides[idx], reg[idx]), s, labels))
         return results
 
 

@@ -13,9 +13,9 @@ from torchvision.ops import box_iou
 
 from models.heads.base import DetectionHead, HeadOutputs
 from models.heads.neck import TorchvisionFPN
-from models.postprocess import PostprocessConfig, nms_and_clip, select_candidates
+from models.postprocess import Candidates, PostprocessConfig, select_candidates
 from models.registry import HEADS
-from models.types import Detections, Target
+from models.types import Target
 
 _RATIOS = (0.5, 1.0, 2.0)
 _SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
@@ -79,12 +79,11 @@ class RetinaNetTorchvisionHead(DetectionHead):
         tv_targets = [{"boxes": t.boxes, "labels": t.labels} for t in targets]
         return self.head.compute_loss(tv_targets, outputs.tensors, [anchors] * len(targets), matched)
 
-    def predict(self, outputs: HeadOutputs, canvas: tuple[int, int], config: PostprocessConfig) -> list[Detections]:
+    def candidates(self, outputs: HeadOutputs, configs: list[PostprocessConfig]) -> list[Candidates]:
         anchors = self._anchors(outputs)
         coder = self.head.regression_head.box_coder
         results = []
-        for logits, reg in zip(outputs.tensors["cls_logits"], outputs.tensors["bbox_regression"]):
+        for logits, reg, config in zip(outputs.tensors["cls_logits"], outputs.tensors["bbox_regression"], configs):
             s, idx, labels = select_candidates(logits.sigmoid(), config.score_thresh, config.topk_candidates)
-            boxes = coder.decode_single(reg[idx], anchors[idx])
-            results.append(nms_and_clip(boxes, s, labels, canvas, config))
+            results.append(Candidates(coder.decode_single(reg[idx], anchors[idx]), s, labels))
         return results

@@ -1,7 +1,9 @@
-"""The ONNX Runtime executor: exports the backbone with the requested taps as graph outputs.
+"""The ONNX Runtime executor: one exported graph per tap set, each stopping at its deepest tap.
 
-Exports are cached on disk, keyed by backbone fingerprint, taps, opset and canvas size. The
-session asks for CUDA when torch sees a GPU and reports the provider it actually got
+Exports are cached on disk, keyed by backbone fingerprint, taps, opset and canvas size, and
+written atomically. Sessions never spin: ONNX Runtime's intra-op threads would otherwise keep
+busy-waiting after each run and take the cores from the torch code that follows (task heads).
+The session asks for CUDA when torch sees a GPU and reports the provider it actually got
 (``session.get_providers()``): onnxruntime falls back to the CPU silently.
 """
 
@@ -11,6 +13,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Collection
 from pathlib import Path
 
@@ -24,6 +27,57 @@ from models.backbones.base import FrozenBackbone
 logger = logging.getLogger(__name__)
 
 OPSET = 17
+NO_SPIN = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """Options for every session here: no spinning, ``threads`` intra-op threads (0: one per core)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    for key in NO_SPIN:
+        options.add_session_config_entry(key, "0")
+    return options
+
+
+def make_session(path: Path, device: str, threads: int = 0) -> ort.InferenceSession:
+    """A session on CUDA when asked for (``cuda``) or available (``auto``), else the CPU.
+
+    Raises:
+        RuntimeError: ``cuda`` was asked for and onnxruntime fell back to the CPU.
+    """
+    want_cuda = device != "cpu" and torch.cuda.is_available()
+    providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    if device.startswith("cuda") and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise RuntimeError(f"CUDA was requested but onnxruntime runs on {session.get_providers()}")
+    return session
+
+
+def export_atomic(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str]) -> Path:
+    """Exports ``module`` with the legacy exporter (batch axis dynamic) unless ``path`` exists; atomic."""
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        torch.onnx.export(
+            module,
+            args,
+            tmp,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in [*input_names, *output_names]},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 class _TapGraph(nn.Module):
@@ -41,56 +95,75 @@ def export_path(backbone: FrozenBackbone, taps: list[str], cache_dir: Path, opse
     return cache_dir / f"{backbone.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
 
 
-def export_onnx(backbone: FrozenBackbone, taps: list[str], cache_dir: Path, opset: int = OPSET) -> Path:
-    """Exports (or reuses) the tap graph; the write is atomic (temp file, then rename)."""
-    path = export_path(backbone, taps, cache_dir, opset)
-    if path.is_file():
-        return path
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    canvas = backbone.preprocess.canvas
-    dummy = torch.zeros(1, 3, canvas, canvas)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        torch.onnx.export(
-            _TapGraph(backbone.cpu(), taps),
-            (dummy,),
-            tmp,
-            input_names=["images"],
-            output_names=taps,
-            dynamic_axes={"images": {0: "batch"}, **{t: {0: "batch"} for t in taps}},
-            opset_version=opset,
-            dynamo=False,
-        )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    logger.info("exported %s taps %s to %s", backbone.name, taps, path)
+def export_onnx(backbone: FrozenBackbone, taps: list[str], cache_dir: Path) -> Path:
+    """Exports (or reuses) the graph that returns ``taps`` and stops after the deepest of them."""
+    path = export_path(backbone, taps, cache_dir)
+    if not path.is_file():
+        canvas = backbone.preprocess.canvas
+        graph = _TapGraph(backbone, taps)
+        export_atomic(graph, (torch.zeros(1, 3, canvas, canvas, device=_device_of(backbone)),), path, ["images"], taps)
+        logger.info("exported %s taps %s to %s", backbone.name, taps, path)
     return path
 
 
-class OnnxRuntime:
-    """Runs an exported tap graph. Inputs must be on the fixed canvas of the backbone's preprocess spec."""
+def _device_of(module: nn.Module) -> torch.device:
+    return next(iter(module.parameters())).device
 
-    def __init__(self, backbone: FrozenBackbone, taps: list[str], cache_dir: Path, device: str = "auto") -> None:
-        self.backbone = backbone
-        self.taps = list(dict.fromkeys(taps))
-        self.path = export_onnx(backbone, self.taps, cache_dir)
-        want_cuda = device != "cpu" and torch.cuda.is_available()
-        providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        self.provider = self.session.get_providers()[0]
-        if device.startswith("cuda") and self.provider != "CUDAExecutionProvider":
-            raise RuntimeError(f"CUDA was requested but onnxruntime runs on {self.session.get_providers()}")
-        self.device = torch.device("cpu")
+
+def to_numpy(x: Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+class OnnxRuntime:
+    """Runs the backbone in ONNX Runtime. Inputs must be on the canvas of the backbone's preprocess spec.
+
+    Args:
+        backbone: the frozen backbone (exported from its own device).
+        taps: tap sets to prepare now (more are exported on first use, see :meth:`prepare`).
+        cache_dir: where exported graphs are kept.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        threads: intra-op threads per session (0: one per core).
+    """
+
+    def __init__(
+        self,
+        backbone: FrozenBackbone,
+        taps: Collection[str],
+        cache_dir: Path,
+        device: str = "auto",
+        threads: int = 0,
+    ) -> None:
+        self.backbone, self.cache_dir, self.device_name, self.threads = backbone, cache_dir, device, threads
+        self._sessions: dict[frozenset[str], tuple[list[str], ort.InferenceSession]] = {}
+        self._lock = threading.Lock()
+        self.exports = 0  # graphs exported or loaded by this runtime (tests read it)
+        first = self.prepare(taps)
+        self.provider = first.get_providers()[0]
+        self.device = torch.device("cuda" if self.provider == "CUDAExecutionProvider" else "cpu")
+
+    @property
+    def taps(self) -> list[str]:
+        return sorted({t for key in self._sessions for t in key})
+
+    @property
+    def tap_sets(self) -> list[list[str]]:
+        return [names for names, _ in self._sessions.values()]
+
+    def prepare(self, taps: Collection[str]) -> ort.InferenceSession:
+        """The session for exactly ``taps``: exported and built on first call, then reused."""
+        key = frozenset(taps)
+        with self._lock:
+            found = self._sessions.get(key)
+            if found is None:
+                names = sorted(key, key=lambda t: (self.backbone.feature_spec[t].depth, t))
+                path = export_onnx(self.backbone, names, self.cache_dir)
+                found = self._sessions[key] = (names, make_session(path, self.device_name, self.threads))
+                self.exports += 1
+            return found[1]
 
     def __call__(self, images: Tensor, taps: Collection[str]) -> dict[str, Tensor]:
-        missing = set(taps) - set(self.taps)
-        if missing:
-            raise KeyError(f"taps {sorted(missing)} were not exported; this graph has {self.taps}")
-        wanted = [t for t in self.taps if t in set(taps)]
-        arrays = self.session.run(wanted, {"images": images.detach().cpu().numpy().astype(np.float32)})
-        return {t: torch.from_numpy(a) for t, a in zip(wanted, arrays)}
+        """``[B, 3, S, S]`` canvas batch -> ``{tap: [B, C, h, w]}`` float32 on the CPU."""
+        session = self.prepare(taps)
+        names = self._sessions[frozenset(taps)][0]
+        arrays = session.run(names, {"images": to_numpy(images)})
+        return {t: torch.from_numpy(a) for t, a in zip(names, arrays)}

@@ -66,6 +66,11 @@ class TorchRuntime:
         return {k: v.float() for k, v in out.items()}
 
 
+def default_runtime(device: torch.device) -> str:
+    """``onnx`` on the CPU (about 5x faster than eager torch for mobilenet_v2), ``torch`` on CUDA."""
+    return "torch" if device.type == "cuda" else "onnx"
+
+
 def build_runtime(
     backbone: FrozenBackbone,
     kind: str = "torch",
@@ -74,12 +79,20 @@ def build_runtime(
     dtype: str = "fp32",
     taps: Collection[str] | None = None,
     cache_dir: Path | None = None,
+    threads: int = 0,
 ) -> BackboneRuntime:
-    """Builds the ``torch`` or ``onnx`` executor; ONNX needs the taps it should export."""
+    """Builds the ``torch`` or ``onnx`` executor (``auto``: :func:`default_runtime`).
+
+    ONNX prepares a graph for ``taps`` (default: the pyramid taps) at once, and one per other tap
+    set on first use; ``threads`` is its intra-op thread count (0: one per core).
+    """
+    if kind == "auto":
+        kind = default_runtime(resolve_device(device))
     if kind == "torch":
         return TorchRuntime(backbone, device, dtype)
     if kind == "onnx":
         from models.runtime.onnx import OnnxRuntime
 
-        return OnnxRuntime(backbone, list(taps or backbone.pyramid_taps), cache_dir or Path(".cache/onnx"), device)
-    raise ValueError(f"runtime must be 'torch' or 'onnx', got {kind!r}")
+        cache_dir = cache_dir or Path(".cache/onnx")
+        return OnnxRuntime(backbone, list(taps or backbone.pyramid_taps), cache_dir, device, threads)
+    raise ValueError(f"runtime must be 'auto', 'torch' or 'onnx', got {kind!r}")

@@ -10,7 +10,6 @@ from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from models import PreprocessSpec, build_backbone, build_head, list_backbones
-from models.runtime import build_runtime
 from models.transform import ImageTransform
 from models.weights import OFFLINE_PACKAGES, WeightsError, find_offline_file, resolve_weights
 from tuners.data.synth import photo
@@ -114,21 +113,6 @@ def test_frozen_and_unchanged_after_backward_through_head(name: str) -> None:
     assert images.grad is not None and all(p.grad is None for p in backbone.parameters())
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-@pytest.mark.parametrize("name", list_backbones())
-def test_onnx_matches_torch(name: str, tmp_path: Path) -> None:
-    backbone = _backbone(name)
-    taps = list(backbone.stage_taps)
-    onnx_rt = build_runtime(backbone, "onnx", "auto", taps=taps, cache_dir=tmp_path)
-    expected = "CUDAExecutionProvider" if torch.cuda.is_available() else "CPUExecutionProvider"
-    assert onnx_rt.provider == expected
-    x = torch.randn(2, 3, 64, 64)
-    got, ref = onnx_rt(x, taps), build_runtime(backbone, "torch", "cpu")(x, taps)
-    for tap in taps:
-        torch.testing.assert_close(got[tap], ref[tap], rtol=0, atol=1e-3)
-    again = build_runtime(backbone, "onnx", "cpu", taps=taps, cache_dir=tmp_path)
-    assert again.path == onnx_rt.path and len(list(tmp_path.glob("*.onnx"))) == 1
 
 
 def test_preprocess_is_batch_independent(mobilenet) -> None:  # noqa: ANN001

@@ -235,10 +235,10 @@ def test_onnx_runtime_serves_the_same_detections(tmp_path: Path, backbone, artif
 
 
 def test_cache_budget_over_http_with_20_tasks_and_a_pin(tmp_path: Path, backbone, artifacts, photo_bytes):
-    from server.tuner_cache import model_bytes
+    from server.tuner_cache import entry_bytes
     from tuners.artifact import load_artifact
 
-    size = model_bytes(load_artifact(artifacts["side0"], backbone)[0])
+    size = entry_bytes(load_artifact(artifacts["side0"], backbone)[0], compiles=True)  # the CPU default compiles
     app = create_app(settings(tmp_path / "s", device_cache_bytes=3 * size, host_cache_bytes=size), backbone=backbone)
     with LiveServer(app) as live, SidecarClient(live.url) as client:
         for i in range(20):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from server.batcher import Batcher
-from server.engine import BatchResult, WorkItem
-from server.errors import ServerError
+from server.exceptions import Overloaded, SidecarError
+from server.executor import BatchResult, WorkItem
 from server.metrics import Metrics
 
 
@@ -36,9 +36,9 @@ def test_full_queue_answers_503_then_recovers():
         await asyncio.sleep(0.1)
         queued = [asyncio.create_task(batcher.submit(item)) for _ in range(2)]
         await asyncio.sleep(0.05)
-        with pytest.raises(ServerError) as e:
+        with pytest.raises(SidecarError) as e:
             await batcher.submit(item)
-        assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
+        assert isinstance(e.value, Overloaded) and e.value.retry_after == 1  # 503 with Retry-After: 1
         engine.gate.set()
         await asyncio.gather(first, *queued)
         assert engine.batches == [1, 2]  # the two queued requests ran as one batch

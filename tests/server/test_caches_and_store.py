@@ -18,8 +18,8 @@ import torch
 
 from models.postprocess import PostprocessConfig
 from models.runtime import build_runtime
-from server.engine import Engine, WorkItem
-from server.errors import ServerError
+from server.exceptions import Overloaded, SidecarError, UnknownTask
+from server.executor import Executor, WorkItem
 from server.imaging import decode_image
 from server.metrics import Metrics
 from server.store import TaskStore
@@ -43,7 +43,7 @@ def test_budget_holds_with_20_tasks_cycled_and_pins_stay(tmp_path: Path, backbon
     cache = _cache(store, backbone, budget=3 * size, host=size)
 
     async def cycle() -> None:
-        cache.pinned.add("t0")
+        await cache.pin("t0")
         for round_ in range(3):
             for i in range(20):
                 lease = await cache.acquire(f"t{i}")
@@ -84,9 +84,9 @@ def test_in_use_models_are_never_evicted(tmp_path: Path, backbone, artifacts):
 
     async def run() -> None:
         held = await cache.acquire("t0")
-        with pytest.raises(ServerError) as e:
+        with pytest.raises(SidecarError) as e:
             await cache.acquire("t1")
-        assert e.value.status == 503
+        assert isinstance(e.value, Overloaded)
         assert cache.residency("t0") == "device"
         cache.release(held)
         cache.release(await cache.acquire("t1"))
@@ -104,10 +104,10 @@ def test_cold_load_does_not_block_resident_tasks(tmp_path: Path, backbone, artif
 
     slow = module.load_artifact
 
-    def slow_load(folder, bb):  # noqa: ANN001, ANN202
+    def slow_load(folder, bb, **kwargs):  # noqa: ANN001, ANN003, ANN202
         if "cold" in str(folder):
             time.sleep(1.0)
-        return slow(folder, bb)
+        return slow(folder, bb, **kwargs)
 
     monkeypatch.setattr(module, "load_artifact", slow_load)
 
@@ -141,7 +141,7 @@ def test_failed_upload_changes_nothing_and_concurrent_uploads_serialise(tmp_path
     with ThreadPoolExecutor(8) as pool:
         versions = list(pool.map(lambda _: _publish(store, "t", artifacts["side0"]) or 0, range(8)))
     assert len(versions) == 8 and store.versions("t") == list(range(1, 10)) and store.get("t").version == 9
-    with pytest.raises(ServerError):
+    with pytest.raises(SidecarError):
         store.get("Bad!")
 
 
@@ -179,7 +179,7 @@ def test_task_results_do_not_depend_on_the_batch(backbone, artifacts, photos):
     batch size; measured on the CPU, the worst box differs by 4e-7 of the image side.
     """
     metrics = Metrics()
-    engine = Engine(backbone, build_runtime(backbone, "torch", "cpu"), metrics)
+    engine = Executor(backbone, build_runtime(backbone, "torch", "cpu"), metrics)
     models = {t: load_artifact(artifacts[t], backbone)[0] for t in ("side0", "side4", "inline0", "inline1")}
     images = [decode_image(p, 1 << 24, 1 << 26) for p in photos]
     post = PostprocessConfig()
@@ -213,9 +213,9 @@ def test_delete_while_in_use_lets_the_request_finish(tmp_path: Path, backbone, a
             lease.model(backbone, torch.zeros(1, 3, 64, 64))
         cache.release(lease)
         assert cache.residency("t") is None
-        with pytest.raises(ServerError) as e:
+        with pytest.raises(SidecarError) as e:
             await cache.acquire("t")
-        assert e.value.status == 404
+        assert isinstance(e.value, UnknownTask)
 
     asyncio.run(run())
     cache.close()

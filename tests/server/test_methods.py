@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.runtime import build_runtime
-from server.engine import Engine, WorkItem
+from server.executor import Executor, WorkItem
 from server.imaging import decode_image
 from server.metrics import Metrics
 from server.store import TaskStore
@@ -30,7 +30,7 @@ def vit():  # noqa: ANN201
 @pytest.mark.parametrize("method", list_tuners())
 def test_every_method_passes_upload_validation_and_serves(method: str, tmp_path: Path, backbone, vit, photos):
     served = vit if method in VIT_ONLY else backbone
-    engine = Engine(served, build_runtime(served, "torch", "cpu"), Metrics())
+    engine = Executor(served, build_runtime(served, "torch", "cpu"), Metrics())
     artifact = make_artifact(served, tmp_path, method, seed=7)
     before = {k: v.clone() for k, v in served.state_dict().items()}
     store = TaskStore(tmp_path / "store")
@@ -54,7 +54,7 @@ def test_every_method_passes_upload_validation_and_serves(method: str, tmp_path:
 
 def test_dry_run_refuses_weights_that_overflow(tmp_path: Path, backbone):
     """Finite weights pass the tensor checks; the dry run catches a forward pass that overflows to Inf."""
-    engine = Engine(backbone, build_runtime(backbone, "torch", "cpu"), Metrics())
+    engine = Executor(backbone, build_runtime(backbone, "torch", "cpu"), Metrics())
     model, _ = load_artifact(make_artifact(backbone, tmp_path, "cst", seed=1), backbone)
     with torch.no_grad():
         model.head.predictor.weight.fill_(3e38)

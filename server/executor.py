@@ -1,0 +1,219 @@
+"""The executor: runs a batch of (image, tasks) work items with one shared backbone pass.
+
+For a batch: each image is preprocessed once; the side tasks' taps are unioned and the backbone
+runs once over the images that need them, stopping at the deepest tap (or the feature cache
+answers); each side task's tuner and head run once on the rows that asked for it (compiled in
+ONNX Runtime when the task has a compiled graph, else in torch); inline tasks run grouped by
+task, each on its own backbone pass. Every side result of the batch is then postprocessed in one
+call (:func:`models.postprocess.finish`). Boxes come back in original-image pixels.
+Runs on the batcher's worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from models.backbones.base import FrozenBackbone
+from models.heads import HeadOutputs
+from models.postprocess import Candidates, PostprocessConfig, finish
+from models.runtime.torch import BackboneRuntime
+from models.transform import ImageMeta, ImageTransform
+from models.types import Detections
+from server.feature_cache import FeatureCache
+from server.metrics import Metrics
+from server.stacks import StackCache, stack_key
+from tuners.compiled import CompiledTask
+from tuners.errors import ArtifactError
+from tuners.task_model import TaskModel
+
+
+@dataclass
+class WorkItem:
+    """One image and the task models asked about it (already leased from the tuner cache).
+
+    Attributes:
+        image: uint8 ``[3, H, W]`` RGB.
+        image_key: content hash, for the feature cache (``""`` when the server has none).
+        tasks: task id -> model.
+        post: thresholds for this request.
+        compiled: task id -> compiled graph, for the tasks that have one.
+    """
+
+    image: Tensor
+    image_key: str
+    tasks: dict[str, TaskModel]
+    post: PostprocessConfig = field(default_factory=PostprocessConfig)
+    compiled: dict[str, CompiledTask] = field(default_factory=dict)
+
+
+@dataclass
+class BatchResult:
+    detections: list[dict[str, Detections]]  # per item: task id -> detections (original pixels)
+    backbone_passes: int  # images that went through the shared backbone pass in this batch
+
+
+class Executor:
+    def __init__(
+        self,
+        backbone: FrozenBackbone,
+        runtime: BackboneRuntime,
+        metrics: Metrics,
+        feature_cache: FeatureCache | None = None,
+        stacks: StackCache | None = None,
+    ) -> None:
+        self.backbone, self.runtime, self.metrics, self.feature_cache = backbone, runtime, metrics, feature_cache
+        self.stacks = stacks
+        self.transform = ImageTransform(backbone.preprocess)
+        self.device = next(iter(backbone.parameters())).device
+        self.backbone_image_passes = 0  # the counter behind invariant 4
+        # Inline tuners swap per-task tensors into the shared backbone for their own pass
+        # (functional_call), so every forward on it, the upload dry-run included, holds this lock.
+        self.lock = threading.Lock()
+
+    def run(self, items: list[WorkItem]) -> BatchResult:
+        with self.lock, torch.inference_mode():
+            return self._run(items)
+
+    def dry_run(self, model: TaskModel) -> None:
+        """Upload check: one forward pass of ``model`` (already on this device) on a blank canvas.
+
+        Raises:
+            ArtifactError: the forward pass fails, or its outputs hold NaN or Inf.
+        """
+        canvas = self.backbone.preprocess.canvas
+        images = torch.zeros(1, 3, canvas, canvas, device=self.device)
+        try:
+            with self.lock, torch.inference_mode():
+                outputs = model(self.backbone, images)
+        except Exception as e:  # noqa: BLE001  (any failure of user weights is a bad artifact)
+            raise ArtifactError([f"dry-run forward failed: {type(e).__name__}: {e}"]) from e
+        bad = [k for k, v in outputs.tensors.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ArtifactError([f"dry-run forward gives NaN or Inf in {', '.join(bad)}"])
+
+    def _run(self, items: list[WorkItem]) -> BatchResult:
+        start = time.perf_counter()
+        canvases, metas = self.transform([item.image for item in items])
+        canvases = canvases.to(self.device)
+        self.metrics.stage_seconds.labels(stage="preprocess").observe(time.perf_counter() - start)
+        side_rows, passes = self._shared_taps(items, canvases)
+        start = time.perf_counter()
+        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for row, item in enumerate(items):
+            for task_id, model in item.tasks.items():
+                groups[(task_id, id(model))].append(row)
+        results: list[dict[str, Detections]] = [{} for _ in items]
+        side: list[tuple[str, list[int]]] = []
+        for (task_id, _), rows in groups.items():
+            model = items[rows[0]].tasks[task_id]
+            if model.kind == "inline":
+                self._run_inline(task_id, model, rows, canvases, metas, items, results)
+            else:
+                side.append((task_id, rows))
+        pending: list[tuple[int, str, Candidates]] = []  # (row, task, candidates): finished together
+        for (task_id, rows), outputs in zip(side, self._side_outputs(side, items, side_rows, canvases)):
+            posts = [items[r].post for r in rows]
+            pending += [
+                (r, task_id, c) for r, c in zip(rows, items[rows[0]].tasks[task_id].head.candidates(outputs, posts))
+            ]
+        canvas = (int(canvases.shape[-2]), int(canvases.shape[-1]))
+        finished = finish([c for _, _, c in pending], canvas, [items[r].post for r, _, _ in pending])
+        for (r, task_id, _), det in zip(pending, finished):
+            det.boxes = ImageTransform.boxes_to_original(det.boxes, metas[r])
+            results[r][task_id] = det.to("cpu")
+        self.metrics.stage_seconds.labels(stage="tuner_head").observe(time.perf_counter() - start)
+        return BatchResult(results, passes)
+
+    def _side_outputs(
+        self,
+        side: list[tuple[str, list[int]]],
+        items: list[WorkItem],
+        side_rows: dict[int, dict[str, Tensor]],
+        canvases: Tensor,
+    ) -> list[HeadOutputs]:
+        """Head outputs of each side (task, rows): compiled graph, else stacked with its kind, else eager."""
+        outputs: list[HeadOutputs | None] = [None] * len(side)
+        stackable: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
+        for i, (task_id, rows) in enumerate(side):
+            model, compiled = items[rows[0]].tasks[task_id], items[rows[0]].compiled.get(task_id)
+            if compiled is None and self.stacks is not None:
+                stackable[(stack_key(model), tuple(rows))].append(i)
+                continue
+            taps, images = self._inputs(model, rows, side_rows, canvases)
+            outputs[i] = compiled(taps, images) if compiled is not None else model.head_outputs(taps, images)
+        canvas = (int(canvases.shape[-2]), int(canvases.shape[-1]))
+        for (_, rows), members in stackable.items():
+            models = [items[rows[0]].tasks[side[i][0]] for i in members]
+            taps, images = self._inputs(models[0], list(rows), side_rows, canvases)
+            if len(models) == 1:
+                outputs[members[0]] = models[0].head_outputs(taps, images)
+                continue
+            for i, out in zip(members, self.stacks.get(models)(taps, canvas, images)):  # type: ignore[union-attr]
+                outputs[i] = out
+        return outputs  # type: ignore[return-value]
+
+    def _inputs(
+        self, model: TaskModel, rows: list[int], side_rows: dict[int, dict[str, Tensor]], canvases: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The shared taps of ``rows`` that ``model`` reads (on this device), and the canvases if it reads them."""
+        taps = {t: torch.cat([side_rows[r][t] for r in rows]).to(self.device) for t in model.required_taps()}
+        return taps, canvases[rows] if model.tuner.needs_images else None
+
+    def _run_inline(
+        self,
+        task_id: str,
+        model: TaskModel,
+        rows: list[int],
+        canvases: Tensor,
+        metas: list[ImageMeta],
+        items: list[WorkItem],
+        results: list[dict[str, Detections]],
+    ) -> None:
+        """An inline task's own backbone pass over its rows, one pass per distinct postprocess setting."""
+        self.metrics.inline_image_passes.inc(len(rows))
+        by_post: dict[PostprocessConfig, list[int]] = defaultdict(list)
+        for r in rows:
+            by_post[items[r].post].append(r)
+        for post, same in by_post.items():
+            for r, det in zip(same, model.predict(self.backbone, canvases[same], [metas[r] for r in same], post)):
+                results[r][task_id] = det.to("cpu")
+
+    def _shared_taps(self, items: list[WorkItem], canvases: Tensor) -> tuple[dict[int, dict[str, Tensor]], int]:
+        """Per row that has side tasks: ``{tap: [1, C, h, w]}``, from the cache or one backbone pass."""
+        needed = {
+            row: sorted({t for m in item.tasks.values() if m.kind == "side" for t in m.required_taps()})
+            for row, item in enumerate(items)
+        }
+        taps = sorted({t for names in needed.values() for t in names})
+        if self.feature_cache is not None and taps:  # cache the common taps too, so other tasks hit later
+            taps = sorted(set(taps) | set(self.backbone.stage_taps) | set(self.backbone.pyramid_taps))
+        out: dict[int, dict[str, Tensor]] = {}
+        missing = []
+        for row, names in needed.items():
+            if not names:
+                continue
+            cached = self.feature_cache.get(items[row].image_key, taps) if self.feature_cache else None
+            if cached is not None:
+                out[row] = cached
+                self.metrics.feature_cache_events.labels(event="hit").inc()
+            else:
+                missing.append(row)
+        if missing:
+            start = time.perf_counter()
+            computed = self.runtime(canvases[missing], taps)
+            self.metrics.stage_seconds.labels(stage="backbone").observe(time.perf_counter() - start)
+            self.backbone_image_passes += len(missing)
+            self.metrics.backbone_image_passes.inc(len(missing))
+            for i, row in enumerate(missing):
+                out[row] = {t: computed[t][i : i + 1] for t in taps}
+                if self.feature_cache is not None:
+                    self.metrics.feature_cache_events.labels(event="miss").inc()
+                    self.feature_cache.put(items[row].image_key, out[row])
+                    self.metrics.feature_cache_bytes.set(self.feature_cache.bytes)
+        return out, len(missing)

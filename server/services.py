@@ -1,0 +1,118 @@
+"""Builds the services (``Engine``, ``Tasks``) and what they share from ``Settings``; no HTTP.
+
+The FastAPI app's lifespan and the Ray Serve replicas both call :func:`build_services`, then
+``start()`` and ``stop()``, so every front end serves the same objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models import build_backbone
+from models.backbones.base import FrozenBackbone
+from models.runtime import build_runtime
+from models.runtime.torch import default_runtime, resolve_device
+from models.transform import PreprocessSpec
+from server.batcher import Batcher
+from server.config import Settings
+from server.engine import Engine, Limits
+from server.executor import Executor
+from server.feature_cache import FeatureCache
+from server.metrics import Metrics
+from server.stacks import StackCache
+from server.store import TaskStore
+from server.tasks import Tasks
+from server.tuner_cache import Compiler, TunerCache
+from tuners.compiled import CompiledTask, graph_key
+from tuners.task_model import TaskModel
+
+log = logging.getLogger(__name__)
+
+
+def load_backbone(settings: Settings) -> FrozenBackbone:
+    return build_backbone(
+        settings.backbone,
+        weights=settings.weights,
+        allow_download=settings.allow_download,
+        preprocess=PreprocessSpec(size=settings.image_size),
+    )
+
+
+@dataclass
+class Services:
+    """Everything one serving process holds; ``engine`` and ``tasks`` are the two entry points."""
+
+    settings: Settings
+    metrics: Metrics
+    store: TaskStore
+    tuner_cache: TunerCache
+    executor: Executor
+    batcher: Batcher
+    engine: Engine
+    tasks: Tasks
+
+    def start(self) -> None:
+        """Starts the batcher; call from the event loop that will serve requests."""
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self.tuner_cache.close()
+
+
+def task_compiler(backbone: FrozenBackbone, cache_dir: Path, device: str, threads: int) -> Compiler:
+    """Compiles a side task to ONNX Runtime; graphs are kept on disk under ``cache_dir``, named by their content."""
+
+    def compile_task(model: TaskModel, manifest: dict) -> CompiledTask:
+        path = cache_dir / "tasks" / f"{manifest['method']}-{graph_key(manifest, backbone)}.onnx"
+        return CompiledTask(model, backbone, path, device, threads)
+
+    return compile_task
+
+
+def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
+    """Runtime (warmed up), store (recovered), caches, executor, batcher and the two services."""
+    device = resolve_device(settings.device)
+    backbone = backbone.to(device)
+    runtime_name = default_runtime(device) if settings.runtime == "auto" else settings.runtime
+    metrics = Metrics()
+    store = TaskStore(settings.store_dir)
+    store.recover()
+    default_taps = sorted(set(backbone.stage_taps) | set(backbone.pyramid_taps))
+    runtime = build_runtime(
+        backbone,
+        runtime_name,
+        str(device),
+        taps=default_taps,
+        cache_dir=settings.cache_dir / "onnx",
+        threads=settings.threads,
+    )
+    task_runtime = settings.task_runtime if settings.task_runtime != "auto" else default_runtime(device)
+    compiler = (
+        task_compiler(backbone, settings.cache_dir / "onnx", str(device), settings.threads)
+        if task_runtime == "onnx"
+        else None
+    )
+    budgets = {"device": settings.device_cache_bytes, "host": settings.host_cache_bytes}
+    cache = TunerCache(store, backbone, device, budgets, metrics, compiler)
+    features = FeatureCache(settings.feature_cache_bytes) if settings.feature_cache_bytes else None
+    stack = settings.stack_tasks == "on" or (settings.stack_tasks == "auto" and device.type == "cuda")
+    executor = Executor(backbone, runtime, metrics, features, StackCache() if stack else None)
+    canvas = backbone.preprocess.canvas
+    runtime(torch.zeros(1, 3, canvas, canvas), default_taps)  # warm-up
+    batcher = Batcher(executor, metrics, settings.max_batch_size, settings.batch_window_ms / 1e3, settings.max_queue)
+    limits = Limits(settings.max_request_bytes, settings.max_image_pixels, settings.max_tasks_per_request)
+    engine = Engine(executor, batcher, cache, metrics, limits, runtime_name)
+    log.info(
+        "backbone %s on %s, runtime %s (%s), tasks in %s",
+        backbone.name,
+        device,
+        runtime_name,
+        runtime.provider,
+        task_runtime,
+    )
+    return Services(settings, metrics, store, cache, executor, batcher, engine, Tasks(store, cache, executor))

@@ -1,0 +1,93 @@
+"""The Tasks service: the store and the tuner cache behind every management call, no HTTP.
+
+Publishing validates in full (strict keys and shapes, NaN/Inf, fingerprint, a dry-run forward)
+before the store exposes the version, then hands the validated model to the cache, so the first
+request for a new version finds it resident. A failed upload changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from server.executor import Executor
+from server.schemas import TaskInfo, TaskList
+from server.store import TaskStore, TaskVersion, check_task_id
+from server.tuner_cache import TunerCache
+from tuners.artifact import MANIFEST, load_artifact, read_manifest
+from tuners.errors import ArtifactError
+from tuners.task_model import TaskModel
+
+
+class Tasks:
+    """List, inspect, publish, delete, pin and unpin tasks."""
+
+    def __init__(self, store: TaskStore, cache: TunerCache, executor: Executor) -> None:
+        self.store, self.cache, self.executor = store, cache, executor
+
+    def info(self, found: TaskVersion) -> TaskInfo:
+        manifest = read_manifest(found.path)
+        return TaskInfo(
+            id=found.task_id,
+            version=found.version,
+            versions=self.store.versions(found.task_id),
+            method=manifest["method"],
+            kind=manifest.get("kind", "side"),
+            labels=manifest["labels"],
+            metrics={k: v for k, v in manifest.get("metrics", {}).items() if k != "per_class"},
+            bytes=sum(p.stat().st_size for p in found.path.iterdir()),
+            residency=self.cache.residency(found.task_id),
+            pinned=self.cache.is_pinned(found.task_id),
+            compiled=self.cache.is_compiled(found.task_id),
+            backbone=manifest["backbone"],
+            created_at=manifest.get("provenance", {}).get("created_at"),
+        )
+
+    async def list(self) -> TaskList:
+        found = await asyncio.to_thread(self.store.list)
+        return TaskList(tasks=[self.info(t) for t in found])
+
+    async def get(self, task_id: str) -> TaskInfo:
+        return self.info(await asyncio.to_thread(self.store.get, check_task_id(task_id)))
+
+    async def publish(self, task_id: str, weights: bytes, config: bytes) -> TaskInfo:
+        """Validates and publishes a new version of ``task_id``.
+
+        Raises:
+            InvalidTaskId, ArtifactError (every problem listed), IncompatibleBackboneError.
+        """
+        check_task_id(task_id)
+        try:
+            json.loads(config)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError([f"{MANIFEST} is not valid JSON: {e}"]) from e
+        checked: list[tuple[TaskModel, dict]] = []
+
+        def validate(folder: Path) -> None:
+            model, manifest = load_artifact(folder, self.executor.backbone)
+            self.executor.dry_run(model.to(self.executor.device))
+            checked.append((model, manifest))
+
+        published = await asyncio.to_thread(self.store.publish, task_id, weights, config, validate)
+        self.cache.forget(task_id, keep_version=published.version)
+        model, manifest = checked[-1]
+        self.cache.admit(published, model, manifest)
+        return self.info(published)
+
+    async def delete(self, task_id: str) -> None:
+        """Removes the task; requests already holding it finish with the version they hold."""
+        await asyncio.to_thread(self.store.delete, check_task_id(task_id))
+        self.cache.unpin(task_id)
+        self.cache.forget(task_id)
+
+    async def pin(self, task_id: str) -> TaskInfo:
+        """Loads the task and keeps it resident until unpinned."""
+        found = self.store.get(check_task_id(task_id))
+        await self.cache.pin(task_id)
+        return self.info(found)
+
+    async def unpin(self, task_id: str) -> TaskInfo:
+        found = self.store.get(check_task_id(task_id))
+        self.cache.unpin(task_id)
+        return self.info(found)

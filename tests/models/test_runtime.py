@@ -1,0 +1,66 @@
+"""The backbone executors: ONNX Runtime agrees with torch on every tap, stops at the deepest tap,
+reuses its exports, never spins, and reports the provider it really runs on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from models import PreprocessSpec, build_backbone, list_backbones
+from models.runtime import build_runtime
+from models.runtime.onnx import NO_SPIN, OnnxRuntime, export_path
+from models.runtime.torch import default_runtime
+
+
+def _backbone(name: str):  # noqa: ANN202
+    weights = None if name == "mobilenet_v2" else "random"  # the real offline weights where we have them
+    return build_backbone(name, weights=weights, allow_download=False, preprocess=PreprocessSpec(size=64))
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_onnx_matches_torch_on_every_tap(name: str, tmp_path: Path) -> None:
+    backbone = _backbone(name)
+    taps = list(backbone.feature_spec)  # every tap any task may read
+    onnx_rt = build_runtime(backbone, "onnx", "auto", taps=taps, cache_dir=tmp_path)
+    expected = "CUDAExecutionProvider" if torch.cuda.is_available() else "CPUExecutionProvider"
+    assert onnx_rt.provider == expected
+    x = torch.randn(2, 3, 64, 64)
+    got, ref = onnx_rt(x, taps), build_runtime(backbone, "torch", "cpu")(x, taps)
+    assert set(got) == set(taps)
+    for tap in taps:
+        torch.testing.assert_close(got[tap], ref[tap], rtol=0, atol=1e-3, msg=f"tap {tap}")
+
+
+def test_one_graph_per_tap_set_stops_at_the_deepest_tap_and_is_reused(tmp_path: Path) -> None:
+    backbone = _backbone("mobilenet_v2")
+    runtime = OnnxRuntime(backbone, ["c3"], tmp_path, "cpu")
+    runtime(torch.zeros(1, 3, 64, 64), ["c2", "c3", "c4", "c5"])
+    shallow = onnx.load(export_path(backbone, ["c3"], tmp_path))
+    deep = onnx.load(export_path(backbone, ["c2", "c3", "c4", "c5"], tmp_path))
+    assert len(shallow.graph.initializer) < len(deep.graph.initializer) / 2  # c3 ends block 6 of 18
+    assert [o.name for o in shallow.graph.output] == ["c3"]
+    assert sorted(runtime.taps) == ["c2", "c3", "c4", "c5"] and runtime.exports == 2
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")}
+    again = OnnxRuntime(backbone, ["c2", "c3", "c4", "c5"], tmp_path, "cpu")
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")} == files  # read back, not exported again
+    assert again.tap_sets == [["c2", "c3", "c4", "c5"]]
+
+
+def test_sessions_never_spin_and_use_the_given_threads(tmp_path: Path) -> None:
+    runtime = OnnxRuntime(_backbone("mobilenet_v2"), ["c5"], tmp_path, "cpu", threads=2)
+    options = runtime.prepare(["c5"]).get_session_options()
+    assert [options.get_session_config_entry(key) for key in NO_SPIN] == ["0", "0"]
+    assert options.intra_op_num_threads == 2
+
+
+def test_onnx_is_the_cpu_default_and_cuda_is_never_faked(tmp_path: Path) -> None:
+    assert default_runtime(torch.device("cpu")) == "onnx" and default_runtime(torch.device("cuda")) == "torch"
+    backbone = _backbone("mobilenet_v2")
+    runtime = build_runtime(backbone, "auto", "cpu", cache_dir=tmp_path)
+    assert isinstance(runtime, OnnxRuntime) and runtime.provider == "CPUExecutionProvider"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            build_runtime(backbone, "onnx", "cuda", cache_dir=tmp_path)

@@ -1,0 +1,224 @@
+"""The service layer: Engine and Tasks run without HTTP; routes only parse and call them; every fast
+path (compiled task graphs, stacked tasks, one postprocess call) gives the same detections."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import inspect
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.postprocess import PostprocessConfig
+from models.runtime import build_runtime
+from server.api.routes import detect as detect_routes
+from server.api.routes import tasks as task_routes
+from server.batcher import Batcher
+from server.exceptions import TooManyTasks, UnknownTask
+from server.executor import BatchResult, Executor, WorkItem
+from server.imaging import decode_image
+from server.metrics import Metrics
+from server.services import build_services
+from server.stacks import StackCache
+from tests.server.conftest import make_artifact, settings
+from tuners.artifact import MANIFEST, WEIGHTS, load_artifact
+from tuners.compiled import CompiledTask
+
+SIDE = ["linear_probe", "cst", "e3va", "lst", "side_tuning", "hst"]
+
+
+def _files(artifact: Path) -> tuple[bytes, bytes]:
+    return (artifact / WEIGHTS).read_bytes(), (artifact / MANIFEST).read_bytes()
+
+
+def test_engine_and_tasks_serve_without_http(tmp_path: Path, backbone, artifacts, photo_bytes):
+    async def run() -> None:
+        services = build_services(settings(tmp_path / "store"), backbone)
+        services.start()
+        try:
+            tasks, engine = services.tasks, services.engine
+            info = await tasks.publish("a", *_files(artifacts["side1"]))
+            assert info.version == 1 and info.residency == "device"  # the validated upload is resident at once
+            await tasks.publish("b", *_files(artifacts["inline0"]))
+            answer = await engine.detect(photo_bytes, "a,b", PostprocessConfig())
+            assert [r.task for r in answer.results] == ["a", "b"] and answer.backbone_passes == 1
+            assert (await tasks.pin("b")).pinned and not (await tasks.unpin("b")).pinned
+            await tasks.delete("a")
+            with pytest.raises(UnknownTask):
+                await engine.detect(photo_bytes, ["a"], PostprocessConfig())
+            with pytest.raises(TooManyTasks):
+                await engine.detect(photo_bytes, [f"t{i}" for i in range(40)], PostprocessConfig())
+            assert [t.id for t in (await tasks.list()).tasks] == ["b"]
+        finally:
+            await services.stop()
+
+    asyncio.run(run())
+
+
+def test_services_import_without_fastapi():
+    code = "import sys, server.services; assert 'fastapi' not in sys.modules and 'starlette' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+@pytest.mark.parametrize("module", [detect_routes, task_routes])
+def test_routes_only_parse_and_call_one_service_method(module):
+    """Each route awaits exactly one ``engine.*`` or ``tasks.*`` call, and reaches no cache, store or state."""
+    source = inspect.getsource(module)
+    for banned in ("app.state", "tuner_cache", "batcher", "store.", "acquire", "release"):
+        assert banned not in source, banned
+    routes = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.AsyncFunctionDef) and n.decorator_list]
+    assert routes
+    for route in routes:
+        calls = [
+            a.value.func.value.id
+            for a in ast.walk(route)
+            if isinstance(a, ast.Await)
+            and isinstance(a.value, ast.Call)
+            and isinstance(a.value.func, ast.Attribute)
+            and isinstance(a.value.func.value, ast.Name)
+            and a.value.func.value.id in ("engine", "tasks")
+        ]
+        assert len(calls) == 1, (route.name, calls)
+
+
+def _models(backbone, tmp_path: Path, methods: list[str], seed: int = 0) -> dict[str, object]:  # noqa: ANN001
+    return {
+        f"{m}-{i}": load_artifact(make_artifact(backbone, tmp_path, m, seed + i), backbone)[0]
+        for i, m in enumerate(methods)
+    }
+
+
+def _assert_same(a, b, atol: float) -> None:  # noqa: ANN001
+    """Same detections: labels equal, boxes (original pixels) within ``atol`` relatively, scores absolutely."""
+    assert len(a) == len(b) and len(a) > 0
+    assert torch.equal(a.labels, b.labels)
+    torch.testing.assert_close(a.boxes, b.boxes, rtol=atol, atol=atol)
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=atol)
+
+
+def test_stacked_tasks_equal_tasks_run_one_by_one(tmp_path: Path, backbone, photos):
+    methods = [m for m in SIDE for _ in range(2)] + ["cst"]  # pairs of each method, and a third cst
+    models = _models(backbone, tmp_path, methods)
+    images = [decode_image(p, 1 << 24, 1 << 26) for p in photos[:2]]
+    runtime = build_runtime(backbone, "torch", "cpu")
+    plain, stacks = Executor(backbone, runtime, Metrics()), StackCache()
+    stacked = Executor(backbone, runtime, Metrics(), stacks=stacks)
+    items = [WorkItem(img, str(i), dict(models)) for i, img in enumerate(images)]
+    together = stacked.run(items)
+    assert stacks.builds == len(SIDE)  # one stack per method (the three cst tasks share one)
+    for i, img in enumerate(images):
+        for task, model in models.items():
+            alone = plain.run([WorkItem(img, str(i), {task: model})]).detections[0][task]
+            _assert_same(alone, together.detections[i][task], 1e-4)
+
+
+def test_stack_is_rebuilt_when_its_tasks_change_and_never_serves_old_weights(tmp_path: Path, backbone, photos):
+    a, b, a2 = _models(backbone, tmp_path, ["cst", "cst", "cst"], seed=10).values()
+    stacks = StackCache(max_stacks=2)
+    executor = Executor(backbone, build_runtime(backbone, "torch", "cpu"), Metrics(), stacks=stacks)
+    image = decode_image(photos[0], 1 << 24, 1 << 26)
+    first = executor.run([WorkItem(image, "x", {"a": a, "b": b})]).detections[0]["a"]
+    executor.run([WorkItem(image, "x", {"a": a, "b": b})])
+    assert stacks.builds == 1  # the same resident set reuses its stack
+    del a  # evicted: its stack must never be found again under a reused id
+    replaced = executor.run([WorkItem(image, "x", {"a": a2, "b": b})]).detections[0]["a"]  # a new version of a
+    assert stacks.builds == 2
+    alone = Executor(backbone, build_runtime(backbone, "torch", "cpu"), Metrics()).run(
+        [WorkItem(image, "x", {"a": a2})]
+    )
+    _assert_same(alone.detections[0]["a"], replaced, 1e-4)
+    assert not torch.allclose(first.scores[:5], replaced.scores[:5])
+
+
+@pytest.mark.parametrize("method", SIDE)
+def test_compiled_tasks_agree_with_torch(method: str, tmp_path: Path, backbone, photos):
+    model = load_artifact(make_artifact(backbone, tmp_path, method, seed=3), backbone)[0]
+    compiled = CompiledTask(model, backbone, tmp_path / "task.onnx", "cpu")
+    assert compiled.provider == "CPUExecutionProvider"
+    executor = Executor(backbone, build_runtime(backbone, "torch", "cpu"), Metrics())
+    images = [decode_image(p, 1 << 24, 1 << 26) for p in photos[:3]]
+    plain = executor.run([WorkItem(img, str(i), {"t": model}) for i, img in enumerate(images)])
+    fast = executor.run(
+        [WorkItem(img, str(i), {"t": model}, compiled={"t": compiled}) for i, img in enumerate(images)]
+    )
+    for a, b in zip(plain.detections, fast.detections):
+        _assert_same(a["t"], b["t"], 1e-3)
+
+
+def test_uploaded_tasks_compile_in_the_background_and_serve_the_same(tmp_path: Path, backbone, artifacts, photo_bytes):
+    async def run() -> None:
+        services = build_services(settings(tmp_path / "store", task_runtime="torch"), backbone)
+        compiled_services = build_services(settings(tmp_path / "store2"), backbone)
+        for s in (services, compiled_services):
+            s.start()
+        try:
+            for s in (services, compiled_services):
+                await s.tasks.publish("t", *_files(artifacts["side1"]))
+            deadline = time.time() + 30
+            while not (await compiled_services.tasks.get("t")).compiled:
+                assert time.time() < deadline, "the task never compiled"
+                await asyncio.sleep(0.05)
+            assert not (await services.tasks.get("t")).compiled
+            post = PostprocessConfig()
+            a = (await services.engine.detect(photo_bytes, ["t"], post)).results[0].detections
+            b = (await compiled_services.engine.detect(photo_bytes, ["t"], post)).results[0].detections
+            assert len(a) == len(b) > 0
+            for x in a:  # as sets: the random test task scores many boxes alike, so ties may swap places
+                assert any(
+                    x.label == y.label
+                    and x.score == pytest.approx(y.score, abs=2e-3)
+                    and x.box == pytest.approx(y.box, abs=0.05)
+                    for y in b
+                ), x
+        finally:
+            for s in (services, compiled_services):
+                await s.stop()
+
+    asyncio.run(run())
+
+
+def test_a_fan_out_over_cold_tasks_queues_every_load_at_once(tmp_path: Path, backbone, artifacts, monkeypatch):
+    import server.tuner_cache as module
+
+    real = module.load_artifact
+
+    def slow(folder, bb, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        time.sleep(0.3)
+        return real(folder, bb, **kwargs)
+
+    async def run() -> None:
+        services = build_services(settings(tmp_path / "store", task_runtime="torch"), backbone)
+        for name in ("a", "b", "c"):
+            services.store.publish(name, *_files(artifacts["side0"]), lambda _: None)
+        monkeypatch.setattr(module, "load_artifact", slow)
+        waiting = asyncio.create_task(services.tuner_cache.acquire_many(["a", "b", "c"]))
+        await asyncio.sleep(0.1)  # the first load is still running
+        misses = services.metrics.cache_events.labels(tier="device", event="miss")._value.get()
+        assert misses == 3
+        for lease in await waiting:
+            services.tuner_cache.release(lease)
+        await services.stop()
+
+    asyncio.run(run())
+
+
+def test_an_idle_batcher_does_not_wait_out_its_window():
+    class Instant:
+        def run(self, items: list[WorkItem]) -> BatchResult:
+            return BatchResult([{} for _ in items], len(items))
+
+    async def run() -> float:
+        batcher = Batcher(Instant(), Metrics(), max_batch=8, window_s=2.0, max_queue=8)  # type: ignore[arg-type]
+        batcher.start()
+        start = time.perf_counter()
+        await batcher.submit(WorkItem(torch.zeros(3, 8, 8, dtype=torch.uint8), "k", {}))
+        took = time.perf_counter() - start
+        await batcher.stop()
+        return took
+
+    assert asyncio.run(run()) < 0.5  # a 2 s window, not waited out

@@ -1,0 +1,88 @@
+"""A side task's tuner + head compiled to one ONNX Runtime session: taps in, raw head tensors out.
+
+On the CPU this runs several times faster than eager torch for the small convolutions of a
+tuner and a light head (ARCHITECTURE.md, cost model). Decoding and NMS stay in torch
+(:meth:`DetectionHead.candidates`), so a compiled task and its torch model share every step
+after the head. Only side tasks compile: an inline task's forward runs its own backbone pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.backbones.base import FrozenBackbone
+from models.heads import HeadOutputs
+from models.runtime.onnx import OPSET, export_atomic, make_session, to_numpy
+from tuners.task_model import TaskModel
+
+IMAGES = "images"
+
+
+class _TaskGraph(nn.Module):
+    """``(images?, *taps) -> head tensors`` in ``outputs`` order, for export."""
+
+    def __init__(self, model: TaskModel, taps: list[str], outputs: list[str]) -> None:
+        super().__init__()
+        self.model, self.tap_names, self.outputs = model, taps, outputs
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        images = inputs[0] if self.model.tuner.needs_images else None
+        taps = dict(zip(self.tap_names, inputs[1:] if images is not None else inputs))
+        out = self.model.head_outputs(taps, images)
+        return tuple(out.tensors[k] for k in self.outputs)
+
+
+def graph_key(manifest: dict[str, Any], backbone: FrozenBackbone) -> str:
+    """Names one compiled graph: the task's weights and architecture, the backbone and the canvas."""
+    what = {k: manifest.get(k) for k in ("method", "config", "head", "labels", "weights_sha256")}
+    what.update(fingerprint=backbone.fingerprint, canvas=backbone.preprocess.canvas, opset=OPSET)
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class CompiledTask:
+    """Runs ``model.head_outputs`` in ONNX Runtime; outputs agree with torch within 1e-3 (tested).
+
+    Args:
+        model: a side task model, in eval mode (a copy is exported; ``model`` is left alone).
+        backbone: the backbone whose taps feed it (for tap shapes and the canvas).
+        path: the ``.onnx`` file; reused when it exists (it is named by :func:`graph_key`).
+        device: ``cpu``, ``cuda`` or ``auto`` for the session.
+        threads: intra-op threads (0: one per core).
+    """
+
+    def __init__(self, model: TaskModel, backbone: FrozenBackbone, path: Path, device: str = "cpu", threads: int = 0):
+        if model.kind != "side":
+            raise ValueError(f"only side tasks compile; {model.method} is {model.kind}")
+        canvas = backbone.preprocess.canvas
+        self.taps = list(model.required_taps())
+        self.needs_images = model.tuner.needs_images
+        taps = {
+            t: torch.zeros(1, spec.channels, canvas // spec.stride, canvas // spec.stride)
+            for t, spec in ((t, backbone.feature_spec[t]) for t in self.taps)
+        }
+        images = torch.zeros(1, 3, canvas, canvas)
+        graph = copy.deepcopy(model).cpu().eval()
+        with torch.no_grad():
+            reference = graph.head_outputs(taps, images if self.needs_images else None)
+        self.outputs, self.level_shapes = sorted(reference.tensors), reference.level_shapes
+        inputs = ([IMAGES] if self.needs_images else []) + self.taps
+        args = tuple(([images] if self.needs_images else []) + [taps[t] for t in self.taps])
+        export_atomic(_TaskGraph(graph, self.taps, self.outputs), args, path, inputs, self.outputs)
+        self.session = make_session(path, device, threads)
+        self.provider = self.session.get_providers()[0]
+        self.inputs = [i.name for i in self.session.get_inputs()]  # the exporter drops inputs the task never reads
+
+    def __call__(self, taps: dict[str, Tensor], images: Tensor | None = None) -> HeadOutputs:
+        """``{tap: [B, C, h, w]}`` (and the ``[B, 3, S, S]`` canvas when the tuner reads it) -> head outputs."""
+        if IMAGES in self.inputs and images is None:
+            raise ValueError("this task's tuner reads the canvas images; pass them")
+        feeds = {name: to_numpy(images if name == IMAGES else taps[name]) for name in self.inputs}  # type: ignore[arg-type]
+        arrays = self.session.run(self.outputs, feeds)
+        return HeadOutputs({k: torch.from_numpy(a) for k, a in zip(self.outputs, arrays)}, self.level_shapes)
