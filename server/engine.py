@@ -93,10 +93,11 @@ class Engine:
                 {t: lease.compiled for t, lease in zip(ids, leases) if lease.compiled is not None},
             )
             detections, passes = await self.batcher.submit(item)
+            # Built before release: a released model object may be refilled with another task's weights.
+            results = [self._result(t, lease, detections[t]) for t, lease in zip(ids, leases)]
         finally:
             for lease in leases:
                 self.cache.release(lease)
-        results = [self._result(t, lease, detections[t]) for t, lease in zip(ids, leases)]
         elapsed = time.perf_counter() - start
         for task_id in ids:
             self.metrics.request_seconds.labels(task=task_id).observe(elapsed)

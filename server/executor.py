@@ -11,9 +11,11 @@ Runs on the batcher's worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -66,15 +68,20 @@ class Executor:
         metrics: Metrics,
         feature_cache: FeatureCache | None = None,
         stacks: StackCache | None = None,
+        task_workers: int = 0,
     ) -> None:
         self.backbone, self.runtime, self.metrics, self.feature_cache = backbone, runtime, metrics, feature_cache
         self.stacks = stacks
+        self._pool = ThreadPoolExecutor(task_workers or os.cpu_count() or 1, thread_name_prefix="task-graph")
         self.transform = ImageTransform(backbone.preprocess)
         self.device = next(iter(backbone.parameters())).device
         self.backbone_image_passes = 0  # the counter behind invariant 4
         # Inline tuners swap per-task tensors into the shared backbone for their own pass
         # (functional_call), so every forward on it, the upload dry-run included, holds this lock.
         self.lock = threading.Lock()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
     def run(self, items: list[WorkItem]) -> BatchResult:
         with self.lock, torch.inference_mode():
@@ -140,13 +147,26 @@ class Executor:
         """Head outputs of each side (task, rows): compiled graph, else stacked with its kind, else eager."""
         outputs: list[HeadOutputs | None] = [None] * len(side)
         stackable: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
+        jobs: list[tuple[int, CompiledTask, dict[str, Tensor], Tensor | None]] = []
         for i, (task_id, rows) in enumerate(side):
             model, compiled = items[rows[0]].tasks[task_id], items[rows[0]].compiled.get(task_id)
             if compiled is None and self.stacks is not None:
                 stackable[(stack_key(model), tuple(rows))].append(i)
                 continue
             taps, images = self._inputs(model, rows, side_rows, canvases)
-            outputs[i] = compiled(taps, images) if compiled is not None else model.head_outputs(taps, images)
+            if compiled is not None:
+                jobs.append((i, compiled, taps, images))
+            else:
+                outputs[i] = model.head_outputs(taps, images)
+        # Compiled graphs run one thread each, side by side: small convolutions scale poorly
+        # across intra-op threads, so K graphs on the cores beat K graphs one after another.
+        ran = (
+            self._pool.map(lambda job: job[1](job[2], job[3]), jobs)
+            if len(jobs) > 1
+            else [job[1](job[2], job[3]) for job in jobs]
+        )
+        for job, out in zip(jobs, ran):
+            outputs[job[0]] = out
         canvas = (int(canvases.shape[-2]), int(canvases.shape[-1]))
         for (_, rows), members in stackable.items():
             models = [items[rows[0]].tasks[side[i][0]] for i in members]

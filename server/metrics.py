@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LOAD_BUCKETS = (0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
@@ -36,7 +37,7 @@ class Metrics:
         )
         self.resident_bytes = Gauge("sidecar_tuner_cache_resident_bytes", "task model bytes", ["tier"], registry=r)
         self.cold_load_seconds = Histogram(
-            "sidecar_cold_load_seconds", "store -> device load time", buckets=LATENCY_BUCKETS, registry=r
+            "sidecar_cold_load_seconds", "store -> device load time", buckets=LOAD_BUCKETS, registry=r
         )
         self.feature_cache_events = Counter(
             "sidecar_feature_cache_events", "backbone feature cache hits and misses", ["event"], registry=r

@@ -62,6 +62,7 @@ class Services:
     async def stop(self) -> None:
         await self.batcher.stop()
         self.tuner_cache.close()
+        self.executor.close()
 
 
 def task_compiler(backbone: FrozenBackbone, cache_dir: Path, device: str, threads: int) -> Compiler:
@@ -93,7 +94,7 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     )
     task_runtime = settings.task_runtime if settings.task_runtime != "auto" else default_runtime(device)
     compiler = (
-        task_compiler(backbone, settings.cache_dir / "onnx", str(device), settings.threads)
+        task_compiler(backbone, settings.cache_dir / "onnx", str(device), threads=1)  # run side by side, see Executor
         if task_runtime == "onnx"
         else None
     )
@@ -101,7 +102,7 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     cache = TunerCache(store, backbone, device, budgets, metrics, compiler)
     features = FeatureCache(settings.feature_cache_bytes) if settings.feature_cache_bytes else None
     stack = settings.stack_tasks == "on" or (settings.stack_tasks == "auto" and device.type == "cuda")
-    executor = Executor(backbone, runtime, metrics, features, StackCache() if stack else None)
+    executor = Executor(backbone, runtime, metrics, features, StackCache() if stack else None, settings.threads)
     canvas = backbone.preprocess.canvas
     runtime(torch.zeros(1, 3, canvas, canvas), default_taps)  # warm-up
     batcher = Batcher(executor, metrics, settings.max_batch_size, settings.batch_window_ms / 1e3, settings.max_queue)

@@ -6,14 +6,14 @@ convolutions become grouped ones, one kernel launch for K tasks instead of K (Pu
 do this for LoRA). On a GPU at small batches this is what keeps K tasks near the cost of one;
 on the CPU a compiled graph per task is faster (``bench/serve_load.py`` measures both).
 
-A stack holds weak references to its members and is rebuilt whenever the set of models
-differs, so a task that was evicted, replaced or deleted is never served from an old stack.
+A stack holds weak references to its members (and their weight generations) and is rebuilt
+whenever the set of models differs, so a task that was evicted, replaced or deleted, or a model
+object the cache refilled with another task's weights, is never served from an old stack.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import threading
 import weakref
@@ -29,10 +29,8 @@ from tuners.task_model import TaskModel
 
 
 def stack_key(model: TaskModel) -> str:
-    """Tasks with equal keys have tensors of equal names and shapes, and the same forward."""
-    return json.dumps(
-        [model.method, model.tuner.config.to_dict(), model.head_config, len(model.labels)], sort_keys=True
-    )
+    """Tasks with equal keys can share a stack (see :attr:`TaskModel.architecture`)."""
+    return model.architecture
 
 
 class _HeadTensors(nn.Module):
@@ -56,7 +54,7 @@ class TaskStack:
     def __init__(self, models: list[TaskModel]) -> None:
         if len({stack_key(m) for m in models}) != 1:
             raise ValueError("a stack holds tasks of one method, config and head only")
-        self.members = [weakref.ref(m) for m in models]
+        self.members = [(weakref.ref(m), m.generation) for m in models]
         wrappers = [_HeadTensors(m) for m in models]
         self.params, self.buffers = stack_module_state(wrappers)  # each [K, ...], copies of the members' tensors
         self.base = copy.deepcopy(wrappers[0]).to("meta")
@@ -64,8 +62,10 @@ class TaskStack:
         self.nbytes = sum(t.numel() * t.element_size() for t in [*self.params.values(), *self.buffers.values()])
 
     def holds(self, models: list[TaskModel]) -> bool:
-        """Whether this stack was built from exactly these model objects (all still alive)."""
-        return len(models) == len(self.members) and all(ref() is m for ref, m in zip(self.members, models))
+        """Whether this stack was built from exactly these model objects, alive and holding the same weights."""
+        return len(models) == len(self.members) and all(
+            ref() is m and generation == m.generation for (ref, generation), m in zip(self.members, models)
+        )
 
     def __call__(
         self, taps: dict[str, Tensor], canvas: tuple[int, int], images: Tensor | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -22,6 +23,12 @@ class TaskModel(nn.Module):
         super().__init__()
         self.method, self.tuner, self.head = method, tuner, head
         self.labels, self.head_config = list(labels), dict(head_config)
+        self.generation = 0  # bumped when other weights are loaded into this object (the server reuses models)
+
+    @property
+    def architecture(self) -> str:
+        """Models with equal architectures have tensors of equal names and shapes, and the same forward."""
+        return architecture_key(self.method, self.tuner.config.to_dict(), self.head_config, len(self.labels))
 
     @property
     def kind(self) -> str:
@@ -92,6 +99,11 @@ class TaskModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def architecture_key(method: str, config: dict[str, Any], head_config: dict[str, Any], num_labels: int) -> str:
+    """See :attr:`TaskModel.architecture`; computable from an artifact's manifest before building anything."""
+    return json.dumps([method, config, {"name": "light", **head_config}, num_labels], sort_keys=True)
 
 
 def build_task_model(

@@ -22,11 +22,11 @@ def _boxes(result: dict) -> list[tuple]:
 
 
 def _assert_same(a: dict, b: dict, tol: float = 1e-3) -> None:
-    """Same labels, scores and boxes; the API rounds boxes to 0.01 px and scores to 1e-4."""
+    """Same labels, scores and boxes, matched as sets: the API rounds boxes to 0.01 px and scores to
+    1e-4, and boxes of equal score may come in either order (the test tasks score many boxes alike)."""
     assert len(a["detections"]) == len(b["detections"])
-    for x, y in zip(_boxes(a), _boxes(b)):
-        assert x[0] == y[0]
-        assert x[1:] == pytest.approx(y[1:], abs=tol + 0.01)
+    for x in _boxes(a):
+        assert any(x[0] == y[0] and x[1:] == pytest.approx(y[1:], abs=tol + 0.01) for y in _boxes(b)), x
 
 
 def test_fan_out_runs_one_backbone_pass_and_equals_single_calls(live: LiveServer, artifacts, photo_bytes):

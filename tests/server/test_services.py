@@ -133,6 +133,9 @@ def test_stack_is_rebuilt_when_its_tasks_change_and_never_serves_old_weights(tmp
     )
     _assert_same(alone.detections[0]["a"], replaced, 1e-4)
     assert not torch.allclose(first.scores[:5], replaced.scores[:5])
+    b.generation += 1  # the cache refilled b's object with another task's weights
+    executor.run([WorkItem(image, "x", {"a": a2, "b": b})])
+    assert stacks.builds == 3
 
 
 @pytest.mark.parametrize("method", SIDE)
@@ -157,14 +160,15 @@ def test_uploaded_tasks_compile_in_the_background_and_serve_the_same(tmp_path: P
         for s in (services, compiled_services):
             s.start()
         try:
+            post = PostprocessConfig()
             for s in (services, compiled_services):
                 await s.tasks.publish("t", *_files(artifacts["side1"]))
+                await s.engine.detect(photo_bytes, ["t"], post)  # its second use (the upload was the first)
             deadline = time.time() + 30
             while not (await compiled_services.tasks.get("t")).compiled:
                 assert time.time() < deadline, "the task never compiled"
                 await asyncio.sleep(0.05)
             assert not (await services.tasks.get("t")).compiled
-            post = PostprocessConfig()
             a = (await services.engine.detect(photo_bytes, ["t"], post)).results[0].detections
             b = (await compiled_services.engine.detect(photo_bytes, ["t"], post)).results[0].detections
             assert len(a) == len(b) > 0
@@ -222,3 +226,45 @@ def test_an_idle_batcher_does_not_wait_out_its_window():
         return took
 
     assert asyncio.run(run()) < 0.5  # a 2 s window, not waited out
+
+
+def test_cold_loads_reuse_model_objects_and_serve_exactly_what_a_fresh_load_does(
+    tmp_path: Path, backbone, photos, monkeypatch
+):
+    import server.tuner_cache as module
+    from server.store import TaskStore
+    from server.tuner_cache import TunerCache, model_bytes
+
+    built = []
+    real = module.load_artifact
+    monkeypatch.setattr(module, "load_artifact", lambda *a, **k: built.append(1) or real(*a, **k))
+    store = TaskStore(tmp_path / "store")
+    folders = [make_artifact(backbone, tmp_path, "cst", seed) for seed in (20, 21)]
+    for name, folder in zip(("a", "b"), folders):
+        store.publish(name, *_files(folder), lambda _: None)
+    size = model_bytes(load_artifact(folders[0], backbone)[0])
+    cache = TunerCache(store, backbone, torch.device("cpu"), {"device": size, "host": 0}, Metrics())
+    stacks = StackCache()
+    executor = Executor(backbone, build_runtime(backbone, "torch", "cpu"), Metrics(), stacks=stacks)
+    image = decode_image(photos[1], 1 << 24, 1 << 26)
+
+    async def lease_run(task: str) -> tuple[int, object, object]:
+        lease = await cache.acquire(task)
+        try:
+            result = executor.run([WorkItem(image, "x", {task: lease.model})]).detections[0][task]
+            return id(lease.model), lease.model.generation, result
+        finally:
+            cache.release(lease)
+
+    async def run() -> None:
+        first = [await lease_run(t) for t in ("a", "b", "a", "b")]
+        assert len(built) == 2  # the first load of each version builds a model; reloads refill one
+        objects, generations = [obj for obj, _, _ in first], [gen for _, gen, _ in first]
+        assert objects[1] == objects[2] == objects[3] and generations[1] < generations[2] < generations[3]
+        for (_, _, got), folder in zip(first, folders * 2):
+            fresh = load_artifact(folder, backbone)[0]
+            _assert_same(executor.run([WorkItem(image, "x", {"t": fresh})]).detections[0]["t"], got, 1e-6)
+        assert cache.resident_bytes("device") <= size
+
+    asyncio.run(run())
+    cache.close()

@@ -178,8 +178,9 @@ def test_list_methods_shows_kind_and_defaults(capsys: pytest.CaptureFixture[str]
     assert set(listed) == {row["method"] for row in describe_methods()}
     assert listed["cst"]["kind"] == "side" and listed["lora"]["kind"] == "inline"
     assert listed["e3va"]["options"]["rank"]["default"] == 16
-    assert listed["conv_adapter"]["about"].endswith("spatial convolution. Inline: the adapter output re-enters "
-                                                    "the residual stream.")
+    assert listed["conv_adapter"]["about"].endswith(
+        "spatial convolution. Inline: the adapter output re-enters the residual stream."
+    )
     assert main(["--list-methods"]) == 0
     text = capsys.readouterr().out.splitlines()
     assert any(line.split()[:2] == ["lora", "inline"] for line in text)

@@ -1,0 +1,136 @@
+"""HTTP load helpers for the serving benchmarks: a server subprocess, closed-loop clients, quantiles."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from tuners.data.synth import photo
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def jpeg(name: str = "astronaut.png", quality: int = 90) -> bytes:
+    """A real photo from scikit-image, as the JPEG bytes a client would send."""
+    buf = io.BytesIO()
+    Image.open(photo(name)).convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class Server:
+    """``python -m server.main`` on loopback in a subprocess; stopped on exit."""
+
+    def __init__(self, store: Path, args: Sequence[str] = (), cwd: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "server.main", "--store-dir", str(store.resolve()), "--port", str(self.port)]
+        self.log = open(store.with_suffix(".log"), "w")  # noqa: SIM115  (closed in __exit__)
+        self.process = subprocess.Popen(
+            [*command, "--log-level", "warning", *args], stdout=self.log, stderr=self.log, cwd=cwd
+        )
+
+    def __enter__(self) -> Server:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server-serve exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server-serve did not become ready in 300 s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    seconds: float
+    latencies: list[float]
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else math.nan
+
+
+def closed_loop(
+    url: str, clients: int, seconds: float, request: Callable[[httpx.Client, random.Random], httpx.Response]
+) -> LoadResult:
+    """``clients`` threads, each sending its next request as soon as the last is answered, for ``seconds``."""
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=url, timeout=60) as http:
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                ok = request(http, rng).status_code == 200
+                took = time.perf_counter() - start
+                with lock:
+                    latencies.append(took) if ok else None
+                    errors[0] += not ok
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return LoadResult(len(latencies), time.perf_counter() - start, latencies, errors[0])
+
+
+def histogram_quantile(metrics: str, name: str, q: float) -> float:
+    """Quantile ``q`` of Prometheus histogram ``name``, interpolated within its bucket as PromQL does."""
+    buckets = []
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            bound = line.split('le="')[1].split('"')[0]
+            buckets.append((math.inf if bound == "+Inf" else float(bound), float(line.split()[-1])))
+    total = buckets[-1][1] if buckets else 0.0
+    if not total:
+        return math.nan
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return lower
+
+
+def histogram_count(metrics: str, name: str) -> float:
+    return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(f"{name}_count")), 0.0)
