@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-slow lint bench bench-methods serve clean
+.PHONY: install test test-slow lint bench bench-gpu bench-methods serve clean
 
 $(STAMP): pyproject.toml requirements-offline.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.head_cost
 	$(PY) -m bench.fan_out
+	$(PY) -m bench.serve_load
+
+# GPU figures (needs CUDA): backbone throughput, kernel time, fan-out; a few minutes.
+bench-gpu: $(STAMP)
+	$(PY) -m bench.gpu
 
 # Trains every method on one synth task (tens of minutes on 2 CPU cores); prints the comparison table.
 bench-methods: $(STAMP)

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
         "auto", description="executor of side tasks' tuners and heads (auto: onnx compiled graphs on the CPU)"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="autocast of the backbone and side heads on CUDA (the CPU runs fp32)"
+    )
+    cuda_graphs: bool = Field(True, description="replay captured CUDA graphs for the torch backbone on CUDA")
     stack_tasks: Literal["auto", "on", "off"] = Field(
         "auto", description="run side tasks of one architecture as one vmapped computation (auto: on CUDA)"
     )

@@ -60,6 +60,13 @@ class BatchResult:
     backbone_passes: int  # images that went through the shared backbone pass in this batch
 
 
+def concat_outputs(parts: list[HeadOutputs]) -> HeadOutputs:
+    """Head outputs of consecutive row chunks -> one batch."""
+    if len(parts) == 1:
+        return parts[0]
+    return HeadOutputs({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors}, parts[0].level_shapes)
+
+
 class Executor:
     def __init__(
         self,
@@ -69,12 +76,18 @@ class Executor:
         feature_cache: FeatureCache | None = None,
         stacks: StackCache | None = None,
         task_workers: int = 0,
+        dtype: str = "fp32",
     ) -> None:
         self.backbone, self.runtime, self.metrics, self.feature_cache = backbone, runtime, metrics, feature_cache
         self.stacks = stacks
-        self._pool = ThreadPoolExecutor(task_workers or os.cpu_count() or 1, thread_name_prefix="task-graph")
-        self.transform = ImageTransform(backbone.preprocess)
         self.device = next(iter(backbone.parameters())).device
+        # Side heads run under fp16/bf16 autocast on CUDA when asked; decoding and NMS stay float32.
+        self.autocast = (
+            {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype) if self.device.type == "cuda" else None
+        )
+        self._workers = task_workers or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="task-graph")
+        self.transform = ImageTransform(backbone.preprocess)
         self.backbone_image_passes = 0  # the counter behind invariant 4
         # Inline tuners swap per-task tensors into the shared backbone for their own pass
         # (functional_call), so every forward on it, the upload dry-run included, holds this lock.
@@ -124,7 +137,10 @@ class Executor:
             else:
                 side.append((task_id, rows))
         pending: list[tuple[int, str, Candidates]] = []  # (row, task, candidates): finished together
-        for (task_id, rows), outputs in zip(side, self._side_outputs(side, items, side_rows, canvases)):
+        with torch.autocast(self.device.type, self.autocast or torch.float32, enabled=self.autocast is not None):
+            side_outputs = self._side_outputs(side, items, side_rows, canvases)
+        for (task_id, rows), outputs in zip(side, side_outputs):
+            outputs = HeadOutputs({k: v.float() for k, v in outputs.tensors.items()}, outputs.level_shapes)
             posts = [items[r].post for r in rows]
             pending += [
                 (r, task_id, c) for r, c in zip(rows, items[rows[0]].tasks[task_id].head.candidates(outputs, posts))
@@ -158,15 +174,8 @@ class Executor:
                 jobs.append((i, compiled, taps, images))
             else:
                 outputs[i] = model.head_outputs(taps, images)
-        # Compiled graphs run one thread each, side by side: small convolutions scale poorly
-        # across intra-op threads, so K graphs on the cores beat K graphs one after another.
-        ran = (
-            self._pool.map(lambda job: job[1](job[2], job[3]), jobs)
-            if len(jobs) > 1
-            else [job[1](job[2], job[3]) for job in jobs]
-        )
-        for job, out in zip(jobs, ran):
-            outputs[job[0]] = out
+        for i, out in self._run_compiled(jobs):
+            outputs[i] = out
         canvas = (int(canvases.shape[-2]), int(canvases.shape[-1]))
         for (_, rows), members in stackable.items():
             models = [items[rows[0]].tasks[side[i][0]] for i in members]
@@ -177,6 +186,30 @@ class Executor:
             for i, out in zip(members, self.stacks.get(models)(taps, canvas, images)):  # type: ignore[union-attr]
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
+
+    def _run_compiled(
+        self, jobs: list[tuple[int, CompiledTask, dict[str, Tensor], Tensor | None]]
+    ) -> list[tuple[int, HeadOutputs]]:
+        """Runs compiled graphs one thread each, side by side: small convolutions scale poorly across
+        intra-op threads, so K graphs on the cores beat K graphs one after another. With fewer graphs
+        than workers, each graph's rows are split too, so one task's batch also uses every core."""
+        if not jobs:
+            return []
+        chunks = max(1, self._workers // len(jobs))
+        parts = [
+            (i, compiled, {t: v[rows] for t, v in taps.items()}, None if images is None else images[rows])
+            for i, compiled, taps, images in jobs
+            for rows in torch.arange(next(iter(taps.values())).shape[0]).chunk(chunks)
+        ]
+        ran = (
+            list(self._pool.map(lambda part: part[1](part[2], part[3]), parts))
+            if len(parts) > 1
+            else [parts[0][1](parts[0][2], parts[0][3])]
+        )
+        merged: dict[int, list[HeadOutputs]] = defaultdict(list)
+        for (i, *_), out in zip(parts, ran):
+            merged[i].append(out)
+        return [(i, concat_outputs(outs)) for i, outs in merged.items()]
 
     def _inputs(
         self, model: TaskModel, rows: list[int], side_rows: dict[int, dict[str, Tensor]], canvases: Tensor

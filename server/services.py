@@ -88,9 +88,11 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
         backbone,
         runtime_name,
         str(device),
+        dtype=settings.dtype if device.type == "cuda" else "fp32",
         taps=default_taps,
         cache_dir=settings.cache_dir / "onnx",
         threads=settings.threads,
+        cuda_graphs=settings.cuda_graphs,
     )
     task_runtime = settings.task_runtime if settings.task_runtime != "auto" else default_runtime(device)
     compiler = (
@@ -102,7 +104,9 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     cache = TunerCache(store, backbone, device, budgets, metrics, compiler)
     features = FeatureCache(settings.feature_cache_bytes) if settings.feature_cache_bytes else None
     stack = settings.stack_tasks == "on" or (settings.stack_tasks == "auto" and device.type == "cuda")
-    executor = Executor(backbone, runtime, metrics, features, StackCache() if stack else None, settings.threads)
+    executor = Executor(
+        backbone, runtime, metrics, features, StackCache() if stack else None, settings.threads, settings.dtype
+    )
     canvas = backbone.preprocess.canvas
     runtime(torch.zeros(1, 3, canvas, canvas), default_taps)  # warm-up
     batcher = Batcher(executor, metrics, settings.max_batch_size, settings.batch_window_ms / 1e3, settings.max_queue)

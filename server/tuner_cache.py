@@ -47,6 +47,14 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
+def to_host(model: torch.nn.Module) -> None:
+    """Moves ``model`` to host memory, page-locked when a GPU will read it back (non-blocking copies)."""
+    model.to("cpu")
+    if torch.cuda.is_available():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.pin_memory()
+
+
 def entry_bytes(model: TaskModel, compiles: bool) -> int:
     """What an entry costs: its tensors, twice for a side task that will also hold a compiled graph."""
     return model_bytes(model) * (2 if compiles and model.kind == "side" else 1)
@@ -230,7 +238,7 @@ class TunerCache:
                 entry = self.tiers["host"].pop(key, None)
             if entry is not None:
                 self.metrics.cache_events.labels(tier="host", event="hit").inc()
-                entry.model.to(self.device)
+                entry.model.to(self.device, non_blocking=True)  # from pinned memory on CUDA
             else:
                 model, manifest = self._read(version, key)
                 entry = Entry(key, model, manifest, entry_bytes(model, self.compiler is not None))
@@ -320,7 +328,7 @@ class TunerCache:
             del entries[victim.key]
             self.metrics.cache_events.labels(tier=tier, event="eviction").inc()
             if tier == "device" and self.budgets["host"] >= victim.nbytes and not victim.stale:
-                victim.model.to("cpu")
+                to_host(victim.model)
                 self._make_room("host", victim.nbytes)
                 self.tiers["host"][victim.key] = victim
             else:

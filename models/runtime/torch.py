@@ -80,16 +80,23 @@ def build_runtime(
     taps: Collection[str] | None = None,
     cache_dir: Path | None = None,
     threads: int = 0,
+    cuda_graphs: bool = False,
 ) -> BackboneRuntime:
     """Builds the ``torch`` or ``onnx`` executor (``auto``: :func:`default_runtime`).
 
     ONNX prepares a graph for ``taps`` (default: the pyramid taps) at once, and one per other tap
-    set on first use; ``threads`` is its intra-op thread count (0: one per core).
+    set on first use; ``threads`` is its intra-op thread count (0: one per core). On CUDA, torch
+    runs channels-last, and replays captured CUDA graphs when ``cuda_graphs``.
     """
     if kind == "auto":
         kind = default_runtime(resolve_device(device))
     if kind == "torch":
-        return TorchRuntime(backbone, device, dtype)
+        eager = TorchRuntime(backbone, device, dtype, channels_last=resolve_device(device).type == "cuda")
+        if cuda_graphs and eager.device.type == "cuda":
+            from models.runtime.cuda_graphs import CudaGraphRuntime
+
+            return CudaGraphRuntime(eager)
+        return eager
     if kind == "onnx":
         from models.runtime.onnx import OnnxRuntime
 
