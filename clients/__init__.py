@@ -8,6 +8,7 @@ with SidecarClient("http://localhost:8000") as client:
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ def _raise_for_error(response: httpx.Response) -> None:
         raise SidecarError(response.status_code, error["code"], error["message"], error.get("details"))
     except (ValueError, KeyError, TypeError):
         raise SidecarError(response.status_code, "http_error", response.text[:500]) from None
+
+
+def _tls(verify: bool | str) -> bool | ssl.SSLContext:
+    """httpx's ``verify``: a path becomes an SSL context that trusts that certificate or bundle."""
+    return verify if isinstance(verify, bool) else ssl.create_default_context(cafile=str(verify))
 
 
 def _image_bytes(image: str | Path | bytes) -> bytes:
@@ -74,9 +80,12 @@ def pin_call(task_id: str, pinned: bool) -> Call:
 class SidecarClient:
     """Blocking client. ``api_key`` is sent as ``Authorization: Bearer``."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None = None, timeout: float = 60.0, verify: bool | str = True
+    ) -> None:
+        """``verify``: check the server's TLS certificate (``True``), against a CA bundle or certificate path."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=_tls(verify))
 
     def __enter__(self) -> SidecarClient:
         return self
@@ -128,9 +137,13 @@ class SidecarClient:
 class AsyncSidecarClient:
     """The same calls for asyncio code: ``async with AsyncSidecarClient(url) as client: await client.detect(...)``."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None = None, timeout: float = 60.0, verify: bool | str = True
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=_tls(verify)
+        )
 
     async def __aenter__(self) -> AsyncSidecarClient:
         return self

@@ -1,14 +1,19 @@
 """Server settings: one pydantic-settings class, from ``SIDECAR_*`` environment variables and flags.
 
-This is the only module that reads the environment.
+This is the only module that reads the environment (and the key files it names).
+
+Management (upload, delete, pin, unpin, rollback) needs an admin key whenever the server binds
+an address other than loopback, unless ``allow_open_management`` says otherwise: TorchServe
+turns model management off by default for the same reason.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
@@ -50,8 +55,84 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * MiB, gt=0, description="largest accepted artifact upload")
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest decoded image, in pixels")
     max_tasks_per_request: int = Field(32, ge=1)
-    admin_key: SecretStr | None = Field(None, description="required by management endpoints when set")
-    inference_key: SecretStr | None = Field(None, description="required by detect endpoints when set")
+    admin_key: SecretStr | None = Field(
+        None, description="management key(s), comma-separated; prefer admin_key_file (keys stay out of `ps`)"
+    )
+    admin_key_file: Path | None = Field(None, description="file with one admin key per line")
+    inference_key: SecretStr | None = Field(None, description="detect key(s), comma-separated; admin keys work too")
+    inference_key_file: Path | None = Field(None, description="file with one inference key per line")
+    allow_open_management: bool = Field(
+        False, description="let anyone who reaches a non-loopback address manage tasks without a key (unsafe)"
+    )
+    cors_origins: str = Field("", description="comma-separated origins allowed to call the API from a browser")
     host: str = Field("127.0.0.1")
     port: int = Field(8000, ge=0, le=65535)
+    ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM); serve HTTPS with ssl_keyfile")
+    ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM)")
     log_level: str = Field("info")
+
+    _admin_keys: tuple[SecretStr, ...] = PrivateAttr(())
+    _inference_keys: tuple[SecretStr, ...] = PrivateAttr(())
+
+    @model_validator(mode="after")
+    def _read_keys(self) -> Settings:
+        self._admin_keys = _keys(self.admin_key, self.admin_key_file, "admin_key_file")
+        self._inference_keys = _keys(self.inference_key, self.inference_key_file, "inference_key_file")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together")
+        return self
+
+    @property
+    def admin_keys(self) -> tuple[SecretStr, ...]:
+        """Every valid admin key (several at once, for rotation without downtime)."""
+        return self._admin_keys
+
+    @property
+    def inference_keys(self) -> tuple[SecretStr, ...]:
+        return self._inference_keys
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether the server binds a loopback address only (127.0.0.0/8, ::1, localhost)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name: it may resolve to anything
+
+    @property
+    def management(self) -> Literal["key", "loopback", "open", "disabled"]:
+        """How management calls are guarded: a key, loopback only, explicitly open, or refused."""
+        if self.admin_keys:
+            return "key"
+        if self.loopback_only:
+            return "loopback"
+        return "open" if self.allow_open_management else "disabled"
+
+    @property
+    def management_message(self) -> str:
+        """One line for the start-up log and ``/readyz``."""
+        return {
+            "key": "management needs an admin key",
+            "loopback": "management is open on loopback only",
+            "open": f"management is OPEN to anyone who reaches {self.host} (--allow-open-management); "
+            "set an admin key",
+            "disabled": f"management is disabled: {self.host} is beyond loopback and no admin key is set "
+            "(set SIDECAR_ADMIN_KEY_FILE or --admin-key-file)",
+        }[self.management]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+def _keys(value: SecretStr | None, path: Path | None, name: str) -> tuple[SecretStr, ...]:
+    """Keys from a comma-separated value and a file of one key per line; blank lines are skipped."""
+    raw = value.get_secret_value().split(",") if value is not None else []
+    if path is not None:
+        try:
+            raw += path.read_text().splitlines()
+        except OSError as e:
+            raise ValueError(f"{name} {path} cannot be read: {e.strerror}") from None
+    return tuple(SecretStr(k.strip()) for k in raw if k.strip())

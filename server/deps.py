@@ -6,6 +6,7 @@ Routes never read ``app.state`` themselves: they declare ``EngineDep``, ``TasksD
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -14,7 +15,7 @@ from pydantic import SecretStr
 
 from server.config import Settings
 from server.engine import Engine
-from server.exceptions import MissingKey, NotReady, WrongKey
+from server.exceptions import ManagementDisabled, MissingKey, NotReady, WrongKey
 from server.metrics import Metrics
 from server.services import Services
 from server.tasks import Tasks
@@ -49,6 +50,17 @@ TasksDep = Annotated[Tasks, Depends(get_tasks)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
+DISABLED = (
+    "task management is disabled: this server listens on {host}, beyond loopback, and has no admin key; "
+    "start it with SIDECAR_ADMIN_KEY_FILE=path (or --admin-key-file) and send Authorization: Bearer KEY"
+)
+
+
+def key_id(key: str) -> str:
+    """A short, one-way name for a key, for audit lines: never the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def _presented_key(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
@@ -56,29 +68,30 @@ def _presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-def _matches(presented: str, expected: SecretStr | None) -> bool:
-    return expected is not None and hmac.compare_digest(presented.encode(), expected.get_secret_value().encode())
-
-
-def _check(request: Request, expected: SecretStr | None, what: str) -> None:
-    if expected is None:
-        return
+def _check(request: Request, valid: tuple[SecretStr, ...], what: str) -> None:
+    """Accepts any of ``valid`` (constant-time compares, every key tried); records who, by key id."""
     presented = _presented_key(request)
     if not presented:
         raise MissingKey(f"this endpoint needs the {what} key (Authorization: Bearer KEY)")
-    if not _matches(presented, expected):
+    matches = [hmac.compare_digest(presented.encode(), k.get_secret_value().encode()) for k in valid]
+    if not any(matches):
         raise WrongKey(f"the {what} key is wrong")
+    request.state.key_id = key_id(presented)
 
 
 def require_admin(request: Request, settings: SettingsDep) -> None:
-    _check(request, settings.admin_key, "admin")
+    """Management: an admin key when one is set; refused off loopback without one (unless opened)."""
+    mode = settings.management
+    if mode == "disabled":
+        raise ManagementDisabled(DISABLED.format(host=settings.host))
+    if mode == "key":
+        _check(request, settings.admin_keys, "admin")
 
 
 def require_inference(request: Request, settings: SettingsDep) -> None:
-    """Inference accepts the inference key, or the admin key."""
-    if settings.inference_key is None or _matches(_presented_key(request) or "", settings.admin_key):
-        return
-    _check(request, settings.inference_key, "inference")
+    """Detect: open unless an inference key is set; then an inference or an admin key."""
+    if settings.inference_keys:
+        _check(request, settings.inference_keys + settings.admin_keys, "inference")
 
 
 def ensure_ready(request: Request) -> None:

@@ -28,16 +28,13 @@ STATUS: dict[type[ex.SidecarError], int] = {
     ex.NotReady: 503,
     ex.MissingKey: 401,
     ex.WrongKey: 403,
+    ex.ManagementDisabled: 403,
 }
 
 
 def http_status(error: ex.SidecarError) -> int:
     """The status of a domain error: its own class's, else its nearest mapped base class's."""
     return next((STATUS[c] for c in type(error).__mro__ if c in STATUS), 500)
-
-
-def _body(code: str, message: str, details: list | None = None) -> dict:
-    return {"error": {"code": code, "message": message, "details": details or []}}
 
 
 def _response(
@@ -51,7 +48,10 @@ def _response(
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.errors.labels(code=code).inc()
-    return JSONResponse(_body(code, message, details), status, headers=headers)
+    request.state.error_code = code  # for the audit line (server/middleware.py)
+    request_id = getattr(request.state, "request_id", None)
+    body = {"error": {"code": code, "message": message, "details": details or [], "request_id": request_id}}
+    return JSONResponse(body, status, headers=headers)
 
 
 def install_handlers(app: FastAPI) -> None:

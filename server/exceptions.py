@@ -92,3 +92,9 @@ class MissingKey(SidecarError):
 
 class WrongKey(SidecarError):
     code = "wrong_key"
+
+
+class ManagementDisabled(SidecarError):
+    """Management is refused: the server is reachable off loopback and has no admin key."""
+
+    code = "management_disabled"

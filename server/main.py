@@ -15,15 +15,22 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from models.backbones.base import FrozenBackbone
 from server.api.routes import backbone as backbone_routes
 from server.api.routes import detect, health, tasks
 from server.config import Settings
 from server.errors import install_handlers
+from server.middleware import RequestContext
 from server.services import build_services, load_backbone
 
 log = logging.getLogger("sidecar")
+
+
+def log_management(settings: Settings) -> None:
+    level = logging.WARNING if settings.management in ("open", "disabled") else logging.INFO
+    log.log(level, settings.management_message)
 
 
 def create_app(settings: Settings | None = None, backbone: FrozenBackbone | None = None) -> FastAPI:
@@ -38,6 +45,7 @@ def create_app(settings: Settings | None = None, backbone: FrozenBackbone | None
         services.start()
         app.state.services, app.state.metrics = services, services.metrics
         app.state.ready = True
+        log_management(settings)
         log.info("ready: serving store %s", settings.store_dir)
         try:
             yield
@@ -54,6 +62,15 @@ def create_app(settings: Settings | None = None, backbone: FrozenBackbone | None
     app.state.settings = settings
     app.state.ready = False
     install_handlers(app)
+    if settings.cors_origin_list:  # off unless origins are listed
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestContext)
     for module in (detect, tasks, backbone_routes, health):
         app.include_router(module.router)
     return app
@@ -78,7 +95,14 @@ def run(argv: list[str] | None = None) -> None:
 
     settings = Settings(**vars(_flags().parse_args(argv)))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
+    )
 
 
 if __name__ == "__main__":

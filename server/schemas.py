@@ -48,6 +48,7 @@ class TaskInfo(BaseModel):
     pinned: bool
     compiled: bool = Field(False, description="served by a compiled ONNX Runtime graph of its tuner and head")
     backbone: dict[str, Any]
+    sha256: str | None = Field(None, description="sha256 of the version's tuner.safetensors")
     created_at: str | None = None
 
 
@@ -71,6 +72,7 @@ class ErrorDetail(BaseModel):
     code: str
     message: str
     details: list[Any]
+    request_id: str | None = Field(None, description="the X-Request-ID of the request, for logs and support")
 
 
 class ErrorBody(BaseModel):

@@ -41,6 +41,7 @@ class Tasks:
             pinned=self.cache.is_pinned(found.task_id),
             compiled=self.cache.is_compiled(found.task_id),
             backbone=manifest["backbone"],
+            sha256=manifest.get("weights_sha256"),
             created_at=manifest.get("provenance", {}).get("created_at"),
         )
 

@@ -86,13 +86,23 @@ def settings(store: Path, **overrides: object) -> Settings:
 
 
 class LiveServer:
-    """uvicorn on loopback in a background thread, serving ``app``."""
+    """uvicorn in a background thread, serving ``app`` on its settings' host (and TLS files); reached over
+    127.0.0.1 whatever the host (a server bound to 0.0.0.0 answers there too)."""
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        s = app.state.settings
+        self.url = f"{'https' if s.ssl_certfile else 'http'}://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app,
+            host=s.host,
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            ssl_certfile=s.ssl_certfile,
+            ssl_keyfile=s.ssl_keyfile,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

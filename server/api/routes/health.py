@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.deps import MetricsDep
+from server.deps import MetricsDep, SettingsDep
 
 router = APIRouter(tags=["health"])
 
@@ -19,9 +19,11 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
+    """503 until the backbone is loaded and warmed up; ``details`` says how management is guarded."""
     ready = getattr(request.app.state, "ready", False)
-    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+    body = {"ready": ready, "details": {"management": settings.management, "message": settings.management_message}}
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics")
@@ -29,6 +31,26 @@ async def metrics(metrics: MetricsDep) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+WEB = {"": ("index.html", "text/html; charset=utf-8"), "app.js": ("app.js", "text/javascript; charset=utf-8"),
+       "app.css": ("app.css", "text/css; charset=utf-8")}  # fmt: skip
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-async def demo_page() -> HTMLResponse:
-    return HTMLResponse((files("server") / "web" / "index.html").read_text())
+async def demo_page() -> Response:
+    return _web("")
+
+
+@router.get("/app.js", include_in_schema=False)
+async def demo_script() -> Response:
+    return _web("app.js")
+
+
+@router.get("/app.css", include_in_schema=False)
+async def demo_style() -> Response:
+    return _web("app.css")
+
+
+def _web(name: str) -> Response:
+    """The console's files, each its own response: no inline script or style, so a strict CSP holds."""
+    filename, media_type = WEB[name]
+    return Response((files("server") / "web" / filename).read_text(), media_type=media_type)

@@ -5,6 +5,8 @@ Each route reads its input and calls one method of the ``Tasks`` service.
 
 from __future__ import annotations
 
+import hashlib
+
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 
@@ -52,6 +54,13 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, bytes]:
     return weights, config
 
 
+def audited(request: Request, info: TaskInfo) -> TaskInfo:
+    """Notes the version a management call acted on, for its audit line (``server/middleware.py``)."""
+    request.state.audit_version = info.version
+    request.state.audit_sha256 = info.sha256
+    return info
+
+
 @router.get("/v1/tasks", response_model=TaskList)
 async def list_tasks(tasks: TasksDep) -> TaskList:
     return await tasks.list()
@@ -68,7 +77,8 @@ async def get_task(tasks: TasksDep, task_id: str) -> TaskInfo:
 async def upload_task(request: Request, tasks: TasksDep, settings: SettingsDep, task_id: str) -> TaskInfo:
     """Publishes a new version after full validation; a failed upload changes nothing."""
     weights, config = await read_upload(request, settings.max_upload_bytes)
-    return await tasks.publish(task_id, weights, config)
+    request.state.audit_sha256 = hashlib.sha256(weights).hexdigest()
+    return audited(request, await tasks.publish(task_id, weights, config))
 
 
 @router.delete("/v1/tasks/{task_id}", status_code=204, responses=ERRORS, dependencies=ADMIN)
@@ -78,11 +88,11 @@ async def delete_task(tasks: TasksDep, task_id: str) -> None:
 
 
 @router.post("/v1/tasks/{task_id}/pin", response_model=TaskInfo, responses=ERRORS, dependencies=ADMIN)
-async def pin_task(tasks: TasksDep, task_id: str) -> TaskInfo:
+async def pin_task(request: Request, tasks: TasksDep, task_id: str) -> TaskInfo:
     """Loads the task and keeps it resident until unpinned."""
-    return await tasks.pin(task_id)
+    return audited(request, await tasks.pin(task_id))
 
 
 @router.post("/v1/tasks/{task_id}/unpin", response_model=TaskInfo, responses=ERRORS, dependencies=ADMIN)
-async def unpin_task(tasks: TasksDep, task_id: str) -> TaskInfo:
-    return await tasks.unpin(task_id)
+async def unpin_task(request: Request, tasks: TasksDep, task_id: str) -> TaskInfo:
+    return audited(request, await tasks.unpin(task_id))
