@@ -55,13 +55,14 @@ class Call:
 
 
 def detect_call(
-    image: str | Path | bytes, tasks: list[str], score_threshold: float | None, max_detections: int | None
+    image: str | Path | bytes, tasks: str | list[str], score_threshold: float | None, max_detections: int | None
 ) -> Call:
     params = {
         k: v for k, v in (("score_threshold", score_threshold), ("max_detections", max_detections)) if v is not None
     }
     files = {"image": ("image", _image_bytes(image), "application/octet-stream")}
-    return Call("POST", "/v1/detect", {"files": files, "data": {"tasks": ",".join(tasks)}, "params": params})
+    names = tasks if isinstance(tasks, str) else ",".join(tasks)  # "a,b" or ["a", "b"]
+    return Call("POST", "/v1/detect", {"files": files, "data": {"tasks": names}, "params": params})
 
 
 def upload_call(task_id: str, artifact: str | Path) -> Call:
@@ -75,6 +76,10 @@ def upload_call(task_id: str, artifact: str | Path) -> Call:
 
 def pin_call(task_id: str, pinned: bool) -> Call:
     return Call("POST", f"/v1/tasks/{task_id}/{'pin' if pinned else 'unpin'}")
+
+
+def rollback_call(task_id: str, version: int) -> Call:
+    return Call("POST", f"/v1/tasks/{task_id}/rollback", {"params": {"version": version}})
 
 
 class SidecarClient:
@@ -104,11 +109,14 @@ class SidecarClient:
     def detect(
         self,
         image: str | Path | bytes,
-        tasks: list[str],
+        tasks: str | list[str],
         score_threshold: float | None = None,
         max_detections: int | None = None,
     ) -> dict[str, Any]:
-        """Detections of every task in ``tasks`` on one image (one backbone pass for the side tasks)."""
+        """Detections of every task in ``tasks`` on one image (one backbone pass for the side tasks).
+
+        A task may name a version, ``"digits@3"``; otherwise its current version answers.
+        """
         return self._send(detect_call(image, tasks, score_threshold, max_detections))
 
     def upload_task(self, task_id: str, artifact: str | Path) -> dict[str, Any]:
@@ -126,6 +134,14 @@ class SidecarClient:
 
     def pin(self, task_id: str, pinned: bool = True) -> dict[str, Any]:
         return self._send(pin_call(task_id, pinned))
+
+    def versions(self, task_id: str) -> list[dict[str, Any]]:
+        """The kept versions of a task, oldest first (version, current, metrics, dates, sha256)."""
+        return self._send(Call("GET", f"/v1/tasks/{task_id}/versions"))["versions"]
+
+    def rollback(self, task_id: str, version: int) -> dict[str, Any]:
+        """Makes kept version ``version`` current again."""
+        return self._send(rollback_call(task_id, version))
 
     def backbone(self) -> dict[str, Any]:
         return self._send(Call("GET", "/v1/backbone"))
@@ -162,7 +178,7 @@ class AsyncSidecarClient:
     async def detect(
         self,
         image: str | Path | bytes,
-        tasks: list[str],
+        tasks: str | list[str],
         score_threshold: float | None = None,
         max_detections: int | None = None,
     ) -> dict[str, Any]:
@@ -182,6 +198,12 @@ class AsyncSidecarClient:
 
     async def pin(self, task_id: str, pinned: bool = True) -> dict[str, Any]:
         return await self._send(pin_call(task_id, pinned))
+
+    async def versions(self, task_id: str) -> list[dict[str, Any]]:
+        return (await self._send(Call("GET", f"/v1/tasks/{task_id}/versions")))["versions"]
+
+    async def rollback(self, task_id: str, version: int) -> dict[str, Any]:
+        return await self._send(rollback_call(task_id, version))
 
     async def backbone(self) -> dict[str, Any]:
         return await self._send(Call("GET", "/v1/backbone"))

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     )
     threads: int = Field(0, ge=0, description="torch and ONNX Runtime CPU threads (0: their defaults)")
     store_dir: Path = Field(Path("store"), description="task artifacts, one folder per task and version")
+    keep_versions: int = Field(5, ge=1, description="versions kept per task; older ones are pruned at publish")
+    quarantine_after_failures: int = Field(
+        3, ge=1, description="consecutive inference failures after which a task's current version stops serving"
+    )
     cache_dir: Path = Field(Path(".cache"), description="exported ONNX graphs (backbone and compiled tasks)")
     device_cache_bytes: int = Field(256 * MiB, gt=0, description="byte budget of task models on the device")
     host_cache_bytes: int = Field(1024 * MiB, ge=0, description="byte budget of task models parked in host memory")
@@ -70,6 +74,9 @@ class Settings(BaseSettings):
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM); serve HTTPS with ssl_keyfile")
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM)")
     log_level: str = Field("info")
+    shutdown_timeout: float = Field(
+        30.0, gt=0, description="on SIGTERM: seconds to let in-flight requests finish before exiting"
+    )
 
     _admin_keys: tuple[SecretStr, ...] = PrivateAttr(())
     _inference_keys: tuple[SecretStr, ...] = PrivateAttr(())

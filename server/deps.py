@@ -44,7 +44,14 @@ def get_metrics(request: Request) -> Metrics:
     return _services(request).metrics
 
 
+def get_quarantined(request: Request) -> dict[str, str]:
+    """Quarantined task id -> reason; empty while the services are starting."""
+    services: Services | None = getattr(request.app.state, "services", None)
+    return dict(services.store.quarantined) if services is not None else {}
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+QuarantinedDep = Annotated[dict[str, str], Depends(get_quarantined)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 TasksDep = Annotated[Tasks, Depends(get_tasks)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

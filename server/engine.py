@@ -10,6 +10,7 @@ the same object.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
 
@@ -19,11 +20,11 @@ from models.postprocess import PostprocessConfig
 from models.runtime.torch import BackboneRuntime
 from models.types import Detections
 from server.batcher import Batcher
-from server.exceptions import InvalidRequest, TooManyTasks
-from server.executor import Executor, WorkItem
+from server.exceptions import InvalidRequest, SidecarError, TaskFailed, TooManyTasks
+from server.executor import Executor, TaskFailure, WorkItem
 from server.imaging import content_hash, decode_image
 from server.metrics import Metrics
-from server.schemas import BackboneInfo, Detection, DetectResponse, ImageSize, TaskResult
+from server.schemas import BackboneInfo, Detection, DetectResponse, ErrorDetail, ImageSize, TaskResult
 from server.store import check_task_id
 from server.tuner_cache import Lease, TunerCache
 from tuners.task_model import TaskModel
@@ -38,19 +39,30 @@ class Limits:
     max_tasks: int
 
 
-def parse_task_ids(raw: str | list[str] | None, limit: int) -> list[str]:
-    """``"a,b"`` or ``["a", "b"]`` -> unique, validated ids in order.
+TASK_SPEC = re.compile(r"^(?P<task>[^@]+)(?:@(?P<version>[1-9][0-9]{0,8}))?$")
+
+
+def parse_task_ids(raw: str | list[str] | None, limit: int) -> list[tuple[str, int | None]]:
+    """``"a,b@3"`` or ``["a", "b@3"]`` -> unique (task id, version or ``None`` for current), in order.
 
     Raises:
-        InvalidRequest: no task named. TooManyTasks: more than ``limit``. InvalidTaskId: a bad id.
+        InvalidRequest: no task named, or a malformed ``@version``. TooManyTasks: more than ``limit``.
+        InvalidTaskId: a bad id.
     """
     parts = raw.split(",") if isinstance(raw, str) else list(raw or [])
-    ids = [t.strip() for t in parts if t.strip()]
-    if not ids:
+    specs = list(dict.fromkeys(t.strip() for t in parts if t.strip()))
+    if not specs:
         raise InvalidRequest("name one or more tasks: form field or query parameter 'tasks'")
-    if len(ids) > limit:
-        raise TooManyTasks(f"{len(ids)} tasks in one request; the limit is {limit}")
-    return list(dict.fromkeys(check_task_id(t) for t in ids))
+    if len(specs) > limit:
+        raise TooManyTasks(f"{len(specs)} tasks in one request; the limit is {limit}")
+    out = []
+    for spec in specs:
+        found = TASK_SPEC.fullmatch(spec)
+        if found is None:
+            raise InvalidRequest(f"{spec!r} is not a task id, or a task id and a version such as digits@3")
+        version = found["version"]
+        out.append((check_task_id(found["task"]), int(version) if version else None))
+    return out
 
 
 class Engine:
@@ -64,9 +76,11 @@ class Engine:
         metrics: Metrics,
         limits: Limits,
         runtime_name: str,
+        quarantine_after: int = 3,
     ) -> None:
         self.executor, self.batcher, self.cache, self.metrics = executor, batcher, tuner_cache, metrics
-        self.limits, self.runtime_name = limits, runtime_name
+        self.limits, self.runtime_name, self.quarantine_after = limits, runtime_name, quarantine_after
+        self._failures: dict[str, int] = {}  # task id -> consecutive failures
 
     @property
     def runtime(self) -> BackboneRuntime:
@@ -80,29 +94,32 @@ class Engine:
             UnreadableImage, Overloaded, CacheBudget.
         """
         start = time.perf_counter()
-        ids = parse_task_ids(task_ids, self.limits.max_tasks)
+        specs = parse_task_ids(task_ids, self.limits.max_tasks)
+        keys = [f"{t}@{v}" if v else t for t, v in specs]
         keyed = self.executor.feature_cache is not None
         image, key = await asyncio.to_thread(self._decode, data, keyed)
-        leases = await self.cache.acquire_many(ids)
+        leases = await self.cache.acquire_many(specs)
         try:
             item = WorkItem(
                 image,
                 key,
-                {t: lease.model for t, lease in zip(ids, leases)},
+                {k: lease.model for k, lease in zip(keys, leases)},
                 post,
-                {t: lease.compiled for t, lease in zip(ids, leases) if lease.compiled is not None},
+                {k: lease.compiled for k, lease in zip(keys, leases) if lease.compiled is not None},
             )
             detections, passes = await self.batcher.submit(item)
             # Built before release: a released model object may be refilled with another task's weights.
-            results = [self._result(t, lease, detections[t]) for t, lease in zip(ids, leases)]
+            results = [self._result(t, lease, detections[k]) for (t, _), k, lease in zip(specs, keys, leases)]
         finally:
             for lease in leases:
                 self.cache.release(lease)
+        if all(r.error is not None for r in results):
+            raise TaskFailed("every task named failed at inference", [f"{r.task}: {r.error.message}" for r in results])  # type: ignore[union-attr]
         elapsed = time.perf_counter() - start
-        for task_id in ids:
+        for task_id, _ in specs:
             self.metrics.request_seconds.labels(task=task_id).observe(elapsed)
         self.metrics.images_served.inc()
-        self.metrics.task_results.inc(len(ids))
+        self.metrics.task_results.inc(len(specs))
         size = ImageSize(width=int(image.shape[2]), height=int(image.shape[1]))
         return DetectResponse(image=size, results=results, backbone_passes=passes, timing_ms={"total": elapsed * 1e3})
 
@@ -112,9 +129,14 @@ class Engine:
         image = decode_image(data, self.limits.max_image_bytes, self.limits.max_image_pixels)
         return image, content_hash(data) if keyed else ""
 
-    @staticmethod
-    def _result(task_id: str, lease: Lease, det: Detections) -> TaskResult:
+    def _result(self, task_id: str, lease: Lease, det: Detections | TaskFailure) -> TaskResult:
         model: TaskModel = lease.model
+        if isinstance(det, TaskFailure):
+            self._failed(task_id, lease.version, det)
+            error = ErrorDetail(code=TaskFailed.code, message=f"task {task_id} failed: {det.message}", details=[])
+            return TaskResult(task=task_id, version=lease.version, method=model.method, kind=model.kind,
+                              detections=[], error=error)  # fmt: skip
+        self._failures.pop(task_id, None)
         return TaskResult(
             task=task_id,
             version=lease.version,
@@ -126,6 +148,20 @@ class Engine:
                 for box, s, c in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())
             ],
         )
+
+    def _failed(self, task_id: str, version: int, failure: TaskFailure) -> None:
+        """Counts consecutive failures; quarantines the task's current version after ``quarantine_after``."""
+        self.metrics.errors.labels(code=TaskFailed.code).inc()
+        count = self._failures[task_id] = self._failures.get(task_id, 0) + 1
+        store = self.cache.store
+        if count >= self.quarantine_after and task_id not in store.quarantined:
+            try:
+                current = store.get(task_id).version
+            except SidecarError:
+                return
+            if current == version:
+                store.quarantine(task_id, f"version {version} failed {count} times in a row: {failure.message}")
+                self.cache.forget(task_id)
 
     def backbone_info(self) -> BackboneInfo:
         backbone = self.executor.backbone

@@ -48,6 +48,26 @@ class UnknownTask(SidecarError):
         return cls(f"no task {task_id!r}; GET /v1/tasks lists them")
 
 
+class UnknownVersion(SidecarError):
+    code = "unknown_version"
+
+
+class TaskQuarantined(SidecarError):
+    """The task's current version cannot be served; an operator must roll back or upload."""
+
+    code = "task_quarantined"
+
+
+class TaskFailed(SidecarError):
+    """A task's model raised or produced NaN/Inf at inference."""
+
+    code = "task_failed"
+
+
+class InsufficientStorage(SidecarError):
+    code = "insufficient_storage"
+
+
 class TooManyTasks(SidecarError):
     code = "too_many_tasks"
 

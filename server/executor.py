@@ -11,10 +11,12 @@ Runs on the batcher's worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,6 +35,8 @@ from server.stacks import StackCache, stack_key
 from tuners.compiled import CompiledTask
 from tuners.errors import ArtifactError
 from tuners.task_model import TaskModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,15 +60,38 @@ class WorkItem:
 
 @dataclass
 class BatchResult:
-    detections: list[dict[str, Detections]]  # per item: task id -> detections (original pixels)
+    detections: list[dict[str, Detections | TaskFailure]]  # per item: task id -> detections (original pixels)
     backbone_passes: int  # images that went through the shared backbone pass in this batch
 
 
-def concat_outputs(parts: list[HeadOutputs]) -> HeadOutputs:
-    """Head outputs of consecutive row chunks -> one batch."""
-    if len(parts) == 1:
-        return parts[0]
-    return HeadOutputs({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors}, parts[0].level_shapes)
+@dataclass(frozen=True)
+class TaskFailure:
+    """A task's model raised, or gave NaN or Inf, on this batch; the other tasks are unaffected."""
+
+    message: str
+
+
+Outcome = HeadOutputs | TaskFailure
+
+
+def guarded(run: Callable[[], HeadOutputs]) -> Outcome:
+    """``run()``, or a :class:`TaskFailure` when it raises or its outputs hold NaN or Inf."""
+    try:
+        out = run()
+    except Exception as e:  # noqa: BLE001  (user weights may fail in any way; one task's failure stays its own)
+        log.exception("a task failed on a batch")
+        return TaskFailure(f"{type(e).__name__}: {e}")
+    bad = [k for k, v in out.tensors.items() if not torch.isfinite(v).all()]
+    return TaskFailure(f"its head produced NaN or Inf in {', '.join(bad)}") if bad else out
+
+
+def concat_outputs(parts: list[Outcome]) -> Outcome:
+    """Head outputs of consecutive row chunks -> one batch (a failed chunk fails the whole)."""
+    failed = next((p for p in parts if isinstance(p, TaskFailure)), None)
+    if failed is not None or len(parts) == 1:
+        return failed or parts[0]
+    heads: list[HeadOutputs] = parts  # type: ignore[assignment]
+    return HeadOutputs({k: torch.cat([p.tensors[k] for p in heads]) for k in heads[0].tensors}, heads[0].level_shapes)
 
 
 class Executor:
@@ -128,7 +155,7 @@ class Executor:
         for row, item in enumerate(items):
             for task_id, model in item.tasks.items():
                 groups[(task_id, id(model))].append(row)
-        results: list[dict[str, Detections]] = [{} for _ in items]
+        results: list[dict[str, Detections | TaskFailure]] = [{} for _ in items]
         side: list[tuple[str, list[int]]] = []
         for (task_id, _), rows in groups.items():
             model = items[rows[0]].tasks[task_id]
@@ -140,6 +167,10 @@ class Executor:
         with torch.autocast(self.device.type, self.autocast or torch.float32, enabled=self.autocast is not None):
             side_outputs = self._side_outputs(side, items, side_rows, canvases)
         for (task_id, rows), outputs in zip(side, side_outputs):
+            if isinstance(outputs, TaskFailure):
+                for r in rows:
+                    results[r][task_id] = outputs
+                continue
             outputs = HeadOutputs({k: v.float() for k, v in outputs.tensors.items()}, outputs.level_shapes)
             posts = [items[r].post for r in rows]
             pending += [
@@ -159,9 +190,9 @@ class Executor:
         items: list[WorkItem],
         side_rows: dict[int, dict[str, Tensor]],
         canvases: Tensor,
-    ) -> list[HeadOutputs]:
+    ) -> list[Outcome]:
         """Head outputs of each side (task, rows): compiled graph, else stacked with its kind, else eager."""
-        outputs: list[HeadOutputs | None] = [None] * len(side)
+        outputs: list[Outcome | None] = [None] * len(side)
         stackable: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
         jobs: list[tuple[int, CompiledTask, dict[str, Tensor], Tensor | None]] = []
         for i, (task_id, rows) in enumerate(side):
@@ -173,23 +204,28 @@ class Executor:
             if compiled is not None:
                 jobs.append((i, compiled, taps, images))
             else:
-                outputs[i] = model.head_outputs(taps, images)
+                outputs[i] = guarded(lambda m=model, t=taps, x=images: m.head_outputs(t, x))
         for i, out in self._run_compiled(jobs):
             outputs[i] = out
         canvas = (int(canvases.shape[-2]), int(canvases.shape[-1]))
         for (_, rows), members in stackable.items():
             models = [items[rows[0]].tasks[side[i][0]] for i in members]
             taps, images = self._inputs(models[0], list(rows), side_rows, canvases)
-            if len(models) == 1:
-                outputs[members[0]] = models[0].head_outputs(taps, images)
-                continue
-            for i, out in zip(members, self.stacks.get(models)(taps, canvas, images)):  # type: ignore[union-attr]
-                outputs[i] = out
+            try:
+                stacked = self.stacks.get(models)(taps, canvas, images) if len(models) > 1 else None  # type: ignore[union-attr]
+            except Exception:  # noqa: BLE001  (one member's bad weights: run them one by one, each on its own)
+                log.exception("a stack of %d tasks failed; running them one by one", len(models))
+                stacked = None
+            for j, (i, model) in enumerate(zip(members, models)):
+                if stacked is not None:
+                    outputs[i] = guarded(lambda o=stacked[j]: o)
+                else:
+                    outputs[i] = guarded(lambda m=model, t=taps, x=images: m.head_outputs(t, x))
         return outputs  # type: ignore[return-value]
 
     def _run_compiled(
         self, jobs: list[tuple[int, CompiledTask, dict[str, Tensor], Tensor | None]]
-    ) -> list[tuple[int, HeadOutputs]]:
+    ) -> list[tuple[int, Outcome]]:
         """Runs compiled graphs one thread each, side by side: small convolutions scale poorly across
         intra-op threads, so K graphs on the cores beat K graphs one after another. With fewer graphs
         than workers, each graph's rows are split too, so one task's batch also uses every core."""
@@ -201,12 +237,12 @@ class Executor:
             for i, compiled, taps, images in jobs
             for rows in torch.arange(next(iter(taps.values())).shape[0]).chunk(chunks)
         ]
-        ran = (
-            list(self._pool.map(lambda part: part[1](part[2], part[3]), parts))
-            if len(parts) > 1
-            else [parts[0][1](parts[0][2], parts[0][3])]
-        )
-        merged: dict[int, list[HeadOutputs]] = defaultdict(list)
+
+        def run(part: tuple[int, CompiledTask, dict[str, Tensor], Tensor | None]) -> Outcome:
+            return guarded(lambda: part[1](part[2], part[3]))
+
+        ran = list(self._pool.map(run, parts)) if len(parts) > 1 else [run(parts[0])]
+        merged: dict[int, list[Outcome]] = defaultdict(list)
         for (i, *_), out in zip(parts, ran):
             merged[i].append(out)
         return [(i, concat_outputs(outs)) for i, outs in merged.items()]
@@ -226,7 +262,7 @@ class Executor:
         canvases: Tensor,
         metas: list[ImageMeta],
         items: list[WorkItem],
-        results: list[dict[str, Detections]],
+        results: list[dict[str, Detections | TaskFailure]],
     ) -> None:
         """An inline task's own backbone pass over its rows, one pass per distinct postprocess setting."""
         self.metrics.inline_image_passes.inc(len(rows))
@@ -234,7 +270,16 @@ class Executor:
         for r in rows:
             by_post[items[r].post].append(r)
         for post, same in by_post.items():
-            for r, det in zip(same, model.predict(self.backbone, canvases[same], [metas[r] for r in same], post)):
+            try:
+                found = model.predict(self.backbone, canvases[same], [metas[r] for r in same], post)
+                if not all(torch.isfinite(d.boxes).all() and torch.isfinite(d.scores).all() for d in found):
+                    raise FloatingPointError("its detections hold NaN or Inf")
+            except Exception as e:  # noqa: BLE001  (as in guarded)
+                log.exception("inline task %s failed on a batch", task_id)
+                for r in same:
+                    results[r][task_id] = TaskFailure(f"{type(e).__name__}: {e}")
+                continue
+            for r, det in zip(same, found):
                 results[r][task_id] = det.to("cpu")
 
     def _shared_taps(self, items: list[WorkItem], canvases: Tensor) -> tuple[dict[int, dict[str, Tensor]], int]:

@@ -7,6 +7,17 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: list[Any]
+    request_id: str | None = Field(None, description="the X-Request-ID of the request, for logs and support")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
 class Detection(BaseModel):
     box: list[float] = Field(description="x1, y1, x2, y2 in original-image pixels", min_length=4, max_length=4)
     label: str
@@ -21,6 +32,9 @@ class TaskResult(BaseModel):
     kind: str = Field(description="side (shares the backbone pass) or inline (own pass)")
     detections: list[Detection]
     backbone_depth: int | None = Field(None, description="blocks run when the method can exit early")
+    error: ErrorDetail | None = Field(
+        None, description="set (code task_failed) when this task's model failed; the other tasks still answer"
+    )
 
 
 class ImageSize(BaseModel):
@@ -52,8 +66,30 @@ class TaskInfo(BaseModel):
     created_at: str | None = None
 
 
+class QuarantinedTask(BaseModel):
+    id: str
+    reason: str = Field(description="why it is not served; roll back to a kept version, or upload a new one")
+    versions: list[int] = Field(description="complete versions kept on disk")
+
+
 class TaskList(BaseModel):
     tasks: list[TaskInfo]
+    quarantined: list[QuarantinedTask] = Field(default_factory=list)
+
+
+class VersionInfo(BaseModel):
+    version: int
+    current: bool
+    method: str | None
+    metrics: dict[str, Any]
+    created_at: str | None = Field(None, description="when the artifact was trained (its manifest's provenance)")
+    published_at: str = Field(description="when this server stored the version")
+    sha256: str | None = Field(None, description="sha256 of the version's tuner.safetensors")
+
+
+class TaskVersions(BaseModel):
+    id: str
+    versions: list[VersionInfo]
 
 
 class BackboneInfo(BaseModel):
@@ -68,27 +104,18 @@ class BackboneInfo(BaseModel):
     shared_image_passes: int
 
 
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    details: list[Any]
-    request_id: str | None = Field(None, description="the X-Request-ID of the request, for logs and support")
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
-
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
         401: "missing key",
         403: "wrong key",
-        404: "unknown task",
-        409: "incompatible backbone",
+        404: "unknown task or version",
+        409: "incompatible backbone, or the task is quarantined",
         413: "too many bytes or pixels",
         415: "not an image",
         422: "invalid request, unreadable image or invalid artifact (every problem listed)",
+        500: "every task named failed at inference (task_failed), or an internal error",
         503: "overloaded (Retry-After)",
+        507: "the store's disk is full, or a task exceeds a cache budget",
     }.items()
 }

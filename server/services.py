@@ -81,7 +81,7 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     backbone = backbone.to(device)
     runtime_name = default_runtime(device) if settings.runtime == "auto" else settings.runtime
     metrics = Metrics()
-    store = TaskStore(settings.store_dir)
+    store = TaskStore(settings.store_dir, settings.keep_versions)
     store.recover()
     default_taps = sorted(set(backbone.stage_taps) | set(backbone.pyramid_taps))
     runtime = build_runtime(
@@ -111,7 +111,7 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     runtime(torch.zeros(1, 3, canvas, canvas), default_taps)  # warm-up
     batcher = Batcher(executor, metrics, settings.max_batch_size, settings.batch_window_ms / 1e3, settings.max_queue)
     limits = Limits(settings.max_request_bytes, settings.max_image_pixels, settings.max_tasks_per_request)
-    engine = Engine(executor, batcher, cache, metrics, limits, runtime_name)
+    engine = Engine(executor, batcher, cache, metrics, limits, runtime_name, settings.quarantine_after_failures)
     log.info(
         "backbone %s on %s, runtime %s (%s), tasks in %s",
         backbone.name,

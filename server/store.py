@@ -1,13 +1,28 @@
 """The task store: ``ROOT/<task id>/v<N>/`` artifact folders and a ``CURRENT`` pointer per task.
 
-Publishing writes a temp folder, validates it (the caller's check: strict keys and shapes,
-NaN/Inf, fingerprint, a dry-run forward), fsyncs, renames it to the next version, then
-atomically replaces ``CURRENT``. Nothing becomes visible before the pointer moves, so a crash at
-any point leaves the previous state; :meth:`TaskStore.recover` removes the leftovers at start.
+The store never deletes what a user uploaded, except when they ask (delete) or by the documented
+retention at publish time (the last ``keep_versions`` versions are kept). Like a database's
+write-ahead discipline:
+
+- Publishing writes a temp folder, validates it (the caller's check), fsyncs, renames it to the
+  next version, then atomically replaces ``CURRENT``; only then does it prune old versions. A
+  crash at any point leaves the previous state or the new one, and every uploaded version that
+  was acknowledged is still on disk.
+- Rollback atomically points ``CURRENT`` at an earlier complete version.
+- Start-up recovery removes only this store's own leftovers (temp folders, trash, temp
+  pointers). A task whose ``CURRENT`` is unreadable or names a missing or incomplete version is
+  **quarantined**: left on disk untouched, logged, reported, and not served until an operator
+  rolls it back or uploads a new version. Files and folders that are not task ids are ignored,
+  with a warning.
+
+Every step of a write calls ``on_step(name)`` (tests kill the process there).
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
+import json
 import logging
 import os
 import re
@@ -15,16 +30,20 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from server.exceptions import InvalidTaskId, UnknownTask
+from server.exceptions import InsufficientStorage, InvalidTaskId, TaskQuarantined, UnknownTask, UnknownVersion
 from tuners.artifact import MANIFEST, WEIGHTS, fsync_dir
 
 log = logging.getLogger(__name__)
 TASK_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
 CURRENT = "CURRENT"
+OWN_LEFTOVERS = (".upload-", ".trash-")
 
 
 def check_task_id(task_id: str) -> str:
@@ -40,108 +59,242 @@ class TaskVersion:
     path: Path
 
 
-class TaskStore:
-    """Versioned task folders. Uploads to one id are serialised; different ids proceed in parallel."""
+def complete(folder: Path) -> bool:
+    """A version folder holds both artifact files."""
+    return (folder / MANIFEST).is_file() and (folder / WEIGHTS).is_file()
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+
+class TaskStore:
+    """Versioned task folders. Writes to one id are serialised; different ids proceed in parallel.
+
+    Args:
+        root: the store folder (created if missing).
+        keep_versions: versions kept per task; older ones are pruned when a new one is published.
+        on_step: called with the name of each step of a write (for crash tests).
+    """
+
+    def __init__(self, root: Path, keep_versions: int = 5, on_step: Callable[[str], None] | None = None) -> None:
+        if keep_versions < 1:
+            raise ValueError("keep_versions must be at least 1")
+        self.root, self.keep_versions, self.on_step = root, keep_versions, on_step or (lambda _: None)
         self.root.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._known: dict[str, TaskVersion] = {}  # current versions, so a request reads no file
+        self.quarantined: dict[str, str] = {}  # task id -> why it is not served
 
     def _lock(self, task_id: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(task_id, threading.Lock())
 
     def recover(self) -> list[str]:
-        """Removes temp folders, trash and versions no ``CURRENT`` points to; returns what was removed."""
+        """Removes this store's own leftovers and quarantines broken tasks; returns what was removed."""
         removed = []
-        for path in self.root.glob(".*"):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
-        for task in self.root.iterdir():
-            current = self.current(task.name) if TASK_ID.fullmatch(task.name) else None
-            for child in task.iterdir():
-                if child.name != CURRENT and (current is None or child != current.path):
-                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
-                    removed.append(f"{task.name}/{child.name}")
-            if current is None:
-                shutil.rmtree(task, ignore_errors=True)
+        for path in sorted(self.root.iterdir()):
+            if path.name.startswith(OWN_LEFTOVERS) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+            elif not (path.is_dir() and TASK_ID.fullmatch(path.name)):
+                log.warning("store: ignoring %s, which is not a task folder", path.name)
+            else:
+                for pointer in path.glob(f".{CURRENT}.*"):
+                    pointer.unlink(missing_ok=True)
+                    removed.append(f"{path.name}/{pointer.name}")
+                self._check(path.name)
         if removed:
-            log.info("store recovery removed %s", removed)
+            log.info("store recovery removed its own leftovers %s", removed)
         return removed
 
-    def current(self, task_id: str) -> TaskVersion | None:
-        pointer = self.root / task_id / CURRENT
+    def _check(self, task_id: str) -> None:
+        """Quarantines ``task_id`` when its ``CURRENT`` cannot be served (never deletes anything)."""
         try:
-            name = pointer.read_text().strip()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        path = self.root / task_id / name
-        if not re.fullmatch(r"v\d+", name) or not (path / MANIFEST).is_file():
-            return None
-        return TaskVersion(task_id, int(name[1:]), path)
+            self._read_current(task_id)
+        except TaskQuarantined as e:
+            self.quarantine(task_id, e.message)
 
-    def get(self, task_id: str) -> TaskVersion:
-        """The current version; from memory once seen (this process is the store's only writer)."""
-        found = self._known.get(task_id) or self.current(check_task_id(task_id))
+    def quarantine(self, task_id: str, reason: str) -> None:
+        """Stops serving ``task_id``'s current version (kept on disk) until a rollback or an upload."""
+        self.quarantined[task_id] = reason
+        self._known.pop(task_id, None)
+        log.error("store: task %s is quarantined: %s", task_id, reason)
+
+    def _read_current(self, task_id: str) -> TaskVersion | None:
+        """The version ``CURRENT`` names; ``None`` when the task does not exist.
+
+        Raises:
+            TaskQuarantined: ``CURRENT`` is missing, unreadable or names a missing or incomplete version.
+        """
+        folder = self.root / task_id
+        if not folder.is_dir():
+            return None
+        try:
+            name = (folder / CURRENT).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TaskQuarantined(f"its {CURRENT} pointer cannot be read ({type(e).__name__})") from None
+        found = VERSION.fullmatch(name)
+        if found is None:
+            raise TaskQuarantined(f"its {CURRENT} pointer reads {name[:40]!r}, not a version name")
+        if not complete(folder / name):
+            raise TaskQuarantined(f"{CURRENT} names {name}, which is missing or incomplete")
+        return TaskVersion(task_id, int(found[1]), folder / name)
+
+    def get(self, task_id: str, version: int | None = None) -> TaskVersion:
+        """The current version (from memory once seen), or ``version`` when given.
+
+        Raises:
+            UnknownTask, UnknownVersion, TaskQuarantined (only for the current version).
+        """
+        check_task_id(task_id)
+        if version is not None:
+            path = self.root / task_id / f"v{version}"
+            if not complete(path):
+                if not (self.root / task_id).is_dir():
+                    raise UnknownTask.of(task_id)
+                raise UnknownVersion(f"task {task_id!r} has no version {version}; versions: {self.versions(task_id)}")
+            return TaskVersion(task_id, version, path)
+        if task_id in self.quarantined:
+            raise TaskQuarantined(f"task {task_id!r} is quarantined: {self.quarantined[task_id]}")
+        found = self._known.get(task_id) or self._read_current(task_id)
         if found is None:
             raise UnknownTask.of(task_id)
         self._known[task_id] = found
         return found
 
     def list(self) -> list[TaskVersion]:
-        found = [self.current(p.name) for p in sorted(self.root.iterdir()) if TASK_ID.fullmatch(p.name)]
-        return [t for t in found if t is not None]
+        """Every servable task's current version (quarantined ones are in ``quarantined``)."""
+        found = []
+        for path in sorted(self.root.iterdir()):
+            if TASK_ID.fullmatch(path.name) and path.is_dir() and path.name not in self.quarantined:
+                try:
+                    current = self._read_current(path.name)
+                except TaskQuarantined:
+                    continue  # a write of another process in flight; recovery decides at start
+                if current is not None:
+                    found.append(current)
+        return found
 
     def versions(self, task_id: str) -> list[int]:
-        folder = self.root / task_id
-        return sorted(int(p.name[1:]) for p in folder.glob("v*") if re.fullmatch(r"v\d+", p.name))
+        """Complete versions of ``task_id``, oldest first."""
+        folder = self.root / check_task_id(task_id)
+        if not folder.is_dir():
+            raise UnknownTask.of(task_id)
+        numbers = (VERSION.fullmatch(p.name) for p in folder.iterdir())
+        return sorted(int(m[1]) for m in numbers if m and complete(folder / m[0]))
+
+    def version_info(self, task_id: str) -> list[dict[str, Any]]:
+        """Per kept version: number, whether current, metrics and creation time from its manifest."""
+        current = None if task_id in self.quarantined else self.get(task_id).version
+        out = []
+        for number in self.versions(task_id):
+            path = self.root / task_id / f"v{number}"
+            try:
+                manifest = json.loads((path / MANIFEST).read_text())
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                manifest = {}
+            provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
+            metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
+            out.append({
+                "version": number,
+                "current": number == current,
+                "method": manifest.get("method"),
+                "metrics": {k: v for k, v in metrics.items() if k != "per_class"},
+                "created_at": provenance.get("created_at"),
+                "published_at": _mtime(path),
+                "sha256": manifest.get("weights_sha256"),
+            })  # fmt: skip
+        return out
 
     def publish(self, task_id: str, weights: bytes, manifest: bytes, validate: Callable[[Path], None]) -> TaskVersion:
-        """Writes, validates (``validate`` raises to refuse) and exposes a new version atomically."""
+        """Writes, validates (``validate`` raises to refuse) and exposes a new version atomically.
+
+        Raises:
+            InsufficientStorage: the disk is full; nothing changed.
+        """
         check_task_id(task_id)
         with self._lock(task_id):
-            tmp = Path(tempfile.mkdtemp(prefix=f".upload-{task_id}-", dir=self.root))
+            tmp = Path(tempfile.mkdtemp(prefix=f"{OWN_LEFTOVERS[0]}{task_id}-", dir=self.root))
             try:
-                for name, data in ((WEIGHTS, weights), (MANIFEST, manifest)):
-                    with open(tmp / name, "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
+                with _disk_errors():
+                    for name, data in ((WEIGHTS, weights), (MANIFEST, manifest)):
+                        _write_synced(tmp / name, data)
+                self.on_step("written")
                 validate(tmp)
+                self.on_step("validated")
                 folder = self.root / task_id
-                folder.mkdir(exist_ok=True)
-                latest = self.current(task_id)
-                version = max([latest.version if latest else 0, *self.versions(task_id)]) + 1
-                target = folder / f"v{version}"
-                os.replace(tmp, target)
-                fsync_dir(folder)
-                self._point(folder, target.name)
-                self._known[task_id] = TaskVersion(task_id, version, target)
+                with _disk_errors():
+                    folder.mkdir(exist_ok=True)
+                    numbers = [int(m[1]) for m in (VERSION.fullmatch(p.name) for p in folder.iterdir()) if m]
+                    target = folder / f"v{max(numbers, default=0) + 1}"
+                    os.replace(tmp, target)
+                    fsync_dir(folder)
+                    self.on_step("renamed")
+                    self._point(folder, target.name)
+                self.on_step("pointed")
+                self.quarantined.pop(task_id, None)
+                self._known[task_id] = TaskVersion(task_id, int(target.name[1:]), target)
+                self._prune(folder, int(target.name[1:]))
                 return self._known[task_id]
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def _prune(self, folder: Path, current: int) -> None:
+        """The one deliberate deletion besides delete: versions beyond the newest ``keep_versions``."""
+        numbers = sorted(int(m[1]) for m in (VERSION.fullmatch(p.name) for p in folder.iterdir()) if m)
+        for number in numbers[: max(0, len(numbers) - self.keep_versions)]:
+            if number != current:
+                shutil.rmtree(folder / f"v{number}", ignore_errors=True)
+        self.on_step("pruned")
+
+    def rollback(self, task_id: str, version: int) -> TaskVersion:
+        """Points ``CURRENT`` at kept version ``version``, atomically; lifts a quarantine."""
+        with self._lock(check_task_id(task_id)):
+            target = self.get(task_id, version)
+            with _disk_errors():
+                self._point(self.root / task_id, target.path.name)
+            self.on_step("pointed")
+            self.quarantined.pop(task_id, None)
+            self._known[task_id] = target
+            return target
+
     def _point(self, folder: Path, name: str) -> None:
         tmp = folder / f".{CURRENT}.{uuid.uuid4().hex}"
-        with open(tmp, "w") as f:
-            f.write(name)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, name.encode())
         os.replace(tmp, folder / CURRENT)
         fsync_dir(folder)
 
     def delete(self, task_id: str) -> None:
-        """Removes the task atomically (a rename out of sight, then the files)."""
+        """Removes the task and all its versions atomically (a rename out of sight, then the files)."""
         check_task_id(task_id)
         with self._lock(task_id):
             folder = self.root / task_id
-            if self.current(task_id) is None:
+            if not folder.is_dir():
                 raise UnknownTask.of(task_id)
-            trash = self.root / f".trash-{task_id}-{uuid.uuid4().hex}"
+            trash = self.root / f"{OWN_LEFTOVERS[1]}{task_id}-{uuid.uuid4().hex}"
             os.replace(folder, trash)
             self._known.pop(task_id, None)
+            self.quarantined.pop(task_id, None)
             fsync_dir(self.root)
+            self.on_step("trashed")
             shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _mtime(path: Path) -> str:
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.UTC).isoformat(timespec="seconds")
+
+
+@contextmanager
+def _disk_errors() -> Iterator[None]:
+    """Turns a full disk (ENOSPC, EDQUOT) into :class:`InsufficientStorage`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage("the store's disk is full; nothing was changed") from e
+        raise

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from server.executor import Executor
-from server.schemas import TaskInfo, TaskList
+from server.schemas import QuarantinedTask, TaskInfo, TaskList, TaskVersions, VersionInfo
 from server.store import TaskStore, TaskVersion, check_task_id
 from server.tuner_cache import TunerCache
 from tuners.artifact import MANIFEST, load_artifact, read_manifest
@@ -47,7 +47,28 @@ class Tasks:
 
     async def list(self) -> TaskList:
         found = await asyncio.to_thread(self.store.list)
-        return TaskList(tasks=[self.info(t) for t in found])
+        return TaskList(tasks=[self.info(t) for t in found], quarantined=self.quarantined())
+
+    def quarantined(self) -> list[QuarantinedTask]:
+        """Tasks that are kept on disk but not served, with why."""
+        return [
+            QuarantinedTask(id=task_id, reason=reason, versions=self.store.versions(task_id))
+            for task_id, reason in sorted(self.store.quarantined.items())
+        ]
+
+    async def versions(self, task_id: str) -> TaskVersions:
+        found = await asyncio.to_thread(self.store.version_info, check_task_id(task_id))
+        return TaskVersions(id=task_id, versions=[VersionInfo(**v) for v in found])
+
+    async def rollback(self, task_id: str, version: int) -> TaskInfo:
+        """Makes kept version ``version`` current, atomically; lifts a quarantine.
+
+        Raises:
+            UnknownTask, UnknownVersion.
+        """
+        found = await asyncio.to_thread(self.store.rollback, check_task_id(task_id), version)
+        self.cache.forget(task_id, keep_version=version)
+        return self.info(found)
 
     async def get(self, task_id: str) -> TaskInfo:
         return self.info(await asyncio.to_thread(self.store.get, check_task_id(task_id)))

@@ -159,13 +159,14 @@ class TunerCache:
     def unpin(self, task_id: str) -> None:
         self._pinned.discard(task_id)
 
-    async def acquire(self, task_id: str) -> Lease:
-        """The current version of ``task_id``, resident on the device and referenced until released."""
-        return (await self.acquire_many([task_id]))[0]
+    async def acquire(self, task_id: str, version: int | None = None) -> Lease:
+        """``task_id`` at ``version`` (default: current), resident on the device and referenced until released."""
+        return (await self.acquire_many([(task_id, version)]))[0]
 
-    async def acquire_many(self, task_ids: list[str]) -> list[Lease]:
-        """Leases for every task, in order. The loads of all cold ones are queued before waiting on any."""
-        versions = [self.store.get(t) for t in task_ids]
+    async def acquire_many(self, specs: list[tuple[str, int | None]]) -> list[Lease]:
+        """Leases for every (task, version or current), in order. The loads of all cold ones are queued
+        before waiting on any."""
+        versions = [self.store.get(task_id, version) for task_id, version in specs]
         for version in versions:  # prefetch: the loader works through them while we wait on the first
             with self._lock:
                 if (version.task_id, version.version) not in self.tiers["device"]:

@@ -27,6 +27,9 @@ from models.backbones.base import FrozenBackbone
 logger = logging.getLogger(__name__)
 
 OPSET = 17
+# torch's legacy exporter keeps process-global state: two exports at once (a task compiling on its
+# thread while the engine exports a new tap set) fail its "not already exporting" assertion.
+_EXPORT_LOCK = threading.Lock()
 NO_SPIN = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 
 
@@ -63,21 +66,26 @@ def export_atomic(module: nn.Module, args: tuple, path: Path, input_names: list[
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
     os.close(fd)
     try:
-        torch.onnx.export(
-            module,
-            args,
-            tmp,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes={name: {0: "batch"} for name in [*input_names, *output_names]},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+        with _EXPORT_LOCK:
+            _export(module, args, tmp, input_names, output_names)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _export(module: nn.Module, args: tuple, tmp: str, input_names: list[str], output_names: list[str]) -> None:
+    torch.onnx.export(
+        module,
+        args,
+        tmp,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes={name: {0: "batch"} for name in [*input_names, *output_names]},
+        opset_version=OPSET,
+        dynamo=False,
+    )
 
 
 class _TapGraph(nn.Module):

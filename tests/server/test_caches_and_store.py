@@ -141,7 +141,7 @@ def test_failed_upload_changes_nothing_and_concurrent_uploads_serialise(tmp_path
 
     with ThreadPoolExecutor(8) as pool:
         versions = list(pool.map(lambda _: _publish(store, "t", artifacts["side0"]) or 0, range(8)))
-    assert len(versions) == 8 and store.versions("t") == list(range(1, 10)) and store.get("t").version == 9
+    assert len(versions) == 8 and store.versions("t") == [5, 6, 7, 8, 9] and store.get("t").version == 9  # keeps 5
     with pytest.raises(SidecarError):
         store.get("Bad!")
 

@@ -200,7 +200,7 @@ def test_a_fan_out_over_cold_tasks_queues_every_load_at_once(tmp_path: Path, bac
         for name in ("a", "b", "c"):
             services.store.publish(name, *_files(artifacts["side0"]), lambda _: None)
         monkeypatch.setattr(module, "load_artifact", slow)
-        waiting = asyncio.create_task(services.tuner_cache.acquire_many(["a", "b", "c"]))
+        waiting = asyncio.create_task(services.tuner_cache.acquire_many([("a", None), ("b", None), ("c", None)]))
         await asyncio.sleep(0.1)  # the first load is still running
         misses = services.metrics.cache_events.labels(tier="device", event="miss")._value.get()
         assert misses == 3

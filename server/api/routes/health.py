@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.deps import MetricsDep, SettingsDep
+from server.deps import MetricsDep, QuarantinedDep, SettingsDep
 
 router = APIRouter(tags=["health"])
 
@@ -19,10 +19,12 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
-    """503 until the backbone is loaded and warmed up; ``details`` says how management is guarded."""
+async def readyz(request: Request, settings: SettingsDep, quarantined: QuarantinedDep) -> JSONResponse:
+    """503 until the backbone is loaded and warmed up; ``details`` says how management is guarded and
+    which tasks are quarantined (kept on disk, not served), with why."""
     ready = getattr(request.app.state, "ready", False)
-    body = {"ready": ready, "details": {"management": settings.management, "message": settings.management_message}}
+    details = {"management": settings.management, "message": settings.management_message, "quarantined": quarantined}
+    body = {"ready": ready, "details": details}
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import hashlib
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.datastructures import UploadFile
 
 from server.deps import SettingsDep, TasksDep, ensure_ready, require_admin
 from server.exceptions import TooLarge, UnsupportedMediaType
-from server.schemas import ERRORS, TaskInfo, TaskList
+from server.schemas import ERRORS, TaskInfo, TaskList, TaskVersions
 from tuners.errors import ArtifactError
 
 router = APIRouter(tags=["tasks"], dependencies=[Depends(ensure_ready)])
@@ -79,6 +79,20 @@ async def upload_task(request: Request, tasks: TasksDep, settings: SettingsDep, 
     weights, config = await read_upload(request, settings.max_upload_bytes)
     request.state.audit_sha256 = hashlib.sha256(weights).hexdigest()
     return audited(request, await tasks.publish(task_id, weights, config))
+
+
+@router.get("/v1/tasks/{task_id}/versions", response_model=TaskVersions, responses=ERRORS)
+async def list_versions(tasks: TasksDep, task_id: str) -> TaskVersions:
+    """The kept versions, oldest first, with metrics and dates; which one is current."""
+    return await tasks.versions(task_id)
+
+
+@router.post("/v1/tasks/{task_id}/rollback", response_model=TaskInfo, responses=ERRORS, dependencies=ADMIN)
+async def rollback_task(
+    request: Request, tasks: TasksDep, task_id: str, version: int = Query(..., ge=1, description="a kept version")
+) -> TaskInfo:
+    """Makes an earlier kept version current, atomically (also lifts a quarantine)."""
+    return audited(request, await tasks.rollback(task_id, version))
 
 
 @router.delete("/v1/tasks/{task_id}", status_code=204, responses=ERRORS, dependencies=ADMIN)

@@ -1,0 +1,125 @@
+"""Faults survived: a task that raises or gives NaN at inference fails alone and is quarantined
+after repeated failures; SIGTERM lets in-flight requests finish and exits 0."""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from clients import SidecarClient, SidecarError
+from models.runtime import build_runtime
+from server.executor import Executor, TaskFailure, WorkItem
+from server.imaging import decode_image
+from server.main import create_app
+from server.metrics import Metrics
+from server.store import TaskStore
+from tests.server.conftest import LiveServer, free_port, make_artifact, settings
+from tuners.artifact import MANIFEST, WEIGHTS, load_artifact, save_artifact
+
+
+def overflowing_artifact(backbone, out: Path) -> Path:  # noqa: ANN001
+    """Finite weights whose head overflows to Inf on real images (the upload's dry run would refuse it)."""
+    model, _ = load_artifact(make_artifact(backbone, out, "cst", seed=5), backbone)
+    with torch.no_grad():
+        model.head.predictor.weight.fill_(3e38)
+    return save_artifact(model, backbone, out / "overflow")
+
+
+def test_a_failing_task_fails_alone_in_its_batch(tmp_path: Path, backbone, artifacts, photos):
+    good = load_artifact(artifacts["side1"], backbone)[0]
+    raising = load_artifact(artifacts["side0"], backbone)[0]
+    raising.head_outputs = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bad kernel"))  # type: ignore[method-assign]
+    nan = load_artifact(overflowing_artifact(backbone, tmp_path), backbone)[0]
+    inline = load_artifact(artifacts["inline0"], backbone)[0]
+    executor = Executor(backbone, build_runtime(backbone, "torch", "cpu"), Metrics())
+    image = decode_image(photos[0], 1 << 24, 1 << 26)
+    tasks = {"good": good, "raising": raising, "nan": nan, "inline": inline}
+    out = executor.run([WorkItem(image, "x", tasks)]).detections[0]
+    assert isinstance(out["raising"], TaskFailure) and "bad kernel" in out["raising"].message
+    assert isinstance(out["nan"], TaskFailure) and "NaN or Inf" in out["nan"].message
+    alone = executor.run([WorkItem(image, "x", {"good": good, "inline": inline})]).detections[0]
+    for name in ("good", "inline"):
+        assert torch.equal(out[name].labels, alone[name].labels) and len(out[name]) > 0
+
+
+def test_a_task_failing_at_inference_gets_task_failed_and_is_quarantined(
+    tmp_path: Path, backbone, artifacts, photo_bytes
+):
+    root = tmp_path / "store"
+    store = TaskStore(root)
+    for task, folder in (("bad", overflowing_artifact(backbone, tmp_path)), ("good", artifacts["side1"])):
+        store.publish(task, (folder / WEIGHTS).read_bytes(), (folder / MANIFEST).read_bytes(), lambda _: None)
+    app = create_app(settings(root, quarantine_after_failures=3), backbone=backbone)
+    with LiveServer(app) as live, SidecarClient(live.url) as client:
+        fan = client.detect(photo_bytes, ["bad", "good"])  # 200: the good task answers
+        bad, good = fan["results"]
+        assert bad["error"]["code"] == "task_failed" and bad["detections"] == [] and good["error"] is None
+        with pytest.raises(SidecarError) as e:
+            client.detect(photo_bytes, ["bad"])  # every task named failed: 500
+        assert (e.value.status, e.value.code) == (500, "task_failed") and "NaN or Inf" in e.value.details[0]
+        with pytest.raises(SidecarError):
+            client.detect(photo_bytes, ["bad"])  # the third failure in a row
+        with pytest.raises(SidecarError) as e:
+            client.detect(photo_bytes, ["bad"])
+        assert (e.value.status, e.value.code) == (409, "task_quarantined")
+        assert httpx.get(f"{live.url}/healthz").status_code == 200
+        assert [q["id"] for q in httpx.get(f"{live.url}/v1/tasks").json()["quarantined"]] == ["bad"]
+        assert client.detect(photo_bytes, ["good"])["results"][0]["error"] is None
+    assert (root / "bad" / "v1" / WEIGHTS).is_file()  # quarantined, not deleted
+
+
+def _big_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise((3000, 2000), 64).convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path: Path, artifacts):
+    port = free_port()
+    command = [sys.executable, "-m", "server.main", "--weights", "random", "--image-size", "64", "--port", str(port),
+               "--store-dir", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+               "--log-level", "warning"]  # fmt: skip
+    server = subprocess.Popen(command, cwd=Path(__file__).parents[2])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert time.time() < deadline and server.poll() is None, "server-serve did not start"
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        with SidecarClient(url) as client:
+            for i in range(4):
+                client.upload_task(f"t{i}", artifacts[f"side{i}"])
+        image, answers = _big_jpeg(), []
+
+        def ask() -> None:
+            answers.append(httpx.post(f"{url}/v1/detect", params={"tasks": "t0,t1,t2,t3"}, content=image,
+                                      headers={"content-type": "image/jpeg"}, timeout=60).status_code)  # fmt: skip
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # the requests are being decoded and run
+        server.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        assert server.wait(60) == 0
+        assert answers == [200] * 6  # every request in flight when SIGTERM came was answered
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/healthz")  # and the server is gone
+    finally:
+        if server.poll() is None:
+            server.kill()
