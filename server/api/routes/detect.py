@@ -1,16 +1,17 @@
 """``POST /v1/detect`` (one image, many tasks) and ``POST /v1/tasks/{task_id}/detect``.
 
-The routes read the body within the request limit and call ``Engine.detect``; nothing else.
+The routes read the body within the request limit (``server/api/bodies.py``) and call
+``Engine.detect``; nothing else.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
-from starlette.datastructures import UploadFile
 
 from models.postprocess import PostprocessConfig
+from server.api.bodies import read_body, read_files, read_form
 from server.deps import EngineDep, SettingsDep, ensure_ready, require_inference
-from server.exceptions import InvalidRequest, TooLarge
+from server.exceptions import InvalidRequest
 from server.schemas import ERRORS, DetectResponse
 
 router = APIRouter(tags=["detect"], dependencies=[Depends(ensure_ready), Depends(require_inference)])
@@ -35,36 +36,19 @@ BODY = {
 }
 
 
-def _check_declared(request: Request, limit: int) -> None:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"the request has {declared} bytes; the limit is {limit}")
-
-
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The raw body, refused as soon as it passes ``limit`` bytes."""
-    _check_declared(request, limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"the request is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def read_image_and_tasks(request: Request, limit: int, query_tasks: str | None) -> tuple[bytes, str | None]:
     """The image bytes and the raw ``tasks`` value, from a multipart form or a raw image body."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return await read_limited(request, limit), query_tasks
-    _check_declared(request, limit)
-    form = await request.form(max_files=1, max_fields=4)
-    image = form.get("image")
-    if not isinstance(image, UploadFile):
+        return await read_body(request, limit), query_tasks
+    form = await read_form(request, limit, max_files=1, max_fields=4)
+    try:
+        image = (await read_files(form, ("image",)))["image"]
+        tasks = form.get("tasks")
+    finally:
+        await form.close()
+    if image is None:
         raise InvalidRequest("multipart field 'image' (a file) is required")
-    data = await image.read(limit + 1)
-    tasks = form.get("tasks")
-    return data, (tasks if isinstance(tasks, str) else None) or query_tasks
+    return image, (tasks if isinstance(tasks, str) else None) or query_tasks
 
 
 def postprocess(score_threshold: float | None, max_detections: int | None) -> PostprocessConfig:

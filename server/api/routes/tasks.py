@@ -8,10 +8,9 @@ from __future__ import annotations
 import hashlib
 
 from fastapi import APIRouter, Depends, Query, Request
-from starlette.datastructures import UploadFile
 
+from server.api.bodies import read_files, read_form
 from server.deps import SettingsDep, TasksDep, ensure_ready, require_admin
-from server.exceptions import TooLarge, UnsupportedMediaType
 from server.schemas import ERRORS, TaskInfo, TaskList, TaskVersions
 from tuners.errors import ArtifactError
 
@@ -38,20 +37,15 @@ UPLOAD_BODY = {
 
 async def read_upload(request: Request, limit: int) -> tuple[bytes, bytes]:
     """The ``weights`` and ``config`` files of a multipart upload, within ``limit`` bytes together."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"the upload has {declared} bytes; the limit is {limit}")
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise UnsupportedMediaType("upload multipart/form-data with files 'weights' and 'config'")
-    form = await request.form(max_files=2, max_fields=2)
-    parts = {name: form.get(name) for name in ("weights", "config")}
-    missing = [n for n, p in parts.items() if not isinstance(p, UploadFile)]
+    form = await read_form(request, limit, max_files=2, max_fields=2)
+    try:
+        parts = await read_files(form, ("weights", "config"))
+    finally:
+        await form.close()
+    missing = [name for name, data in parts.items() if data is None]
     if missing:
         raise ArtifactError([f"missing part {n}" for n in missing])
-    weights, config = [await p.read(limit + 1) for p in parts.values()]  # type: ignore[union-attr]
-    if len(weights) + len(config) > limit:
-        raise TooLarge(f"the upload is over the limit of {limit} bytes")
-    return weights, config
+    return parts["weights"], parts["config"]  # type: ignore[return-value]
 
 
 def audited(request: Request, info: TaskInfo) -> TaskInfo:

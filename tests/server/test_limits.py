@@ -1,0 +1,109 @@
+"""Limits hold while the body streams: a 2 GiB chunked upload against a 1 MiB limit is cut off early,
+and the server's memory and temp disk stay within the limit plus a small margin."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.server.conftest import free_port
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _temp_bytes(pid: int, folder: Path) -> int:
+    """Bytes of the files the process holds open under ``folder`` (spooled parts are unlinked: read them by fd)."""
+    total = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(str(folder)):
+                total += os.stat(fd).st_size
+        except OSError:
+            continue
+    return total
+
+
+def _chunked_upload(port: int, path: str, total: int, content_type: str) -> tuple[bytes, int, float]:
+    """Streams ``total`` bytes chunked; returns (response head, bytes sent, seconds) once the server answers."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = f"PUT {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: {content_type}\r\n\r\n"
+    sock.sendall(head.encode())
+    part = b'--XyZ\r\nContent-Disposition: form-data; name="weights"; filename="w"\r\n\r\n'
+    chunk, sent, start = b"\0" * MiB, 0, time.perf_counter()
+    try:
+        sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+        while sent < total:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+            sock.setblocking(False)
+            try:
+                if sock.recv(1, socket.MSG_PEEK):
+                    break  # the server has answered
+            except BlockingIOError:
+                pass
+            finally:
+                sock.setblocking(True)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server closed the connection after answering
+    sock.settimeout(30)
+    answer = sock.recv(4096)
+    sock.close()
+    return answer, sent, time.perf_counter() - start
+
+
+def test_a_2_gib_chunked_upload_stops_at_the_limit_in_memory_and_on_disk(tmp_path: Path):
+    port, temp = free_port(), tmp_path / "tmp"
+    temp.mkdir()
+    command = [sys.executable, "-m", "server.main", "--weights", "random", "--image-size", "64", "--port", str(port),
+               "--store-dir", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+               "--max-upload-bytes", str(MiB), "--log-level", "warning"]  # fmt: skip
+    server = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(temp)}, cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert time.time() < deadline and server.poll() is None, "server-serve did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        rss_before, peaks, done = _rss(server.pid), {"rss": 0, "temp": 0}, threading.Event()
+        temp_before = sorted(temp.iterdir())  # what the libraries left at start-up
+
+        def watch() -> None:
+            while not done.is_set():
+                peaks["rss"] = max(peaks["rss"], _rss(server.pid))
+                peaks["temp"] = max(peaks["temp"], _temp_bytes(server.pid, temp))
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        answer, sent, seconds = _chunked_upload(port, "/v1/tasks/t", 2 * GiB, "multipart/form-data; boundary=XyZ")
+        done.set()
+        watcher.join()
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert sent < 64 * MiB and seconds < 20  # cut off at the limit, not after reading 2 GiB
+        assert peaks["temp"] <= MiB + 64 * 1024  # spooled parts never exceed the limit
+        assert peaks["rss"] - rss_before < 48 * MiB, (peaks["rss"] - rss_before) / MiB
+        assert _temp_bytes(server.pid, temp) == 0 and sorted(temp.iterdir()) == temp_before  # gone afterwards
+        r = httpx.put(f"http://127.0.0.1:{port}/v1/tasks/t", content=b"x" * (2 * MiB),
+                      headers={"content-type": "multipart/form-data; boundary=XyZ"})  # fmt: skip
+        assert r.status_code == 413  # a declared Content-Length over the limit: refused before reading
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    finally:
+        server.terminate()
+        server.wait(30)
