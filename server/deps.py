@@ -10,7 +10,7 @@ import hashlib
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from pydantic import SecretStr
 
 from server.config import Settings
@@ -18,6 +18,7 @@ from server.engine import Engine
 from server.exceptions import ManagementDisabled, MissingKey, NotReady, WrongKey
 from server.metrics import Metrics
 from server.services import Services
+from server.store import TASK_ID
 from server.tasks import Tasks
 
 
@@ -50,6 +51,9 @@ def get_quarantined(request: Request) -> dict[str, str]:
     return dict(services.store.quarantined) if services is not None else {}
 
 
+TaskId = Annotated[
+    str, Path(pattern=TASK_ID.pattern, max_length=64, description="task id: lowercase letters, digits, - and _")
+]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 QuarantinedDep = Annotated[dict[str, str], Depends(get_quarantined)]
 EngineDep = Annotated[Engine, Depends(get_engine)]

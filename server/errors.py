@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import exceptions as ex
@@ -34,6 +35,12 @@ STATUS: dict[type[ex.SidecarError], int] = {
     ex.WrongKey: 403,
     ex.ManagementDisabled: 403,
 }
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods some route of ``app`` answers at ``path``."""
+    found = {m for r in app.routes if isinstance(r, APIRoute) and r.path_regex.match(path) for m in r.methods}
+    return sorted(found)
 
 
 def http_status(error: ex.SidecarError) -> int:
@@ -82,7 +89,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _response(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path, not just those of the first route that matched
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.url.path))
+        return _response(request, exc.status_code, code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

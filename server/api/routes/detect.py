@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from models.postprocess import PostprocessConfig
 from server.api.bodies import read_body, read_files, read_form
-from server.deps import EngineDep, SettingsDep, ensure_ready, require_inference
+from server.deps import EngineDep, SettingsDep, TaskId, ensure_ready, require_inference
 from server.exceptions import InvalidRequest
 from server.schemas import ERRORS, DetectResponse
 
@@ -23,11 +23,30 @@ BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "required": ["image"],
+                    "required": ["image", "tasks"],
                     "properties": {
                         "image": {"type": "string", "format": "binary"},
-                        "tasks": {"type": "string", "description": "comma-separated task ids"},
+                        "tasks": {
+                            "type": "string",
+                            "minLength": 1,
+                            "description": "comma-separated task ids, each optionally @version",
+                        },
                     },
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+ONE_BODY = {  # the single-task shortcut: the task is in the path
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}},
                 }
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
@@ -73,12 +92,12 @@ async def detect(
     return await engine.detect(data, raw_tasks or "", postprocess(score_threshold, max_detections))
 
 
-@router.post("/v1/tasks/{task_id}/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=BODY)
+@router.post("/v1/tasks/{task_id}/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=ONE_BODY)
 async def detect_one(
     request: Request,
     engine: EngineDep,
     settings: SettingsDep,
-    task_id: str,
+    task_id: TaskId,
     score_threshold: float | None = Query(None, ge=0, le=1),
     max_detections: int | None = Query(None, ge=1, le=1000),
 ) -> DetectResponse:

@@ -10,7 +10,7 @@ import hashlib
 from fastapi import APIRouter, Depends, Query, Request
 
 from server.api.bodies import read_files, read_form
-from server.deps import SettingsDep, TasksDep, ensure_ready, require_admin
+from server.deps import SettingsDep, TaskId, TasksDep, ensure_ready, require_admin
 from server.schemas import ERRORS, TaskInfo, TaskList, TaskVersions
 from tuners.errors import ArtifactError
 
@@ -61,14 +61,14 @@ async def list_tasks(tasks: TasksDep) -> TaskList:
 
 
 @router.get("/v1/tasks/{task_id}", response_model=TaskInfo, responses=ERRORS)
-async def get_task(tasks: TasksDep, task_id: str) -> TaskInfo:
+async def get_task(tasks: TasksDep, task_id: TaskId) -> TaskInfo:
     return await tasks.get(task_id)
 
 
 @router.put(
     "/v1/tasks/{task_id}", response_model=TaskInfo, responses=ERRORS, openapi_extra=UPLOAD_BODY, dependencies=ADMIN
 )
-async def upload_task(request: Request, tasks: TasksDep, settings: SettingsDep, task_id: str) -> TaskInfo:
+async def upload_task(request: Request, tasks: TasksDep, settings: SettingsDep, task_id: TaskId) -> TaskInfo:
     """Publishes a new version after full validation; a failed upload changes nothing."""
     weights, config = await read_upload(request, settings.max_upload_bytes)
     request.state.audit_sha256 = hashlib.sha256(weights).hexdigest()
@@ -76,31 +76,31 @@ async def upload_task(request: Request, tasks: TasksDep, settings: SettingsDep, 
 
 
 @router.get("/v1/tasks/{task_id}/versions", response_model=TaskVersions, responses=ERRORS)
-async def list_versions(tasks: TasksDep, task_id: str) -> TaskVersions:
+async def list_versions(tasks: TasksDep, task_id: TaskId) -> TaskVersions:
     """The kept versions, oldest first, with metrics and dates; which one is current."""
     return await tasks.versions(task_id)
 
 
 @router.post("/v1/tasks/{task_id}/rollback", response_model=TaskInfo, responses=ERRORS, dependencies=ADMIN)
 async def rollback_task(
-    request: Request, tasks: TasksDep, task_id: str, version: int = Query(..., ge=1, description="a kept version")
+    request: Request, tasks: TasksDep, task_id: TaskId, version: int = Query(..., ge=1, description="a kept version")
 ) -> TaskInfo:
     """Makes an earlier kept version current, atomically (also lifts a quarantine)."""
     return audited(request, await tasks.rollback(task_id, version))
 
 
 @router.delete("/v1/tasks/{task_id}", status_code=204, responses=ERRORS, dependencies=ADMIN)
-async def delete_task(tasks: TasksDep, task_id: str) -> None:
+async def delete_task(tasks: TasksDep, task_id: TaskId) -> None:
     """Removes the task; requests already holding it finish with the version they hold."""
     await tasks.delete(task_id)
 
 
 @router.post("/v1/tasks/{task_id}/pin", response_model=TaskInfo, responses=ERRORS, dependencies=ADMIN)
-async def pin_task(request: Request, tasks: TasksDep, task_id: str) -> TaskInfo:
+async def pin_task(request: Request, tasks: TasksDep, task_id: TaskId) -> TaskInfo:
     """Loads the task and keeps it resident until unpinned."""
     return audited(request, await tasks.pin(task_id))
 
 
 @router.post("/v1/tasks/{task_id}/unpin", response_model=TaskInfo, responses=ERRORS, dependencies=ADMIN)
-async def unpin_task(request: Request, tasks: TasksDep, task_id: str) -> TaskInfo:
+async def unpin_task(request: Request, tasks: TasksDep, task_id: TaskId) -> TaskInfo:
     return audited(request, await tasks.unpin(task_id))
