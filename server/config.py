@@ -74,6 +74,14 @@ class Settings(BaseSettings):
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM); serve HTTPS with ssl_keyfile")
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM)")
     log_level: str = Field("info")
+    ray: bool = Field(False, description="serve on Ray Serve: engine replicas, requests routed to where tasks live")
+    ray_address: str | None = Field(None, description="a Ray cluster to join (ray start --head); default: a local one")
+    ray_replicas: int = Field(2, ge=1, description="engine replicas (the initial count when autoscaling)")
+    ray_replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved per engine replica")
+    ray_replica_gpus: float = Field(0.0, ge=0, description="GPUs reserved per engine replica")
+    ray_min_replicas: int = Field(0, ge=0, description="autoscaling lower bound (autoscaling is on when max > 0)")
+    ray_max_replicas: int = Field(0, ge=0, description="autoscaling upper bound (0: a fixed number of replicas)")
+    ray_max_tasks_per_replica: int = Field(256, ge=1, description="task ids a replica is indexed as holding")
     shutdown_timeout: float = Field(
         30.0, gt=0, description="on SIGTERM: seconds to let in-flight requests finish before exiting"
     )

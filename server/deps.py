@@ -16,7 +16,6 @@ from pydantic import SecretStr
 from server.config import Settings
 from server.engine import Engine
 from server.exceptions import ManagementDisabled, MissingKey, NotReady, WrongKey
-from server.metrics import Metrics
 from server.services import Services
 from server.store import TASK_ID
 from server.tasks import Tasks
@@ -34,21 +33,19 @@ def _services(request: Request) -> Services:
 
 
 def get_engine(request: Request) -> Engine:
+    """The Engine service (in Ray mode, a stand-in with the same methods that calls the replicas)."""
     return _services(request).engine
 
 
 def get_tasks(request: Request) -> Tasks:
+    """The Tasks service (in Ray mode, a stand-in with the same methods that calls the store's writer)."""
     return _services(request).tasks
 
 
-def get_metrics(request: Request) -> Metrics:
-    return _services(request).metrics
-
-
-def get_quarantined(request: Request) -> dict[str, str]:
+async def get_quarantined(request: Request) -> dict[str, str]:
     """Quarantined task id -> reason; empty while the services are starting."""
     services: Services | None = getattr(request.app.state, "services", None)
-    return dict(services.store.quarantined) if services is not None else {}
+    return await services.quarantined() if services is not None else {}
 
 
 TaskId = Annotated[
@@ -58,7 +55,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 QuarantinedDep = Annotated[dict[str, str], Depends(get_quarantined)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 TasksDep = Annotated[Tasks, Depends(get_tasks)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ServicesDep = Annotated[Services, Depends(_services)]
 
 
 DISABLED = (

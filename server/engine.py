@@ -163,7 +163,7 @@ class Engine:
                 store.quarantine(task_id, f"version {version} failed {count} times in a row: {failure.message}")
                 self.cache.forget(task_id)
 
-    def backbone_info(self) -> BackboneInfo:
+    async def backbone_info(self) -> BackboneInfo:
         backbone = self.executor.backbone
         return BackboneInfo(
             name=backbone.name,

@@ -11,8 +11,9 @@ import argparse
 import logging
 import signal
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import torch
 from fastapi import FastAPI
@@ -34,17 +35,34 @@ def log_management(settings: Settings) -> None:
     log.log(level, settings.management_message)
 
 
-def create_app(settings: Settings | None = None, backbone: FrozenBackbone | None = None) -> FastAPI:
-    """The ASGI app. ``backbone`` lets tests pass a small model; otherwise it is built from settings."""
+ServicesFactory = Callable[[Settings], Awaitable[Any]]
+
+
+def create_app(
+    settings: Settings | None = None,
+    backbone: FrozenBackbone | None = None,
+    services: ServicesFactory | None = None,
+) -> FastAPI:
+    """The ASGI app.
+
+    Args:
+        settings: every setting (default: from the environment).
+        backbone: a backbone to serve instead of the one the settings name (tests pass a small one).
+        services: builds the services the routes call, instead of this process's own
+            (``server/scale`` passes one whose Engine and Tasks call Ray Serve replicas).
+    """
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        services = build_services(settings, backbone or load_backbone(settings))
-        services.start()
-        app.state.services, app.state.metrics = services, services.metrics
+        if services is not None:
+            built = await services(settings)
+        else:
+            built = build_services(settings, backbone or load_backbone(settings))
+        built.start()
+        app.state.services, app.state.metrics = built, built.metrics
         app.state.ready = True
         log_management(settings)
         log.info("ready: serving store %s", settings.store_dir)
@@ -52,7 +70,7 @@ def create_app(settings: Settings | None = None, backbone: FrozenBackbone | None
             yield
         finally:
             app.state.ready = False
-            await services.stop()
+            await built.stop()
 
     app = FastAPI(
         title="Sidecar",
@@ -96,6 +114,11 @@ def run(argv: list[str] | None = None) -> None:
 
     settings = Settings(**vars(_flags().parse_args(argv)))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.ray:
+        from server.scale.ray_app import serve_forever
+
+        serve_forever(settings)
+        return
     # uvicorn drains in-flight requests on SIGTERM, then restores the previous handler and raises the
     # signal again; this handler makes that requested, graceful stop exit 0 instead of dying of SIGTERM.
     signal.signal(signal.SIGTERM, lambda *_: log.info("stopped on SIGTERM after finishing in-flight requests"))

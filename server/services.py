@@ -64,6 +64,14 @@ class Services:
         self.tuner_cache.close()
         self.executor.close()
 
+    async def metrics_text(self) -> bytes:
+        """This process's Prometheus metrics (a Ray ingress merges its replicas' instead)."""
+        return self.metrics.render()
+
+    async def quarantined(self) -> dict[str, str]:
+        """Quarantined task id -> why it is not served."""
+        return dict(self.store.quarantined)
+
 
 def task_compiler(backbone: FrozenBackbone, cache_dir: Path, device: str, threads: int) -> Compiler:
     """Compiles a side task to ONNX Runtime; graphs are kept on disk under ``cache_dir``, named by their content."""

@@ -112,6 +112,17 @@ class TaskStore:
         except TaskQuarantined as e:
             self.quarantine(task_id, e.message)
 
+    def is_task(self, name: str) -> bool:
+        """Whether ``name`` in the store root is a task folder."""
+        return bool(TASK_ID.fullmatch(name)) and (self.root / name).is_dir()
+
+    def refresh(self, task_id: str) -> None:
+        """Forgets what this process knew of ``task_id`` and reads it again (another process wrote it)."""
+        self._known.pop(task_id, None)
+        self.quarantined.pop(task_id, None)
+        if (self.root / task_id).is_dir():
+            self._check(task_id)
+
     def quarantine(self, task_id: str, reason: str) -> None:
         """Stops serving ``task_id``'s current version (kept on disk) until a rollback or an upload."""
         self.quarantined[task_id] = reason

@@ -12,6 +12,9 @@ class ArtifactError(ValueError):
         self.problems = problems
         super().__init__(f"invalid artifact ({len(problems)} problems): " + "; ".join(problems))
 
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.problems,))  # pickles as itself (across Ray replicas), message intact
+
 
 class IncompatibleBackboneError(ValueError):
     """An artifact was trained on other backbone weights than the ones loaded."""

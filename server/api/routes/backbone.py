@@ -12,4 +12,4 @@ router = APIRouter(tags=["backbone"])
 
 @router.get("/v1/backbone", response_model=BackboneInfo)
 async def backbone_info(engine: EngineDep) -> BackboneInfo:
-    return engine.backbone_info()
+    return await engine.backbone_info()

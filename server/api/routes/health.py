@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.deps import MetricsDep, QuarantinedDep, SettingsDep
+from server.deps import QuarantinedDep, ServicesDep, SettingsDep
 
 router = APIRouter(tags=["health"])
 
@@ -38,8 +38,8 @@ async def readyz(request: Request, settings: SettingsDep, quarantined: Quarantin
         }
     },
 )
-async def metrics(metrics: MetricsDep) -> Response:
-    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(services: ServicesDep) -> Response:
+    return Response(await services.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
 
 WEB = {"": ("index.html", "text/html; charset=utf-8"), "app.js": ("app.js", "text/javascript; charset=utf-8"),

@@ -1,0 +1,120 @@
+"""The Ray Serve application: ``server-serve --ray``, or ``serve run server.scale.ray_app:app``.
+
+Three deployments (SCALE_OUT.md):
+
+- ``Api``: Sidecar's own FastAPI app (``create_app``) behind ``@serve.ingress``, so the HTTP API,
+  errors, auth, audit, ``/readyz`` and ``/metrics`` are those of the single-process server; its
+  services call the others (``remote.py``).
+- ``Engine``: ``ray_replicas`` engine replicas (or autoscaled between ``ray_min_replicas`` and
+  ``ray_max_replicas``), each with ``ray_replica_cpus`` CPUs and ``ray_replica_gpus`` GPUs.
+- ``Writer``: the store's only writer (one replica).
+
+The store is a path every replica reaches: a local folder on one machine, a shared volume on a
+cluster. No ``@serve.batch``: it would split batches by task and lose the shared backbone pass;
+each engine replica batches with its own batcher instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from server.config import Settings
+from server.engine import Limits
+from server.main import create_app
+from server.metrics import Metrics
+from server.scale.remote import RemoteEngine, RemoteServices, RemoteTasks
+from server.scale.replicas import EngineReplica, StoreWriter
+
+log = logging.getLogger(__name__)
+APP = "sidecar"
+# Ray on a machine with no network, reachable on loopback only (SCALE_OUT.md, section 2).
+OFFLINE_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+class Api:
+    """The ingress replica. Its app's lifespan reaches the other deployments by name; binding them
+    here makes them part of the application."""
+
+    def __init__(self, engines: DeploymentHandle, writer: DeploymentHandle) -> None:
+        self.engines, self.writer = engines, writer
+
+
+async def remote_services(settings: Settings) -> RemoteServices:
+    app_name = serve.get_replica_context().app_name
+    engines = serve.get_deployment_handle("Engine", app_name)
+    writer = serve.get_deployment_handle("Writer", app_name)
+    limits = Limits(settings.max_request_bytes, settings.max_image_pixels, settings.max_tasks_per_request)
+    return RemoteServices(RemoteEngine(engines, limits), RemoteTasks(writer, engines), Metrics(), engines, writer)
+
+
+def engine_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": settings.ray_replica_cpus, "num_gpus": settings.ray_replica_gpus},
+        "max_ongoing_requests": max(16, 2 * settings.max_batch_size),  # room to fill a batch
+        "health_check_period_s": 2,
+        "graceful_shutdown_timeout_s": min(settings.shutdown_timeout, 30),
+        "graceful_shutdown_wait_loop_s": 0.1,
+    }
+    if settings.ray_max_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": settings.ray_min_replicas,
+            "initial_replicas": settings.ray_replicas,
+            "max_replicas": settings.ray_max_replicas,
+        }
+    else:
+        options["num_replicas"] = settings.ray_replicas
+    return options
+
+
+def build_app(settings: Settings) -> Application:
+    """The bound application; paths become absolute, since replicas may start in other folders."""
+    settings = settings.model_copy(
+        update={"store_dir": settings.store_dir.resolve(), "cache_dir": settings.cache_dir.resolve()}
+    )
+    replica = EngineReplica.with_routing(settings.ray_max_tasks_per_replica)
+    engine = serve.deployment(replica, name="Engine", **engine_options(settings))
+    writer = serve.deployment(
+        StoreWriter, name="Writer", num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64
+    )
+    ingress = serve.deployment(
+        serve.ingress(create_app(settings, services=remote_services))(Api),
+        name="Api",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=256,
+    )
+    return ingress.bind(engine.bind(settings), writer.bind(settings))
+
+
+def serve_forever(settings: Settings) -> None:
+    """``server-serve --ray``: joins (or starts) Ray, serves on ``host:port`` until SIGTERM or SIGINT."""
+    import ray
+
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(address=settings.ray_address, include_dashboard=False, namespace=APP, log_to_driver=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_app(settings), name=APP, route_prefix="/")
+    log.info("serving on Ray at http://%s:%d with %d engine replicas", settings.host, settings.port,
+             settings.ray_replicas)  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
+
+
+def __getattr__(name: str) -> Application:
+    """``serve run server.scale.ray_app:app`` builds the application from the environment's settings."""
+    if name == "app":
+        return build_app(Settings())
+    raise AttributeError(name)

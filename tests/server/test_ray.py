@@ -1,0 +1,207 @@
+"""Scale-out on a real local Ray Serve: 2 engine replicas of the small test backbone behind the same
+HTTP API. Routing by residency, one backbone pass per fan-out, versions reaching every replica,
+a replica killed under load, deletes everywhere, per-replica metrics, and no process left behind."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from clients import SidecarClient
+from models.postprocess import PostprocessConfig
+from server.exceptions import Overloaded, UnknownTask
+from tests.server.conftest import free_port, settings
+from tuners.errors import ArtifactError
+
+ray = pytest.importorskip("ray", reason="Ray Serve is not installed: make test installs the 'ray' extra")
+pytestmark = pytest.mark.ray
+
+
+def _children(pid: int) -> set[int]:
+    """Every descendant of ``pid``, from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+@dataclass
+class Cluster:
+    url: str
+    engines: object  # DeploymentHandle of the engine replicas
+
+    def snapshots(self) -> list[dict]:
+        return sorted(self.engines.broadcast("snapshot").results(timeout_s=10), key=lambda s: s["pid"])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    from ray import serve
+
+    from server.scale.ray_app import APP, OFFLINE_ENV, build_app
+
+    os.environ.update(OFFLINE_ENV)
+    temp = tempfile.mkdtemp(prefix="sdray-", dir="/tmp")  # short: Ray keeps unix sockets here
+    work = tmp_path_factory.mktemp("ray")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False, namespace="sidecar-test")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = settings(work / "store", cache_dir=work / "cache", ray_replicas=2, ray_replica_cpus=0.25, threads=1)
+    serve.run(build_app(config), name=APP, route_prefix="/")
+    started = _children(os.getpid())
+    try:
+        yield Cluster(f"http://127.0.0.1:{port}", serve.get_deployment_handle("Engine", APP))
+    finally:
+        started |= _children(os.getpid())
+        serve.shutdown()
+        ray.shutdown()
+        deadline = time.time() + 20
+        while _alive(started) and time.time() < deadline:
+            time.sleep(0.2)
+        left = _alive(started)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"Ray left processes behind: {sorted(left)}"
+
+
+def _served_by(cluster: Cluster, request) -> tuple[dict, dict]:  # noqa: ANN001
+    """(the response, the snapshot before it of the replica that served it)."""
+    before = {s["pid"]: s for s in cluster.snapshots()}
+    answer = request()
+    after = {s["pid"]: s for s in cluster.snapshots()}
+    moved = [pid for pid in after if pid in before and after[pid]["images_served"] > before[pid]["images_served"]]
+    assert len(moved) == 1, moved
+    return answer, before[moved[0]]
+
+
+def test_tasks_route_to_the_replica_that_holds_them(cluster: Cluster, artifacts, photo_bytes):
+    tasks = [f"t{i}" for i in range(6)]
+    with SidecarClient(cluster.url) as client:
+        for i, task in enumerate(tasks):
+            assert client.upload_task(task, artifacts[f"side{i}"])["version"] == 1
+        for task in tasks:  # first touch: each task loads where it lands
+            client.detect(photo_bytes, [task])
+        hits = 0
+        for task in tasks * 3:
+            answer, replica = _served_by(cluster, lambda t=task: client.detect(photo_bytes, [t]))
+            assert answer["results"][0]["task"] == task
+            hits += task in replica["resident"]
+        assert hits >= 0.9 * len(tasks) * 3, hits  # repeated requests go where the task already is
+        holders = {t: sum(t in s["resident"] for s in cluster.snapshots()) for t in tasks}
+        assert all(n <= 2 for n in holders.values()) and sum(n == 1 for n in holders.values()) >= 4, holders
+
+
+def test_a_fan_out_makes_one_backbone_pass_on_one_replica(cluster: Cluster, photo_bytes):
+    with SidecarClient(cluster.url) as client:
+        before = {s["pid"]: s["backbone_passes"] for s in cluster.snapshots()}
+        answer = client.detect(photo_bytes, ["t3", "t0", "t2", "t1"])
+        after = {s["pid"]: s["backbone_passes"] for s in cluster.snapshots()}
+    assert answer["backbone_passes"] == 1 and [r["task"] for r in answer["results"]] == ["t3", "t0", "t2", "t1"]
+    assert sorted(after[p] - before[p] for p in after) == [0, 1]  # one pass, on one replica
+
+
+def test_a_new_version_is_what_every_replica_serves_once_the_upload_answers(cluster: Cluster, artifacts, photo_bytes):
+    with SidecarClient(cluster.url) as client:
+        assert client.upload_task("t0", artifacts["side6"])["version"] == 2
+        everywhere = cluster.engines.broadcast("detect", photo_bytes, ["t0"], PostprocessConfig()).results(
+            timeout_s=30
+        )
+        assert len(everywhere) == 2 and {r.results[0].version for r in everywhere} == {2}
+        assert client.detect(photo_bytes, ["t0"])["results"][0]["version"] == 2
+        assert client.detect(photo_bytes, ["t0@1"])["results"][0]["version"] == 1
+
+
+def test_a_killed_replica_costs_at_most_its_requests_in_flight(cluster: Cluster, photo_bytes):
+    victim = cluster.snapshots()[0]["pid"]
+    statuses: list[tuple[int, str | None]] = []
+
+    def ask() -> None:
+        for i in range(5):
+            r = httpx.post(f"{cluster.url}/v1/detect", params={"tasks": f"t{i}"}, content=photo_bytes,
+                           headers={"content-type": "image/png"}, timeout=60)  # fmt: skip
+            statuses.append((r.status_code, r.headers.get("retry-after")))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    os.kill(victim, signal.SIGKILL)
+    for t in threads:
+        t.join()
+    assert len(statuses) == 20
+    assert all(code == 200 or (code == 503 and retry) for code, retry in statuses), statuses
+    deadline = time.time() + 60
+    while time.time() < deadline:  # Ray replaces the replica
+        pids = [s["pid"] for s in cluster.snapshots()]
+        if len(pids) == 2 and victim not in pids:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the killed replica was not replaced within 60 s")
+
+
+def test_a_deleted_task_is_unknown_on_every_replica(cluster: Cluster, photo_bytes):
+    with SidecarClient(cluster.url) as client:
+        client.delete_task("t5")
+        answers = cluster.engines.broadcast("detect", photo_bytes, ["t5"], PostprocessConfig()).results(
+            timeout_s=30, return_exceptions=True
+        )
+        assert len(answers) == 2 and all(isinstance(a, UnknownTask) for a in answers), answers
+        r = httpx.post(f"{cluster.url}/v1/detect", params={"tasks": "t5"}, content=photo_bytes,
+                       headers={"content-type": "image/png"})  # fmt: skip
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_task"
+
+
+def test_the_http_api_is_the_single_process_one(cluster: Cluster):
+    from server.main import create_app
+
+    assert httpx.get(f"{cluster.url}/readyz").json()["ready"] is True
+    served = httpx.get(f"{cluster.url}/openapi.json").json()["paths"]
+    assert served.keys() == create_app(settings(Path("unused"))).openapi()["paths"].keys()
+    r = httpx.get(f"{cluster.url}/v1/tasks/nope")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "unknown_task") and r.headers["x-request-id"]
+    metrics = httpx.get(f"{cluster.url}/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    replicas = {line.split('replica="')[1].split('"')[0] for line in metrics.text.splitlines() if 'replica="' in line}
+    assert len(replicas) == 2  # each replica's registry, labelled
+    assert "sidecar_tuner_cache_resident_bytes{replica=" in metrics.text
+    with SidecarClient(cluster.url) as client:
+        assert client.backbone()["name"] == "mobilenet_v2"
+        assert {t["id"]: t["residency"] for t in client.list_tasks()}["t0"] == "device"
+
+
+def test_domain_errors_pickle_as_themselves():
+    for error in (UnknownTask("no task 'x'"), Overloaded("busy", retry_after=3), ArtifactError(["a", "b"])):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)
+    assert pickle.loads(pickle.dumps(Overloaded("busy", retry_after=3))).retry_after == 3
