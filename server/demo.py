@@ -31,7 +31,7 @@ def ensure_demo_tasks(store_dir: Path, work: Path, image_size: int = 320) -> lis
     made = []
     backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=image_size))
     for task, (images, epochs, lr) in DEMO_TASKS.items():
-        if store.current(task) is not None:
+        if store.is_task(task):  # present in any state, even quarantined: never trained over
             continue
         data, run = work / "data" / task, work / "runs" / task
         log.info("demo task %s: server-data synth --task %s --images %d --seed 0 --out %s", task, task, images, data)

@@ -185,3 +185,13 @@ def test_a_quarantined_task_is_never_served_but_an_explicit_version_is(tmp_path:
     with pytest.raises(TaskQuarantined):
         store.get("t")
     assert store.get("t", 1).version == 1 and store.list() == []
+
+
+def test_make_serve_finds_its_demo_tasks_and_trains_nothing(tmp_path: Path, artifacts, monkeypatch):
+    import server.demo as demo
+
+    store = TaskStore(tmp_path / "store")
+    for task in demo.DEMO_TASKS:
+        store.publish(task, *_files(artifacts["side0"]), lambda _: None)
+    monkeypatch.setattr(demo, "Trainer", lambda *a, **k: pytest.fail("a demo task present in the store was retrained"))
+    assert demo.ensure_demo_tasks(tmp_path / "store", tmp_path / "work") == []

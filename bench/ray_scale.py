@@ -1,0 +1,130 @@
+"""Ray Serve scale-out on this machine: 1 against 2 engine replicas, against one process.
+
+Real offline mobilenet_v2 at 320 px, 20 untrained ``cst`` tasks (timing does not depend on the
+weights), a JPEG photo, ``score_threshold=0.3``, closed loops of C clients over HTTP:
+
+- single-task requests, each naming one of the 20 tasks uniformly;
+- fan-out requests, each naming 4 of the 20 uniformly (one backbone pass each, on one replica).
+
+Replicas get 1 CPU and 1 thread each; Ray is started with 3 logical CPUs so the ingress and the
+writer (0.1 CPU each) fit beside two replicas. **This machine has 2 cores**, so 2 replicas can at
+most double 1 replica's throughput, and the ingress, proxy and clients share the same cores.
+The single-process server (``server-serve``, default settings) runs the same loads in the same
+run, which prices the proxy and handle hops. Uploads: the PUT latency, which includes the
+broadcast to every replica (a replica never serves a replaced version once the PUT answered).
+
+Run: ``.venv/bin/python -m bench.ray_scale`` (about 5 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.load import LoadResult, Server, closed_loop, free_port, histogram_count, jpeg
+from bench.serve_load import POST, make_tasks, upload
+from models import PreprocessSpec, build_backbone
+
+K = 4
+
+
+def loads(url: str, ids: list[str], image: bytes, clients: int, seconds: float) -> dict[str, LoadResult]:
+    headers = {"content-type": "image/jpeg"}
+
+    def single(http: httpx.Client, rng) -> httpx.Response:  # noqa: ANN001
+        return http.post("/v1/detect", params={**POST, "tasks": rng.choice(ids)}, content=image, headers=headers)
+
+    def fan_out(http: httpx.Client, rng) -> httpx.Response:  # noqa: ANN001
+        return http.post("/v1/detect", params={**POST, "tasks": ",".join(rng.sample(ids, K))}, content=image,
+                         headers=headers)  # fmt: skip
+
+    for task_id in ids:  # first touch of each task, outside the timing
+        httpx.post(f"{url}/v1/detect", params={**POST, "tasks": task_id}, content=image, headers=headers, timeout=120)
+    return {
+        "single task": closed_loop(url, clients, seconds, single),
+        f"fan-out K={K}": closed_loop(url, clients, seconds, fan_out),
+    }
+
+
+def put_latency(url: str, folder: Path, n: int = 8) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        upload(url, "propagation", folder)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def on_ray(replicas: int, tasks: list[Path], image: bytes, args: argparse.Namespace, work: Path) -> dict:
+    import ray
+    from ray import serve
+
+    from server.config import Settings
+    from server.scale.ray_app import APP, OFFLINE_ENV, build_app
+
+    os.environ.update(OFFLINE_ENV)
+    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="sdb-", dir="/tmp"),
+             log_to_driver=False, namespace="sidecar-bench")  # fmt: skip
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = Settings(store_dir=work / f"store-ray{replicas}", cache_dir=work / "cache", ray_replicas=replicas,
+                            ray_replica_cpus=1.0, threads=1)  # fmt: skip
+        serve.run(build_app(settings), name=APP, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        ids = [f"t{i}" for i in range(len(tasks))]
+        for task_id, folder in zip(ids, tasks):
+            upload(url, task_id, folder)
+        out = loads(url, ids, image, args.clients, args.seconds)
+        metrics = httpx.get(f"{url}/metrics").text
+        colds = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("sidecar_cold_load_seconds_count"))  # fmt: skip
+        return {"loads": out, "cold_per_task": colds / len(ids), "put_ms": put_latency(url, tasks[0])}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def single_process(tasks: list[Path], image: bytes, args: argparse.Namespace, work: Path) -> dict:
+    with Server(work / "store-single") as server:
+        ids = [f"t{i}" for i in range(len(tasks))]
+        for task_id, folder in zip(ids, tasks):
+            upload(server.url, task_id, folder)
+        out = loads(server.url, ids, image, args.clients, args.seconds)
+        colds = histogram_count(httpx.get(f"{server.url}/metrics").text, "sidecar_cold_load_seconds")
+        return {"loads": out, "cold_per_task": colds / len(ids), "put_ms": put_latency(server.url, tasks[0])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="sidecar-ray-bench-"))
+    backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
+    tasks, image = make_tasks(backbone, args.tasks, "cst", work / "artifacts"), jpeg()
+    runs = {
+        "one process": single_process(tasks, image, args, work),
+        "Ray, 1 replica": on_ray(1, tasks, image, args, work),
+        "Ray, 2 replicas": on_ray(2, tasks, image, args, work),
+    }
+    print(f"\n| server | load (C={args.clients}) | req/s | p50 ms | p99 ms | cold loads per task | PUT p50 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for name, run in runs.items():
+        for label, r in run["loads"].items():
+            print(f"| {name} | {label} | {r.rps:.1f} | {r.quantile(0.5) * 1e3:.0f} | {r.quantile(0.99) * 1e3:.0f} | "
+                  f"{run['cold_per_task']:.2f} | {run['put_ms']:.0f} |")  # fmt: skip
+    for label in runs["Ray, 1 replica"]["loads"]:
+        one, two = runs["Ray, 1 replica"]["loads"][label].rps, runs["Ray, 2 replicas"]["loads"][label].rps
+        print(f"- {label}: 2 replicas / 1 replica = {two / one:.2f} (at most 2.0, and less on 2 cores)")
+
+
+if __name__ == "__main__":
+    main()
