@@ -55,3 +55,16 @@ async def read_files(form: FormData, names: tuple[str, ...]) -> dict[str, bytes 
     """The bytes of each named file part (``None`` when absent or not a file)."""
     found = {name: form.get(name) for name in names}
     return {name: await part.read() if isinstance(part, UploadFile) else None for name, part in found.items()}
+
+
+def multipart_body(required: list[str], properties: dict[str, dict], raw_image: bool = False) -> dict:
+    """``openapi_extra`` declaring a required multipart body (and, with ``raw_image``, a raw ``image/*`` one)."""
+    content: dict[str, dict] = {
+        "multipart/form-data": {"schema": {"type": "object", "required": required, "properties": properties}}
+    }
+    if raw_image:
+        content["image/*"] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+BINARY = {"type": "string", "format": "binary"}

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import uvicorn
@@ -78,6 +82,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_server(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``server-serve`` on the small random backbone in a subprocess, once ``/readyz`` answers 200.
+
+    Returns the process (the caller terminates it) and its base URL.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "server.main", "--weights", "random", "--image-size", "64", "--port", str(port),
+               "--store-dir", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+               "--log-level", "warning", *flags]  # fmt: skip
+    server = subprocess.Popen(command, env={**os.environ, **(env or {})}, cwd=Path(__file__).parents[2])
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+    while True:
+        if time.time() > deadline or server.poll() is not None:
+            server.kill()
+            raise RuntimeError("server-serve did not start")
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            time.sleep(0.2)
 
 
 def settings(store: Path, **overrides: object) -> Settings:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from server.imaging import decode_image
 from server.main import create_app
 from server.metrics import Metrics
 from server.store import TaskStore
-from tests.server.conftest import LiveServer, free_port, make_artifact, settings
+from tests.server.conftest import LiveServer, make_artifact, settings, spawn_server
 from tuners.artifact import MANIFEST, WEIGHTS, load_artifact, save_artifact
 
 
@@ -85,21 +83,8 @@ def _big_jpeg() -> bytes:
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path: Path, artifacts):
-    port = free_port()
-    command = [sys.executable, "-m", "server.main", "--weights", "random", "--image-size", "64", "--port", str(port),
-               "--store-dir", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
-               "--log-level", "warning"]  # fmt: skip
-    server = subprocess.Popen(command, cwd=Path(__file__).parents[2])
-    url = f"http://127.0.0.1:{port}"
+    server, url = spawn_server(tmp_path)
     try:
-        deadline = time.time() + 120
-        while True:
-            assert time.time() < deadline and server.poll() is None, "server-serve did not start"
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         with SidecarClient(url) as client:
             for i in range(4):
                 client.upload_task(f"t{i}", artifacts[f"side{i}"])

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.server.conftest import free_port
+from tests.server.conftest import spawn_server
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -66,21 +64,11 @@ def _chunked_upload(port: int, path: str, total: int, content_type: str) -> tupl
 
 
 def test_a_2_gib_chunked_upload_stops_at_the_limit_in_memory_and_on_disk(tmp_path: Path):
-    port, temp = free_port(), tmp_path / "tmp"
+    temp = tmp_path / "tmp"
     temp.mkdir()
-    command = [sys.executable, "-m", "server.main", "--weights", "random", "--image-size", "64", "--port", str(port),
-               "--store-dir", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
-               "--max-upload-bytes", str(MiB), "--log-level", "warning"]  # fmt: skip
-    server = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(temp)}, cwd=Path(__file__).parents[2])
+    server, url = spawn_server(tmp_path, "--max-upload-bytes", str(MiB), env={"TMPDIR": str(temp)})
+    port = int(url.rsplit(":", 1)[1])
     try:
-        deadline = time.time() + 120
-        while True:
-            assert time.time() < deadline and server.poll() is None, "server-serve did not start"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         rss_before, peaks, done = _rss(server.pid), {"rss": 0, "temp": 0}, threading.Event()
         temp_before = sorted(temp.iterdir())  # what the libraries left at start-up
 
@@ -100,10 +88,10 @@ def test_a_2_gib_chunked_upload_stops_at_the_limit_in_memory_and_on_disk(tmp_pat
         assert peaks["temp"] <= MiB + 64 * 1024  # spooled parts never exceed the limit
         assert peaks["rss"] - rss_before < 48 * MiB, (peaks["rss"] - rss_before) / MiB
         assert _temp_bytes(server.pid, temp) == 0 and sorted(temp.iterdir()) == temp_before  # gone afterwards
-        r = httpx.put(f"http://127.0.0.1:{port}/v1/tasks/t", content=b"x" * (2 * MiB),
+        r = httpx.put(f"{url}/v1/tasks/t", content=b"x" * (2 * MiB),
                       headers={"content-type": "multipart/form-data; boundary=XyZ"})  # fmt: skip
         assert r.status_code == 413  # a declared Content-Length over the limit: refused before reading
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        assert httpx.get(f"{url}/healthz").status_code == 200
     finally:
         server.terminate()
         server.wait(30)

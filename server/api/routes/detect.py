@@ -9,50 +9,16 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query, Request
 
 from models.postprocess import PostprocessConfig
-from server.api.bodies import read_body, read_files, read_form
+from server.api.bodies import BINARY, multipart_body, read_body, read_files, read_form
 from server.deps import EngineDep, SettingsDep, TaskId, ensure_ready, require_inference
 from server.exceptions import InvalidRequest
 from server.schemas import ERRORS, DetectResponse
 
 router = APIRouter(tags=["detect"], dependencies=[Depends(ensure_ready), Depends(require_inference)])
 
-BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image", "tasks"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "tasks": {
-                            "type": "string",
-                            "minLength": 1,
-                            "description": "comma-separated task ids, each optionally @version",
-                        },
-                    },
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-ONE_BODY = {  # the single-task shortcut: the task is in the path
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {"image": {"type": "string", "format": "binary"}},
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
+TASKS = {"type": "string", "minLength": 1, "description": "comma-separated task ids, each optionally @version"}
+BODY = multipart_body(["image", "tasks"], {"image": BINARY, "tasks": TASKS}, raw_image=True)
+ONE_BODY = multipart_body(["image"], {"image": BINARY}, raw_image=True)  # the single-task shortcut: task in the path
 
 
 async def read_image_and_tasks(request: Request, limit: int, query_tasks: str | None) -> tuple[bytes, str | None]:

@@ -9,30 +9,17 @@ import hashlib
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from server.api.bodies import read_files, read_form
+from server.api.bodies import BINARY, multipart_body, read_files, read_form
 from server.deps import SettingsDep, TaskId, TasksDep, ensure_ready, require_admin
 from server.schemas import ERRORS, TaskInfo, TaskList, TaskVersions
 from tuners.errors import ArtifactError
 
 router = APIRouter(tags=["tasks"], dependencies=[Depends(ensure_ready)])
 ADMIN = [Depends(require_admin)]
-UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["weights", "config"],
-                    "properties": {
-                        "weights": {"type": "string", "format": "binary", "description": "tuner.safetensors"},
-                        "config": {"type": "string", "format": "binary", "description": "tuner.json"},
-                    },
-                }
-            }
-        },
-    }
-}
+UPLOAD_BODY = multipart_body(
+    ["weights", "config"],
+    {"weights": {**BINARY, "description": "tuner.safetensors"}, "config": {**BINARY, "description": "tuner.json"}},
+)
 
 
 async def read_upload(request: Request, limit: int) -> tuple[bytes, bytes]:
