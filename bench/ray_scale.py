@@ -27,14 +27,23 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import LoadResult, Server, closed_loop, free_port, histogram_count, jpeg
+from bench.load import LoadResult, Server, closed_loop, free_port, jpeg
 from bench.serve_load import POST, make_tasks, upload
 from models import PreprocessSpec, build_backbone
 
 K = 4
 
 
-def loads(url: str, ids: list[str], image: bytes, clients: int, seconds: float) -> dict[str, LoadResult]:
+def cold_loads(url: str) -> float:
+    """Cold loads so far, summed over every replica's histogram (one registry, or one per replica)."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("sidecar_cold_load_seconds_count"))
+
+
+def loads(
+    url: str, ids: list[str], image: bytes, clients: int, seconds: float
+) -> dict[str, tuple[LoadResult | None, float]]:
+    """Each load's result, and the cold loads per task it caused (the first touch is not timed)."""
     headers = {"content-type": "image/jpeg"}
 
     def single(http: httpx.Client, rng) -> httpx.Response:  # noqa: ANN001
@@ -44,12 +53,17 @@ def loads(url: str, ids: list[str], image: bytes, clients: int, seconds: float) 
         return http.post("/v1/detect", params={**POST, "tasks": ",".join(rng.sample(ids, K))}, content=image,
                          headers=headers)  # fmt: skip
 
-    for task_id in ids:  # first touch of each task, outside the timing
+    before = cold_loads(url)
+    for task_id in ids:  # first touch of each task, outside the timing: where does it load?
         httpx.post(f"{url}/v1/detect", params={**POST, "tasks": task_id}, content=image, headers=headers, timeout=120)
-    return {
-        "single task": closed_loop(url, clients, seconds, single),
-        f"fan-out K={K}": closed_loop(url, clients, seconds, fan_out),
-    }
+    first = cold_loads(url)
+    out = {"first touch": (None, (first - before) / len(ids))}
+    before = first
+    for label, request in (("single task", single), (f"fan-out K={K}", fan_out)):
+        result = closed_loop(url, clients, seconds, request)
+        after = cold_loads(url)
+        out[label], before = (result, (after - before) / len(ids)), after
+    return out
 
 
 def put_latency(url: str, folder: Path, n: int = 8) -> float:
@@ -81,11 +95,7 @@ def on_ray(replicas: int, tasks: list[Path], image: bytes, args: argparse.Namesp
         ids = [f"t{i}" for i in range(len(tasks))]
         for task_id, folder in zip(ids, tasks):
             upload(url, task_id, folder)
-        out = loads(url, ids, image, args.clients, args.seconds)
-        metrics = httpx.get(f"{url}/metrics").text
-        colds = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                    if line.startswith("sidecar_cold_load_seconds_count"))  # fmt: skip
-        return {"loads": out, "cold_per_task": colds / len(ids), "put_ms": put_latency(url, tasks[0])}
+        return {"loads": loads(url, ids, image, args.clients, args.seconds), "put_ms": put_latency(url, tasks[0])}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -96,9 +106,10 @@ def single_process(tasks: list[Path], image: bytes, args: argparse.Namespace, wo
         ids = [f"t{i}" for i in range(len(tasks))]
         for task_id, folder in zip(ids, tasks):
             upload(server.url, task_id, folder)
-        out = loads(server.url, ids, image, args.clients, args.seconds)
-        colds = histogram_count(httpx.get(f"{server.url}/metrics").text, "sidecar_cold_load_seconds")
-        return {"loads": out, "cold_per_task": colds / len(ids), "put_ms": put_latency(server.url, tasks[0])}
+        return {
+            "loads": loads(server.url, ids, image, args.clients, args.seconds),
+            "put_ms": put_latency(server.url, tasks[0]),
+        }
 
 
 def main() -> None:
@@ -118,11 +129,11 @@ def main() -> None:
     print(f"\n| server | load (C={args.clients}) | req/s | p50 ms | p99 ms | cold loads per task | PUT p50 ms |")
     print("|---|---|---|---|---|---|---|")
     for name, run in runs.items():
-        for label, r in run["loads"].items():
-            print(f"| {name} | {label} | {r.rps:.1f} | {r.quantile(0.5) * 1e3:.0f} | {r.quantile(0.99) * 1e3:.0f} | "
-                  f"{run['cold_per_task']:.2f} | {run['put_ms']:.0f} |")  # fmt: skip
-    for label in runs["Ray, 1 replica"]["loads"]:
-        one, two = runs["Ray, 1 replica"]["loads"][label].rps, runs["Ray, 2 replicas"]["loads"][label].rps
+        for label, (r, cold) in run["loads"].items():
+            timed = f"{r.rps:.1f} | {r.quantile(0.5) * 1e3:.0f} | {r.quantile(0.99) * 1e3:.0f}" if r else "- | - | -"
+            print(f"| {name} | {label} | {timed} | {cold:.2f} | {run['put_ms']:.0f} |")
+    for label in ("single task", f"fan-out K={K}"):
+        one, two = runs["Ray, 1 replica"]["loads"][label][0].rps, runs["Ray, 2 replicas"]["loads"][label][0].rps
         print(f"- {label}: 2 replicas / 1 replica = {two / one:.2f} (at most 2.0, and less on 2 cores)")
 
 

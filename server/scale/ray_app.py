@@ -17,6 +17,7 @@ each engine replica batches with its own batcher instead.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -100,7 +101,14 @@ def serve_forever(settings: Settings) -> None:
 
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(address=settings.ray_address, include_dashboard=False, namespace=APP, log_to_driver=False)
+    options: dict[str, Any] = {}
+    if settings.ray_address is None:  # a local Ray: logical CPUs for every replica, the ingress and the writer
+        wanted = settings.ray_replica_cpus * max(settings.ray_replicas, settings.ray_max_replicas) + 0.2
+        options["num_cpus"] = max(os.cpu_count() or 1, math.ceil(wanted))
+        if options["num_cpus"] > (os.cpu_count() or 1):
+            log.warning("a local Ray with %d logical CPUs on %d cores: replicas will share cores",
+                        options["num_cpus"], os.cpu_count())  # fmt: skip
+    ray.init(address=settings.ray_address, include_dashboard=False, namespace=APP, log_to_driver=False, **options)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(settings), name=APP, route_prefix="/")
     log.info("serving on Ray at http://%s:%d with %d engine replicas", settings.host, settings.port,
@@ -109,7 +117,10 @@ def serve_forever(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    serve.shutdown()
+    # Bounded: Serve's graceful shutdown waits on replicas, which can hang if Ray itself is going down.
+    closing = threading.Thread(target=serve.shutdown, daemon=True)
+    closing.start()
+    closing.join(settings.shutdown_timeout + 10)
     ray.shutdown()
 
 
