@@ -56,21 +56,24 @@ class RemoteTasks:
     def __init__(self, writer: DeploymentHandle, engines: DeploymentHandle) -> None:
         self.writer, self.engines = writer, engines
 
-    async def _residency(self) -> dict[str, str]:
+    async def _residency(self) -> tuple[dict[str, str], set[str]]:
+        """Each task's best tier over the replicas, and the tasks some replica serves compiled."""
         order = {"device": 0, "host": 1}
         best: dict[str, str] = {}
+        compiled: set[str] = set()
         for snap in await snapshots(self.engines):
+            compiled |= set(snap["compiled"])
             for task_id, tier in snap["resident"].items():
                 if task_id not in best or order[tier] < order[best[task_id]]:
                     best[task_id] = tier
-        return best
+        return best, compiled
 
     async def list(self) -> TaskList:
-        found, resident = await self.writer.list.remote(), await self._residency()
-        return found.model_copy(update={"tasks": [_resident(t, resident) for t in found.tasks]})
+        found, seen = await self.writer.list.remote(), await self._residency()
+        return found.model_copy(update={"tasks": [_resident(t, *seen) for t in found.tasks]})
 
     async def get(self, task_id: str) -> TaskInfo:
-        return _resident(await self.writer.get.remote(task_id), await self._residency())
+        return _resident(await self.writer.get.remote(task_id), *await self._residency())
 
     async def publish(self, task_id: str, weights: bytes, config: bytes) -> TaskInfo:
         return await self.writer.publish.remote(task_id, weights, config)
@@ -91,8 +94,8 @@ class RemoteTasks:
         return await self.writer.rollback.remote(task_id, version)
 
 
-def _resident(info: TaskInfo, resident: dict[str, str]) -> TaskInfo:
-    return info.model_copy(update={"residency": resident.get(info.id)})
+def _resident(info: TaskInfo, resident: dict[str, str], compiled: set[str]) -> TaskInfo:
+    return info.model_copy(update={"residency": resident.get(info.id), "compiled": info.id in compiled})
 
 
 async def snapshots(engines: DeploymentHandle) -> list[dict[str, Any]]:

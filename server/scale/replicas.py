@@ -118,6 +118,7 @@ class EngineReplica:
         return {
             "pid": os.getpid(),
             "resident": {k[0]: tier for tier, entries in cache.tiers.items() for k in entries},
+            "compiled": sorted({k[0] for entries in cache.tiers.values() for k, e in entries.items() if e.compiled}),
             "backbone_passes": executor.backbone_image_passes,
             "images_served": int(self.services.metrics.images_served._value.get()),
             "state": self.state,
