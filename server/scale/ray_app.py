@@ -16,11 +16,13 @@ each engine replica batches with its own batcher instead.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from ray import serve
@@ -31,7 +33,7 @@ from server.config import Settings
 from server.engine import Limits
 from server.main import create_app
 from server.metrics import Metrics
-from server.scale.remote import RemoteEngine, RemoteServices, RemoteTasks
+from server.scale.remote import RemoteEngine, RemoteServices, RemoteTasks, snapshots
 from server.scale.replicas import EngineReplica, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,15 @@ class Api:
 
 
 async def remote_services(settings: Settings) -> RemoteServices:
+    """Handles to the other deployments; returns once an engine replica answers, so /readyz means it."""
     app_name = serve.get_replica_context().app_name
     engines = serve.get_deployment_handle("Engine", app_name)
     writer = serve.get_deployment_handle("Writer", app_name)
+    deadline = time.monotonic() + 600
+    while not await snapshots(engines):
+        if time.monotonic() > deadline:
+            raise RuntimeError("no engine replica came up within 600 s")
+        await asyncio.sleep(0.5)
     limits = Limits(settings.max_request_bytes, settings.max_image_pixels, settings.max_tasks_per_request)
     return RemoteServices(RemoteEngine(engines, limits), RemoteTasks(writer, engines), Metrics(), engines, writer)
 
@@ -109,14 +117,15 @@ def serve_forever(settings: Settings) -> None:
             log.warning("a local Ray with %d logical CPUs on %d cores: replicas will share cores",
                         options["num_cpus"], os.cpu_count())  # fmt: skip
     ray.init(address=settings.ray_address, include_dashboard=False, namespace=APP, log_to_driver=False, **options)
+    stop = threading.Event()  # replaces the handler ray.init installs, which exits at once: stop gracefully
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(settings), name=APP, route_prefix="/")
     log.info("serving on Ray at http://%s:%d with %d engine replicas", settings.host, settings.port,
              settings.ray_replicas)  # fmt: skip
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    log.info("stopping: draining the replicas")
     # Bounded: Serve's graceful shutdown waits on replicas, which can hang if Ray itself is going down.
     closing = threading.Thread(target=serve.shutdown, daemon=True)
     closing.start()
