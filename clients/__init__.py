@@ -8,7 +8,10 @@ with SidecarClient("http://localhost:8000") as client:
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,29 @@ def _tls(verify: bool | str) -> bool | ssl.SSLContext:
 
 def _image_bytes(image: str | Path | bytes) -> bytes:
     return image if isinstance(image, bytes) else Path(image).read_bytes()
+
+
+@dataclass(frozen=True)
+class Retry:
+    """When a call is tried again: the request never reached the server (connection refused or
+    timed out while connecting), or the server answered 503 (overloaded, still starting). It waits
+    the 503's ``Retry-After``, else ``backoff_s`` doubling per attempt; at most ``attempts`` tries
+    within ``total_s`` seconds. A 4xx, or a failure after the request was sent, is never retried."""
+
+    attempts: int = 4
+    total_s: float = 30.0
+    backoff_s: float = 0.25
+
+    def delay(self, attempt: int, elapsed: float, response: httpx.Response | None) -> float | None:
+        """Seconds to wait before try ``attempt + 2``, or ``None`` to stop and report this outcome."""
+        if attempt + 1 >= self.attempts or (response is not None and response.status_code != 503):
+            return None
+        given = response.headers.get("retry-after", "") if response is not None else ""
+        wait = float(given) if given.isdigit() else self.backoff_s * 2**attempt
+        return wait if elapsed + wait <= self.total_s else None
+
+
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)  # safe to retry for any method
 
 
 @dataclass(frozen=True)
@@ -86,11 +112,21 @@ class SidecarClient:
     """Blocking client. ``api_key`` is sent as ``Authorization: Bearer``."""
 
     def __init__(
-        self, base_url: str, api_key: str | None = None, timeout: float = 60.0, verify: bool | str = True
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        verify: bool | str = True,
+        retry: Retry = Retry(),
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
-        """``verify``: check the server's TLS certificate (``True``), against a CA bundle or certificate path."""
+        """``verify``: check the server's TLS certificate (``True``), against a CA bundle or certificate path.
+        ``retry``: see :class:`Retry`. ``transport``: an httpx transport (tests, proxies)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=_tls(verify))
+        self.retry = retry
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=_tls(verify), transport=transport
+        )
 
     def __enter__(self) -> SidecarClient:
         return self
@@ -102,7 +138,19 @@ class SidecarClient:
         self._http.close()
 
     def _send(self, call: Call) -> Any:
-        response = self._http.request(call.method, call.path, **call.options)
+        start = time.monotonic()
+        for attempt in itertools.count():
+            try:
+                response = self._http.request(call.method, call.path, **call.options)
+            except NOT_SENT:
+                wait = self.retry.delay(attempt, time.monotonic() - start, None)
+                if wait is None:
+                    raise
+            else:
+                wait = self.retry.delay(attempt, time.monotonic() - start, response)
+                if wait is None:
+                    break
+            time.sleep(wait)
         _raise_for_error(response)
         return response.json() if response.content else None
 
@@ -147,18 +195,29 @@ class SidecarClient:
         return self._send(Call("GET", "/v1/backbone"))
 
     def ready(self) -> bool:
-        return self._http.get("/readyz").status_code == 200
+        """Whether the server answers and is ready; ``False`` also when it cannot be reached."""
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
 
 
 class AsyncSidecarClient:
     """The same calls for asyncio code: ``async with AsyncSidecarClient(url) as client: await client.detect(...)``."""
 
     def __init__(
-        self, base_url: str, api_key: str | None = None, timeout: float = 60.0, verify: bool | str = True
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        verify: bool | str = True,
+        retry: Retry = Retry(),
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.retry = retry
         self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=_tls(verify)
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=_tls(verify), transport=transport
         )
 
     async def __aenter__(self) -> AsyncSidecarClient:
@@ -171,7 +230,19 @@ class AsyncSidecarClient:
         await self._http.aclose()
 
     async def _send(self, call: Call) -> Any:
-        response = await self._http.request(call.method, call.path, **call.options)
+        start = time.monotonic()
+        for attempt in itertools.count():
+            try:
+                response = await self._http.request(call.method, call.path, **call.options)
+            except NOT_SENT:
+                wait = self.retry.delay(attempt, time.monotonic() - start, None)
+                if wait is None:
+                    raise
+            else:
+                wait = self.retry.delay(attempt, time.monotonic() - start, response)
+                if wait is None:
+                    break
+            await asyncio.sleep(wait)
         _raise_for_error(response)
         return response.json() if response.content else None
 
@@ -209,7 +280,10 @@ class AsyncSidecarClient:
         return await self._send(Call("GET", "/v1/backbone"))
 
     async def ready(self) -> bool:
-        return (await self._http.get("/readyz")).status_code == 200
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
 
 
-__all__ = ["AsyncSidecarClient", "SidecarClient", "SidecarError"]
+__all__ = ["AsyncSidecarClient", "Retry", "SidecarClient", "SidecarError"]
