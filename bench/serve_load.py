@@ -103,8 +103,9 @@ def uniform(ids: list[str], image: bytes):  # noqa: ANN201
 
 def hot_loads(url: str, ids: list[str], image: bytes, clients: int, seconds: float) -> dict[str, LoadResult]:
     out = {}
-    for task_id in ids:  # warm: each task resident (and compiled) before timing
-        detect([task_id], image)(httpx.Client(base_url=url), random.Random(0))
+    with httpx.Client(base_url=url, timeout=120) as http:
+        for task_id in ids:  # warm: each task resident (and compiled) before timing
+            detect([task_id], image)(http, random.Random(0))
     wait_compiled(url)
     out["one task, C=1"] = closed_loop(url, 1, seconds, detect(ids[:1], image))
     out[f"one task, C={clients}"] = closed_loop(url, clients, seconds, detect(ids[:1], image))

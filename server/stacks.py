@@ -59,7 +59,6 @@ class TaskStack:
         self.params, self.buffers = stack_module_state(wrappers)  # each [K, ...], copies of the members' tensors
         self.base = copy.deepcopy(wrappers[0]).to("meta")
         self.strides = models[0].head.strides
-        self.nbytes = sum(t.numel() * t.element_size() for t in [*self.params.values(), *self.buffers.values()])
 
     def holds(self, models: list[TaskModel]) -> bool:
         """Whether this stack was built from exactly these model objects, alive and holding the same weights."""

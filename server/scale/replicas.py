@@ -109,7 +109,7 @@ class EngineReplica:
                 cache.forget(task_id, keep_version=store.get(task_id).version)
             except Exception:  # noqa: BLE001
                 cache.forget(task_id)
-        for task_id in set(pinned) - {t for t in pinned if cache.is_pinned(t)}:
+        for task_id in (t for t in pinned if not cache.is_pinned(t)):
             asyncio.get_running_loop().create_task(cache.pin(task_id))
 
     async def snapshot(self) -> dict[str, Any]:
