@@ -43,7 +43,14 @@ class Settings(BaseSettings):
         "auto", description="run side tasks of one architecture as one vmapped computation (auto: on CUDA)"
     )
     threads: int = Field(0, ge=0, description="torch and ONNX Runtime CPU threads (0: their defaults)")
-    store_dir: Path = Field(Path("store"), description="task artifacts, one folder per task and version")
+    store_dir: Path = Field(
+        Path("store"), description="task artifacts, one folder per task and version (with store_url: its local mirror)"
+    )
+    store_url: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9+.-]*://",
+        description="keep the tasks under an fsspec URL instead (s3://bucket/path, gs://..., file:///mnt/shared)",
+    )
     keep_versions: int = Field(5, ge=1, description="versions kept per task; older ones are pruned at publish")
     quarantine_after_failures: int = Field(
         3, ge=1, description="consecutive inference failures after which a task's current version stops serving"

@@ -65,7 +65,7 @@ def create_app(
         app.state.services, app.state.metrics = built, built.metrics
         app.state.ready = True
         log_management(settings)
-        log.info("ready: serving store %s", settings.store_dir)
+        log.info("ready: serving store %s", settings.store_url or settings.store_dir)
         try:
             yield
         finally:

@@ -23,8 +23,9 @@ from server.engine import Engine, Limits
 from server.executor import Executor
 from server.feature_cache import FeatureCache
 from server.metrics import Metrics
+from server.object_store import ObjectTaskStore
 from server.stacks import StackCache
-from server.store import TaskStore
+from server.store import TaskStore, VersionedStore
 from server.tasks import Tasks
 from server.tuner_cache import Compiler, TunerCache
 from tuners.compiled import CompiledTask, graph_key
@@ -48,7 +49,7 @@ class Services:
 
     settings: Settings
     metrics: Metrics
-    store: TaskStore
+    store: VersionedStore
     tuner_cache: TunerCache
     executor: Executor
     batcher: Batcher
@@ -83,13 +84,20 @@ def task_compiler(backbone: FrozenBackbone, cache_dir: Path, device: str, thread
     return compile_task
 
 
+def open_store(settings: Settings) -> VersionedStore:
+    """The local store at ``store_dir``, or the one at ``store_url`` mirrored into ``store_dir``."""
+    if settings.store_url:
+        return ObjectTaskStore(settings.store_url, settings.store_dir, settings.keep_versions)
+    return TaskStore(settings.store_dir, settings.keep_versions)
+
+
 def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     """Runtime (warmed up), store (recovered), caches, executor, batcher and the two services."""
     device = resolve_device(settings.device)
     backbone = backbone.to(device)
     runtime_name = default_runtime(device) if settings.runtime == "auto" else settings.runtime
     metrics = Metrics()
-    store = TaskStore(settings.store_dir, settings.keep_versions)
+    store = open_store(settings)
     store.recover()
     default_taps = sorted(set(backbone.stage_taps) | set(backbone.pyramid_taps))
     runtime = build_runtime(

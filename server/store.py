@@ -64,20 +64,19 @@ def complete(folder: Path) -> bool:
     return (folder / MANIFEST).is_file() and (folder / WEIGHTS).is_file()
 
 
-class TaskStore:
-    """Versioned task folders. Writes to one id are serialised; different ids proceed in parallel.
+class VersionedStore:
+    """What every store backend shares: per-task write locks, the in-memory view of current
+    versions, quarantine, and reads built on the backend's ``_read_current`` and ``_version``.
 
     Args:
-        root: the store folder (created if missing).
         keep_versions: versions kept per task; older ones are pruned when a new one is published.
         on_step: called with the name of each step of a write (for crash tests).
     """
 
-    def __init__(self, root: Path, keep_versions: int = 5, on_step: Callable[[str], None] | None = None) -> None:
+    def __init__(self, keep_versions: int = 5, on_step: Callable[[str], None] | None = None) -> None:
         if keep_versions < 1:
             raise ValueError("keep_versions must be at least 1")
-        self.root, self.keep_versions, self.on_step = root, keep_versions, on_step or (lambda _: None)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep_versions, self.on_step = keep_versions, on_step or (lambda _: None)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._known: dict[str, TaskVersion] = {}  # current versions, so a request reads no file
@@ -86,6 +85,100 @@ class TaskStore:
     def _lock(self, task_id: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(task_id, threading.Lock())
+
+    # The backend's part.
+    def is_task(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def task_ids(self) -> list[str]:
+        raise NotImplementedError
+
+    def _read_current(self, task_id: str) -> TaskVersion | None:
+        """The version ``CURRENT`` names; ``None`` when the task does not exist.
+
+        Raises:
+            TaskQuarantined: ``CURRENT`` is missing, unreadable or names a missing or incomplete version.
+        """
+        raise NotImplementedError
+
+    def _version(self, task_id: str, version: int) -> TaskVersion | None:
+        """Kept version ``version``, or ``None`` when it is missing or incomplete."""
+        raise NotImplementedError
+
+    def versions(self, task_id: str) -> list[int]:
+        raise NotImplementedError
+
+    # Shared reads.
+    def _check(self, task_id: str) -> None:
+        """Quarantines ``task_id`` when its ``CURRENT`` cannot be served (never deletes anything)."""
+        try:
+            self._read_current(task_id)
+        except TaskQuarantined as e:
+            self.quarantine(task_id, e.message)
+
+    def refresh(self, task_id: str) -> None:
+        """Forgets what this process knew of ``task_id`` and reads it again (another process wrote it)."""
+        self._known.pop(task_id, None)
+        self.quarantined.pop(task_id, None)
+        if self.is_task(task_id):
+            self._check(task_id)
+
+    def quarantine(self, task_id: str, reason: str) -> None:
+        """Stops serving ``task_id``'s current version (kept on disk) until a rollback or an upload."""
+        self.quarantined[task_id] = reason
+        self._known.pop(task_id, None)
+        log.error("store: task %s is quarantined: %s", task_id, reason)
+
+    def get(self, task_id: str, version: int | None = None) -> TaskVersion:
+        """The current version (from memory once seen), or ``version`` when given.
+
+        Raises:
+            UnknownTask, UnknownVersion, TaskQuarantined (only for the current version).
+        """
+        check_task_id(task_id)
+        if version is not None:
+            found = self._version(task_id, version)
+            if found is None:
+                if not self.is_task(task_id):
+                    raise UnknownTask.of(task_id)
+                raise UnknownVersion(f"task {task_id!r} has no version {version}; versions: {self.versions(task_id)}")
+            return found
+        if task_id in self.quarantined:
+            raise TaskQuarantined(f"task {task_id!r} is quarantined: {self.quarantined[task_id]}")
+        current = self._known.get(task_id) or self._read_current(task_id)
+        if current is None:
+            raise UnknownTask.of(task_id)
+        self._known[task_id] = current
+        return current
+
+    def list(self) -> list[TaskVersion]:
+        """Every servable task's current version (quarantined ones are in ``quarantined``)."""
+        found = []
+        for task_id in self.task_ids():
+            if task_id in self.quarantined:
+                continue
+            try:
+                current = self._read_current(task_id)
+            except TaskQuarantined:
+                continue  # a write of another process in flight; recovery decides at start
+            if current is not None:
+                found.append(current)
+        return found
+
+
+class TaskStore(VersionedStore):
+    """Versioned task folders on a local or mounted filesystem. Writes to one id are serialised;
+    different ids proceed in parallel.
+
+    Args:
+        root: the store folder (created if missing).
+        keep_versions, on_step: as :class:`VersionedStore`.
+    """
+
+    def __init__(self, root: Path, keep_versions: int = 5, on_step: Callable[[str], None] | None = None) -> None:
+        super().__init__(keep_versions, on_step)
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def recover(self) -> list[str]:
         """Removes this store's own leftovers and quarantines broken tasks; returns what was removed."""
@@ -105,36 +198,15 @@ class TaskStore:
             log.info("store recovery removed its own leftovers %s", removed)
         return removed
 
-    def _check(self, task_id: str) -> None:
-        """Quarantines ``task_id`` when its ``CURRENT`` cannot be served (never deletes anything)."""
-        try:
-            self._read_current(task_id)
-        except TaskQuarantined as e:
-            self.quarantine(task_id, e.message)
-
     def is_task(self, name: str) -> bool:
         """Whether ``name`` in the store root is a task folder."""
         return bool(TASK_ID.fullmatch(name)) and (self.root / name).is_dir()
 
-    def refresh(self, task_id: str) -> None:
-        """Forgets what this process knew of ``task_id`` and reads it again (another process wrote it)."""
-        self._known.pop(task_id, None)
-        self.quarantined.pop(task_id, None)
-        if (self.root / task_id).is_dir():
-            self._check(task_id)
-
-    def quarantine(self, task_id: str, reason: str) -> None:
-        """Stops serving ``task_id``'s current version (kept on disk) until a rollback or an upload."""
-        self.quarantined[task_id] = reason
-        self._known.pop(task_id, None)
-        log.error("store: task %s is quarantined: %s", task_id, reason)
+    def task_ids(self) -> list[str]:
+        """Every task folder's id, servable or not."""
+        return sorted(p.name for p in self.root.iterdir() if self.is_task(p.name))
 
     def _read_current(self, task_id: str) -> TaskVersion | None:
-        """The version ``CURRENT`` names; ``None`` when the task does not exist.
-
-        Raises:
-            TaskQuarantined: ``CURRENT`` is missing, unreadable or names a missing or incomplete version.
-        """
         folder = self.root / task_id
         if not folder.is_dir():
             return None
@@ -149,40 +221,9 @@ class TaskStore:
             raise TaskQuarantined(f"{CURRENT} names {name}, which is missing or incomplete")
         return TaskVersion(task_id, int(found[1]), folder / name)
 
-    def get(self, task_id: str, version: int | None = None) -> TaskVersion:
-        """The current version (from memory once seen), or ``version`` when given.
-
-        Raises:
-            UnknownTask, UnknownVersion, TaskQuarantined (only for the current version).
-        """
-        check_task_id(task_id)
-        if version is not None:
-            path = self.root / task_id / f"v{version}"
-            if not complete(path):
-                if not (self.root / task_id).is_dir():
-                    raise UnknownTask.of(task_id)
-                raise UnknownVersion(f"task {task_id!r} has no version {version}; versions: {self.versions(task_id)}")
-            return TaskVersion(task_id, version, path)
-        if task_id in self.quarantined:
-            raise TaskQuarantined(f"task {task_id!r} is quarantined: {self.quarantined[task_id]}")
-        found = self._known.get(task_id) or self._read_current(task_id)
-        if found is None:
-            raise UnknownTask.of(task_id)
-        self._known[task_id] = found
-        return found
-
-    def list(self) -> list[TaskVersion]:
-        """Every servable task's current version (quarantined ones are in ``quarantined``)."""
-        found = []
-        for path in sorted(self.root.iterdir()):
-            if TASK_ID.fullmatch(path.name) and path.is_dir() and path.name not in self.quarantined:
-                try:
-                    current = self._read_current(path.name)
-                except TaskQuarantined:
-                    continue  # a write of another process in flight; recovery decides at start
-                if current is not None:
-                    found.append(current)
-        return found
+    def _version(self, task_id: str, version: int) -> TaskVersion | None:
+        path = self.root / task_id / f"v{version}"
+        return TaskVersion(task_id, version, path) if complete(path) else None
 
     def versions(self, task_id: str) -> list[int]:
         """Complete versions of ``task_id``, oldest first."""
@@ -199,20 +240,10 @@ class TaskStore:
         for number in self.versions(task_id):
             path = self.root / task_id / f"v{number}"
             try:
-                manifest = json.loads((path / MANIFEST).read_text())
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-                manifest = {}
-            provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
-            metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
-            out.append({
-                "version": number,
-                "current": number == current,
-                "method": manifest.get("method"),
-                "metrics": {k: v for k, v in metrics.items() if k != "per_class"},
-                "created_at": provenance.get("created_at"),
-                "published_at": _mtime(path),
-                "sha256": manifest.get("weights_sha256"),
-            })  # fmt: skip
+                manifest = (path / MANIFEST).read_bytes()
+            except OSError:
+                manifest = b""
+            out.append(version_entry(number, number == current, manifest, _mtime(path)))
         return out
 
     def publish(self, task_id: str, weights: bytes, manifest: bytes, validate: Callable[[Path], None]) -> TaskVersion:
@@ -225,14 +256,14 @@ class TaskStore:
         with self._lock(task_id):
             tmp = Path(tempfile.mkdtemp(prefix=f"{OWN_LEFTOVERS[0]}{task_id}-", dir=self.root))
             try:
-                with _disk_errors():
+                with disk_errors():
                     for name, data in ((WEIGHTS, weights), (MANIFEST, manifest)):
-                        _write_synced(tmp / name, data)
+                        write_synced(tmp / name, data)
                 self.on_step("written")
                 validate(tmp)
                 self.on_step("validated")
                 folder = self.root / task_id
-                with _disk_errors():
+                with disk_errors():
                     folder.mkdir(exist_ok=True)
                     numbers = [int(m[1]) for m in (VERSION.fullmatch(p.name) for p in folder.iterdir()) if m]
                     target = folder / f"v{max(numbers, default=0) + 1}"
@@ -260,7 +291,7 @@ class TaskStore:
         """Points ``CURRENT`` at kept version ``version``, atomically; lifts a quarantine."""
         with self._lock(check_task_id(task_id)):
             target = self.get(task_id, version)
-            with _disk_errors():
+            with disk_errors():
                 self._point(self.root / task_id, target.path.name)
             self.on_step("pointed")
             self.quarantined.pop(task_id, None)
@@ -269,7 +300,7 @@ class TaskStore:
 
     def _point(self, folder: Path, name: str) -> None:
         tmp = folder / f".{CURRENT}.{uuid.uuid4().hex}"
-        _write_synced(tmp, name.encode())
+        write_synced(tmp, name.encode())
         os.replace(tmp, folder / CURRENT)
         fsync_dir(folder)
 
@@ -289,7 +320,27 @@ class TaskStore:
             shutil.rmtree(trash, ignore_errors=True)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def version_entry(number: int, current: bool, manifest: bytes, published_at: str | None) -> dict[str, Any]:
+    """One row of ``version_info`` from a version's manifest bytes (unreadable ones give empty fields)."""
+    try:
+        parsed = json.loads(manifest)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        parsed = {}
+    parsed = parsed if isinstance(parsed, dict) else {}
+    provenance = parsed.get("provenance") if isinstance(parsed.get("provenance"), dict) else {}
+    metrics = parsed.get("metrics") if isinstance(parsed.get("metrics"), dict) else {}
+    return {
+        "version": number,
+        "current": current,
+        "method": parsed.get("method"),
+        "metrics": {k: v for k, v in metrics.items() if k != "per_class"},
+        "created_at": provenance.get("created_at"),
+        "published_at": published_at,
+        "sha256": parsed.get("weights_sha256"),
+    }
+
+
+def write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -301,7 +352,7 @@ def _mtime(path: Path) -> str:
 
 
 @contextmanager
-def _disk_errors() -> Iterator[None]:
+def disk_errors() -> Iterator[None]:
     """Turns a full disk (ENOSPC, EDQUOT) into :class:`InsufficientStorage`."""
     try:
         yield

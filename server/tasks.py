@@ -13,7 +13,7 @@ from pathlib import Path
 
 from server.executor import Executor
 from server.schemas import QuarantinedTask, TaskInfo, TaskList, TaskVersions, VersionInfo
-from server.store import TaskStore, TaskVersion, check_task_id
+from server.store import TaskVersion, VersionedStore, check_task_id
 from server.tuner_cache import TunerCache
 from tuners.artifact import MANIFEST, load_artifact, read_manifest
 from tuners.errors import ArtifactError
@@ -23,7 +23,7 @@ from tuners.task_model import TaskModel
 class Tasks:
     """List, inspect, publish, delete, pin and unpin tasks."""
 
-    def __init__(self, store: TaskStore, cache: TunerCache, executor: Executor) -> None:
+    def __init__(self, store: VersionedStore, cache: TunerCache, executor: Executor) -> None:
         self.store, self.cache, self.executor = store, cache, executor
 
     def info(self, found: TaskVersion) -> TaskInfo:

@@ -31,7 +31,7 @@ import torch
 
 from models.backbones.base import FrozenBackbone
 from server.exceptions import CacheBudget, Overloaded
-from server.store import TaskStore, TaskVersion
+from server.store import TaskVersion, VersionedStore
 from tuners.artifact import WEIGHTS, load_artifact, read_into, read_manifest
 from tuners.compiled import CompiledTask
 from tuners.task_model import TaskModel, architecture_key
@@ -101,7 +101,7 @@ class TunerCache:
 
     def __init__(
         self,
-        store: TaskStore,
+        store: VersionedStore,
         backbone: FrozenBackbone,
         device: torch.device,
         budgets: dict[str, int],
@@ -143,6 +143,10 @@ class TunerCache:
 
     def is_pinned(self, task_id: str) -> bool:
         return task_id in self._pinned
+
+    def pinned(self) -> list[str]:
+        """The pinned task ids."""
+        return sorted(self._pinned)
 
     async def pin(self, task_id: str) -> None:
         """Loads ``task_id`` and keeps it resident on the device until :meth:`unpin`."""

@@ -91,7 +91,12 @@ def build_app(settings: Settings) -> Application:
     replica = EngineReplica.with_routing(settings.ray_max_tasks_per_replica)
     engine = serve.deployment(replica, name="Engine", **engine_options(settings))
     writer = serve.deployment(
-        StoreWriter, name="Writer", num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64
+        StoreWriter,
+        name="Writer",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=64,
+        health_check_period_s=2,  # a dead writer is replaced in seconds; meanwhile writes answer 503
     )
     ingress = serve.deployment(
         serve.ingress(create_app(settings, services=remote_services))(Api),

@@ -68,30 +68,38 @@ class RemoteTasks:
                     best[task_id] = tier
         return best, compiled
 
+    async def ask(self, method: str, *args: object) -> Any:
+        """Calls the writer; while it restarts (Ray replaces it in seconds), answers 503 with Retry-After."""
+        try:
+            return await getattr(self.writer, method).remote(*args)
+        except DEAD as e:
+            log.warning("the store's writer stopped during %s: %s", method, e)
+            raise Overloaded("the store's writer is restarting; retry shortly", retry_after=2) from None
+
     async def list(self) -> TaskList:
-        found, seen = await self.writer.list.remote(), await self._residency()
+        found, seen = await self.ask("list"), await self._residency()
         return found.model_copy(update={"tasks": [_resident(t, *seen) for t in found.tasks]})
 
     async def get(self, task_id: str) -> TaskInfo:
-        return _resident(await self.writer.get.remote(task_id), *await self._residency())
+        return _resident(await self.ask("get", task_id), *await self._residency())
 
     async def publish(self, task_id: str, weights: bytes, config: bytes) -> TaskInfo:
-        return await self.writer.publish.remote(task_id, weights, config)
+        return await self.ask("publish", task_id, weights, config)
 
     async def delete(self, task_id: str) -> None:
-        await self.writer.delete.remote(task_id)
+        await self.ask("delete", task_id)
 
     async def pin(self, task_id: str) -> TaskInfo:
-        return await self.writer.pin.remote(task_id, True)
+        return await self.ask("pin", task_id, True)
 
     async def unpin(self, task_id: str) -> TaskInfo:
-        return await self.writer.pin.remote(task_id, False)
+        return await self.ask("pin", task_id, False)
 
     async def versions(self, task_id: str) -> TaskVersions:
-        return await self.writer.versions.remote(task_id)
+        return await self.ask("versions", task_id)
 
     async def rollback(self, task_id: str, version: int) -> TaskInfo:
-        return await self.writer.rollback.remote(task_id, version)
+        return await self.ask("rollback", task_id, version)
 
 
 def _resident(info: TaskInfo, resident: dict[str, str], compiled: set[str]) -> TaskInfo:
@@ -153,4 +161,4 @@ class RemoteServices:
         return merge_metrics(texts, self.metrics.render().decode()).encode()
 
     async def quarantined(self) -> dict[str, str]:
-        return await self.writer.quarantined.remote()
+        return await self.tasks.ask("quarantined")

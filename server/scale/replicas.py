@@ -101,16 +101,22 @@ class EngineReplica:
     def resync(self, pinned: list[str]) -> None:
         """Reads every task again (a missed broadcast), keeping only current versions resident."""
         store, cache = self.services.store, self.services.tuner_cache
-        for folder in store.root.iterdir():
-            if store.is_task(folder.name):
-                store.refresh(folder.name)
+        for task_id in store.task_ids():
+            store.refresh(task_id)
         for task_id in {k[0] for tier in cache.tiers.values() for k in tier}:
             try:
                 cache.forget(task_id, keep_version=store.get(task_id).version)
             except Exception:  # noqa: BLE001
                 cache.forget(task_id)
+        for task_id in cache.pinned():
+            if task_id not in pinned:
+                cache.unpin(task_id)
         for task_id in (t for t in pinned if not cache.is_pinned(t)):
             asyncio.get_running_loop().create_task(cache.pin(task_id))
+
+    async def pinned(self) -> list[str]:
+        """The tasks this replica keeps resident (a restarted writer recovers its pinned set from these)."""
+        return self.services.tuner_cache.pinned()
 
     async def snapshot(self) -> dict[str, Any]:
         """What this replica holds and has done: for routing checks, ``/metrics`` and ``GET /v1/tasks``."""
@@ -118,6 +124,7 @@ class EngineReplica:
         return {
             "pid": os.getpid(),
             "resident": {k[0]: tier for tier, entries in cache.tiers.items() for k in entries},
+            "pinned": cache.pinned(),
             "compiled": sorted({k[0] for entries in cache.tiers.values() for k, e in entries.items() if e.compiled}),
             "backbone_passes": executor.backbone_image_passes,
             "images_served": int(self.services.metrics.images_served._value.get()),
@@ -132,10 +139,23 @@ class StoreWriter:
     def __init__(self, settings: Settings) -> None:
         self.services = _services(settings)  # its backbone validates uploads (the dry-run forward)
         self.incarnation, self.epoch = uuid.uuid4().hex, 0  # a restart is a new incarnation: replicas resync
-        self.pinned: set[str] = set()
+        self.pinned: set[str] | None = None  # recovered from the replicas on first use
+
+    async def _pins(self) -> set[str]:
+        """The pinned set. A restarted writer rebuilds it from the replicas, which all apply every pin;
+        the versions need no rebuilding, since every replica reads them from the store."""
+        if self.pinned is None:
+            engines = serve.get_deployment_handle("Engine", serve.get_replica_context().app_name)
+            found = await engines.broadcast("pinned").results_async(timeout_s=10, return_exceptions=True)
+            self.pinned = {t for pins in found if isinstance(pins, list) for t in pins}
+        return self.pinned
 
     async def state(self) -> tuple[tuple[str, int], list[str]]:
-        return (self.incarnation, self.epoch), sorted(self.pinned)
+        return (self.incarnation, self.epoch), sorted(await self._pins())
+
+    async def health(self) -> dict[str, Any]:
+        """This writer's process, incarnation and epoch (operators and the restart test read it)."""
+        return {"pid": os.getpid(), "incarnation": self.incarnation, "epoch": self.epoch}
 
     async def _changed(self, task_id: str, pinned: bool | None = None) -> None:
         self.epoch += 1
@@ -155,7 +175,7 @@ class StoreWriter:
 
     async def delete(self, task_id: str) -> None:
         await self.services.tasks.delete(task_id)
-        self.pinned.discard(task_id)
+        (await self._pins()).discard(task_id)
         await self._changed(task_id, pinned=False)
 
     async def rollback(self, task_id: str, version: int) -> TaskInfo:
@@ -165,7 +185,8 @@ class StoreWriter:
 
     async def pin(self, task_id: str, pinned: bool) -> TaskInfo:
         info = await self.services.tasks.get(task_id)  # raises for an unknown task
-        self.pinned.add(task_id) if pinned else self.pinned.discard(task_id)
+        pins = await self._pins()
+        pins.add(task_id) if pinned else pins.discard(task_id)
         await self._changed(task_id, pinned=pinned)
         return info.model_copy(update={"pinned": pinned})
 
@@ -173,7 +194,7 @@ class StoreWriter:
         return await self.services.tasks.list()
 
     async def get(self, task_id: str) -> TaskInfo:
-        return (await self.services.tasks.get(task_id)).model_copy(update={"pinned": task_id in self.pinned})
+        return (await self.services.tasks.get(task_id)).model_copy(update={"pinned": task_id in await self._pins()})
 
     async def versions(self, task_id: str) -> TaskVersions:
         return await self.services.tasks.versions(task_id)

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clients import SidecarClient
+from clients import Retry, SidecarClient
 from models.postprocess import PostprocessConfig
 from server.exceptions import Overloaded, UnknownTask
 from tests.server.conftest import free_port, settings
@@ -78,7 +78,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False, namespace="sidecar-test")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = settings(work / "store", cache_dir=work / "cache", ray_replicas=2, ray_replica_cpus=0.25, threads=1)
+    config = settings(  # the store a cluster uses: a URL every replica reads through its own mirror
+        work / "mirror", store_url=f"file://{work / 'shared'}", cache_dir=work / "cache", ray_replicas=2,
+        ray_replica_cpus=0.25, threads=1,
+    )  # fmt: skip
     serve.run(build_app(config), name=APP, route_prefix="/")
     started = _children(os.getpid())
     try:
@@ -170,6 +173,29 @@ def test_a_killed_replica_costs_at_most_its_requests_in_flight(cluster: Cluster,
         time.sleep(0.5)
     else:
         pytest.fail("the killed replica was not replaced within 60 s")
+
+
+def test_a_restarted_writer_keeps_pins_and_its_next_write_reaches_every_replica(
+    cluster: Cluster, artifacts, photo_bytes
+):
+    from ray import serve
+
+    from server.scale.ray_app import APP
+
+    writer = serve.get_deployment_handle("Writer", APP)
+    with SidecarClient(cluster.url, retry=Retry(attempts=20, total_s=90, backoff_s=0.5)) as client:
+        client.pin("t2")
+        before = writer.health.remote().result(timeout_s=10)
+        os.kill(before["pid"], signal.SIGKILL)
+        assert client.upload_task("t1", artifacts["side7"])["version"] == 2  # 503s while it restarts, retried
+        after = writer.health.remote().result(timeout_s=10)
+        assert after["pid"] != before["pid"] and after["incarnation"] != before["incarnation"]
+        everywhere = cluster.engines.broadcast("detect", photo_bytes, ["t1"], PostprocessConfig()).results(
+            timeout_s=30
+        )
+        assert len(everywhere) == 2 and {r.results[0].version for r in everywhere} == {2}
+        assert client.get_task("t2")["pinned"] is True  # the pinned set, rebuilt from the replicas
+        assert all(s["pinned"] == ["t2"] for s in cluster.snapshots())
 
 
 def test_a_deleted_task_is_unknown_on_every_replica(cluster: Cluster, photo_bytes):

@@ -169,7 +169,7 @@ def test_a_full_disk_during_upload_is_507_and_changes_nothing(tmp_path: Path, ba
         def full(path: Path, data: bytes) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(module, "_write_synced", full)
+        monkeypatch.setattr(module, "write_synced", full)
         with pytest.raises(SidecarError) as e:
             client.upload_task("t", artifacts["side1"])
         assert (e.value.status, e.value.code) == (507, "insufficient_storage")
