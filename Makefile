@@ -3,22 +3,39 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+CLIENT_VENV  := .venv-client
+CLIENT_STAMP := $(CLIENT_VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-slow lint bench bench-gpu bench-methods serve clean
+.PHONY: install browser test test-slow lint bench bench-gpu bench-methods serve clean
 
-$(STAMP): pyproject.toml requirements-offline.txt
+$(STAMP): pyproject.toml clients/pyproject.toml requirements-offline.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test,ray]'
+	$(PY) -m pip install -q -e ./clients -e '.[test,ray]'
 	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# The client alone, as users install it (httpx and pydantic only); tests check it pulls in no torch.
+$(CLIENT_STAMP): clients/pyproject.toml $(wildcard clients/*.py)
+	rm -rf $(CLIENT_VENV)
+	$(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/python -m pip install -q ./clients
+	touch $@
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: $(STAMP) lint
+# Debian's chromium for the console's browser test (Playwright cannot download its own browsers
+# here): installed when missing and the machine allows it (root with apt); otherwise that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }; } || \
+	  echo "chromium is missing and cannot be installed here: the browser test will skip"
+
+test: $(STAMP) $(CLIENT_STAMP) browser lint
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
@@ -43,4 +60,4 @@ serve: $(STAMP)
 	$(PY) -m server.main --store-dir store --host 127.0.0.1 --port 8000
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CLIENT_VENV) .cache .pytest_cache .ruff_cache

@@ -36,6 +36,7 @@ class Metrics:
             "sidecar_tuner_cache_events", "tuner cache hits, misses and evictions", ["tier", "event"], registry=r
         )
         self.resident_bytes = Gauge("sidecar_tuner_cache_resident_bytes", "task model bytes", ["tier"], registry=r)
+        self.budget_bytes = Gauge("sidecar_tuner_cache_budget_bytes", "byte budget per tier", ["tier"], registry=r)
         self.cold_load_seconds = Histogram(
             "sidecar_cold_load_seconds", "store -> device load time", buckets=LOAD_BUCKETS, registry=r
         )

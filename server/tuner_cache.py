@@ -119,6 +119,8 @@ class TunerCache:
         self._lock = threading.RLock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuner-loader")
         self._compile = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuner-compiler")
+        for tier, budget in budgets.items():
+            metrics.budget_bytes.labels(tier=tier).set(budget)
 
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)

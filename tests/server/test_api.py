@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from pydantic import BaseModel
 
 from clients import SidecarClient, SidecarError
 from server.main import create_app
@@ -21,9 +22,10 @@ def _boxes(result: dict) -> list[tuple]:
     return [(d["label"], d["score"], *d["box"]) for d in result["detections"]]
 
 
-def _assert_same(a: dict, b: dict, tol: float = 1e-3) -> None:
+def _assert_same(a: dict | BaseModel, b: dict | BaseModel, tol: float = 1e-3) -> None:
     """Same labels, scores and boxes, matched as sets: the API rounds boxes to 0.01 px and scores to
     1e-4, and boxes of equal score may come in either order (the test tasks score many boxes alike)."""
+    a, b = (x.model_dump() if isinstance(x, BaseModel) else x for x in (a, b))
     assert len(a["detections"]) == len(b["detections"])
     for x in _boxes(a):
         assert any(x[0] == y[0] and x[1:] == pytest.approx(y[1:], abs=tol + 0.01) for y in _boxes(b)), x
@@ -34,37 +36,37 @@ def test_fan_out_runs_one_backbone_pass_and_equals_single_calls(live: LiveServer
     with SidecarClient(live.url) as client:
         for task in side:
             client.upload_task(task, artifacts[task])
-        singles = {t: client.detect(photo_bytes, [t])["results"][0] for t in side}
-        before = client.backbone()["shared_image_passes"]
+        singles = {t: client.detect(photo_bytes, [t]).results[0] for t in side}
+        before = client.backbone().shared_image_passes
         fan = client.detect(photo_bytes, side)
-        assert client.backbone()["shared_image_passes"] - before == 1
-        assert fan["backbone_passes"] == 1
+        assert client.backbone().shared_image_passes - before == 1
+        assert fan.backbone_passes == 1
         metrics = httpx.get(f"{live.url}/metrics").text
     assert "sidecar_backbone_image_passes_total" in metrics
-    assert [r["task"] for r in fan["results"]] == side
-    assert sum(len(r["detections"]) for r in fan["results"]) > 0
-    for result in fan["results"]:
-        _assert_same(result, singles[result["task"]])
+    assert [r.task for r in fan.results] == side
+    assert sum(len(r.detections) for r in fan.results) > 0
+    for result in fan.results:
+        _assert_same(result, singles[result.task])
 
 
 def test_lifecycle_upload_detect_replace_delete_restart(tmp_path: Path, backbone, artifacts, photo_bytes):
     store = tmp_path / "store"
     with LiveServer(create_app(settings(store), backbone=backbone)) as live, SidecarClient(live.url) as client:
-        assert client.upload_task("digits", artifacts["side1"])["version"] == 1
-        first = client.detect(photo_bytes, ["digits"])["results"][0]
-        assert first["version"] == 1 and first["method"] == "cst"
+        assert client.upload_task("digits", artifacts["side1"]).version == 1
+        first = client.detect(photo_bytes, ["digits"]).results[0]
+        assert first.version == 1 and first.method == "cst"
         client.upload_task("digits", artifacts["side2"])
-        second = client.detect(photo_bytes, ["digits"])["results"][0]
-        assert second["version"] == 2 and second["method"] == "e3va"
+        second = client.detect(photo_bytes, ["digits"]).results[0]
+        assert second.version == 2 and second.method == "e3va"
         client.upload_task("faces", artifacts["inline0"])
         client.delete_task("faces")
         with pytest.raises(SidecarError) as e:
             client.detect(photo_bytes, ["faces"])
         assert e.value.status == 404 and e.value.code == "unknown_task"
     with LiveServer(create_app(settings(store), backbone=backbone)) as live, SidecarClient(live.url) as client:
-        tasks = {t["id"]: t for t in client.list_tasks()}
-        assert set(tasks) == {"digits"} and tasks["digits"]["version"] == 2
-        again = client.detect(photo_bytes, ["digits"])["results"][0]
+        tasks = {t.id: t for t in client.list_tasks()}
+        assert set(tasks) == {"digits"} and tasks["digits"].version == 2
+        again = client.detect(photo_bytes, ["digits"]).results[0]
         _assert_same(again, second)
 
 
@@ -111,7 +113,7 @@ def test_auth_on_management_and_inference(tmp_path: Path, backbone, artifacts, p
         with SidecarClient(live.url, api_key="admin-secret") as admin:
             admin.upload_task("t", artifacts["side0"])
         with SidecarClient(live.url, api_key="infer") as user:
-            assert user.detect(photo_bytes, ["t"])["results"][0]["task"] == "t"
+            assert user.detect(photo_bytes, ["t"]).results[0].task == "t"
             with pytest.raises(SidecarError) as e:
                 user.delete_task("t")
             assert e.value.status == 403
@@ -122,7 +124,7 @@ def test_concurrent_clients_mixed_tasks(live: LiveServer, artifacts, photos):
     with SidecarClient(live.url) as client:
         for task in tasks:
             client.upload_task(task, artifacts[task])
-        expected = {(i, t): client.detect(p, [t])["results"][0] for i, p in enumerate(photos) for t in tasks}
+        expected = {(i, t): client.detect(p, [t]).results[0] for i, p in enumerate(photos) for t in tasks}
     jobs = [(i % len(photos), [tasks[i % 5]] if i % 2 else tasks[: 2 + i % 4]) for i in range(64)]
 
     def call(job: tuple[int, list[str]]) -> tuple[int, dict]:
@@ -132,8 +134,8 @@ def test_concurrent_clients_mixed_tasks(live: LiveServer, artifacts, photos):
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(call, jobs))
     for image, answer in answers:
-        for result in answer["results"]:
-            _assert_same(result, expected[(image, result["task"])])
+        for result in answer.results:
+            _assert_same(result, expected[(image, result.task)])
 
 
 def test_openapi_health_pins_and_raw_body(live: LiveServer, artifacts, photo_bytes):
@@ -147,13 +149,13 @@ def test_openapi_health_pins_and_raw_body(live: LiveServer, artifacts, photo_byt
     assert "innerHTML" not in page.text  # labels come from uploads: text nodes only
     with SidecarClient(live.url) as client:
         client.upload_task("p", artifacts["side3"])
-        assert client.pin("p")["pinned"] is True and client.get_task("p")["residency"] == "device"
-        assert client.pin("p", pinned=False)["pinned"] is False
-        via_form = client.detect(photo_bytes, ["p"], score_threshold=0.2, max_detections=3)["results"][0]
+        assert client.pin("p").pinned is True and client.get_task("p").residency == "device"
+        assert client.pin("p", pinned=False).pinned is False
+        via_form = client.detect(photo_bytes, ["p"], score_threshold=0.2, max_detections=3).results[0]
     raw = httpx.post(f"{live.url}/v1/tasks/p/detect?score_threshold=0.2&max_detections=3", content=photo_bytes)
-    assert raw.status_code == 200 and len(via_form["detections"]) <= 3
+    assert raw.status_code == 200 and len(via_form.detections) <= 3
     _assert_same(raw.json()["results"][0], via_form)
-    assert all(d["score"] >= 0.2 for d in via_form["detections"])
+    assert all(d.score >= 0.2 for d in via_form.detections)
 
 
 def test_feature_cache_skips_the_backbone_for_a_known_image(tmp_path: Path, backbone, artifacts, photo_bytes):
@@ -164,8 +166,8 @@ def test_feature_cache_skips_the_backbone_for_a_known_image(tmp_path: Path, back
         first = client.detect(photo_bytes, ["side0"])
         second = client.detect(photo_bytes, ["side1"])
         fresh = client.detect(photo_bytes[:-1] + b"\x00", ["side1"])  # other bytes: a miss
-    assert (first["backbone_passes"], second["backbone_passes"]) == (1, 0)
-    assert fresh["backbone_passes"] == 1
+    assert (first.backbone_passes, second.backbone_passes) == (1, 0)
+    assert fresh.backbone_passes == 1
 
 
 def test_server_killed_during_an_upload_restarts_clean(tmp_path: Path, artifacts):
@@ -214,7 +216,7 @@ def test_server_killed_during_an_upload_restarts_clean(tmp_path: Path, artifacts
     proc, url = start()
     try:
         with SidecarClient(url) as client:
-            assert [t["id"] for t in client.list_tasks()] == ["kept"]
+            assert [t.id for t in client.list_tasks()] == ["kept"]
         assert sorted(p.name for p in store.iterdir()) == ["kept"]
     finally:
         proc.terminate()
@@ -227,10 +229,10 @@ def test_onnx_runtime_serves_the_same_detections(tmp_path: Path, backbone, artif
         app = create_app(settings(tmp_path / runtime, runtime=runtime), backbone=backbone)
         with LiveServer(app) as live, SidecarClient(live.url) as client:
             client.upload_task("t", artifacts["side1"])
-            results[runtime] = client.detect(photo_bytes, ["t"])["results"][0]
+            results[runtime] = client.detect(photo_bytes, ["t"]).results[0]
             info = client.backbone()
-        assert info["runtime"] == runtime
-    assert info["provider"] == "CPUExecutionProvider"
+        assert info.runtime == runtime
+    assert info.provider == "CPUExecutionProvider"
     _assert_same(results["onnx"], results["torch"], tol=2e-3)
 
 
@@ -245,14 +247,14 @@ def test_cache_budget_over_http_with_20_tasks_and_a_pin(tmp_path: Path, backbone
             client.upload_task(f"t{i}", artifacts["side0"])
         client.pin("t0")
         for i in list(range(20)) * 2:
-            assert client.detect(photo_bytes, [f"t{i}"])["results"][0]["task"] == f"t{i}"
+            assert client.detect(photo_bytes, [f"t{i}"]).results[0].task == f"t{i}"
             resident = {
                 line.split('"')[1]: float(line.split()[-1])
                 for line in httpx.get(f"{live.url}/metrics").text.splitlines()
                 if line.startswith("sidecar_tuner_cache_resident_bytes{")
             }
             assert resident["device"] <= 3 * size and resident["host"] <= size
-        assert client.get_task("t0")["residency"] == "device"
+        assert client.get_task("t0").residency == "device"
 
 
 def test_async_client_has_every_call_and_matches_the_sync_one(live: LiveServer, artifacts, photos):
@@ -267,18 +269,18 @@ def test_async_client_has_every_call_and_matches_the_sync_one(live: LiveServer, 
 
     async def run() -> tuple[list[dict], dict, list[str]]:
         async with AsyncSidecarClient(live.url) as client:
-            assert await client.ready() and (await client.backbone())["name"] == "mobilenet_v2"
+            assert await client.ready() and (await client.backbone()).name == "mobilenet_v2"
             answers = await asyncio.gather(*(client.detect(p, ["side0", "side1"]) for p in photos))
             pinned = await client.pin("side0")
-            assert (await client.get_task("side0"))["pinned"] and not (await client.pin("side0", False))["pinned"]
+            assert (await client.get_task("side0")).pinned and not (await client.pin("side0", False)).pinned
             await client.delete_task("side1")
             with pytest.raises(SidecarError) as e:
                 await client.get_task("side1")
             assert e.value.code == "unknown_task"
-            return answers, pinned, [t["id"] for t in await client.list_tasks()]
+            return answers, pinned, [t.id for t in await client.list_tasks()]
 
     answers, pinned, left = asyncio.run(run())
-    assert pinned["pinned"] and pinned["residency"] == "device" and left == ["side0"]
+    assert pinned.pinned and pinned.residency == "device" and left == ["side0"]
     for answer, want in zip(answers, expected):
-        for got, ref in zip(answer["results"], want["results"]):
+        for got, ref in zip(answer.results, want.results):
             _assert_same(got, ref)

@@ -60,8 +60,8 @@ def test_a_task_failing_at_inference_gets_task_failed_and_is_quarantined(
     app = create_app(settings(root, quarantine_after_failures=3), backbone=backbone)
     with LiveServer(app) as live, SidecarClient(live.url) as client:
         fan = client.detect(photo_bytes, ["bad", "good"])  # 200: the good task answers
-        bad, good = fan["results"]
-        assert bad["error"]["code"] == "task_failed" and bad["detections"] == [] and good["error"] is None
+        bad, good = fan.results
+        assert bad.error.code == "task_failed" and bad.detections == [] and good.error is None
         with pytest.raises(SidecarError) as e:
             client.detect(photo_bytes, ["bad"])  # every task named failed: 500
         assert (e.value.status, e.value.code) == (500, "task_failed") and "NaN or Inf" in e.value.details[0]
@@ -72,7 +72,7 @@ def test_a_task_failing_at_inference_gets_task_failed_and_is_quarantined(
         assert (e.value.status, e.value.code) == (409, "task_quarantined")
         assert httpx.get(f"{live.url}/healthz").status_code == 200
         assert [q["id"] for q in httpx.get(f"{live.url}/v1/tasks").json()["quarantined"]] == ["bad"]
-        assert client.detect(photo_bytes, ["good"])["results"][0]["error"] is None
+        assert client.detect(photo_bytes, ["good"]).results[0].error is None
     assert (root / "bad" / "v1" / WEIGHTS).is_file()  # quarantined, not deleted
 
 
@@ -97,7 +97,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path: Path, artifa
         threads = [threading.Thread(target=ask) for _ in range(6)]
         for t in threads:
             t.start()
-        time.sleep(0.3)  # the requests are being decoded and run
+        time.sleep(1.0)  # the requests are connected and being decoded and run (each takes seconds)
         server.send_signal(signal.SIGTERM)
         for t in threads:
             t.join()

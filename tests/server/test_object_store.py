@@ -149,12 +149,12 @@ def test_a_server_on_a_store_url_serves_uploads_and_keeps_them_over_a_restart(
     with LiveServer(create_app(config, backbone=backbone)) as live, SidecarClient(live.url) as client:
         client.upload_task("digits", artifacts["side1"])
         client.upload_task("digits", artifacts["side2"])
-        assert client.detect(photo_bytes, ["digits"])["results"][0]["version"] == 2
+        assert client.detect(photo_bytes, ["digits"]).results[0].version == 2
     assert (tmp_path / "shared" / "digits" / "CURRENT").read_text() == "v2"
     config = settings(tmp_path / "fresh-mirror", store_url=url)  # another machine: nothing local yet
     with LiveServer(create_app(config, backbone=backbone)) as live, SidecarClient(live.url) as client:
-        assert [v["version"] for v in client.versions("digits")] == [1, 2]
-        assert client.detect(photo_bytes, "digits@1")["results"][0]["method"] == "cst"
+        assert [v.version for v in client.versions("digits")] == [1, 2]
+        assert client.detect(photo_bytes, "digits@1").results[0].method == "cst"
         client.delete_task("digits")
         with pytest.raises(SidecarError) as e:
             client.detect(photo_bytes, ["digits"])

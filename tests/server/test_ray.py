@@ -113,13 +113,13 @@ def test_tasks_route_to_the_replica_that_holds_them(cluster: Cluster, artifacts,
     tasks = [f"t{i}" for i in range(6)]
     with SidecarClient(cluster.url) as client:
         for i, task in enumerate(tasks):
-            assert client.upload_task(task, artifacts[f"side{i}"])["version"] == 1
+            assert client.upload_task(task, artifacts[f"side{i}"]).version == 1
         for task in tasks:  # first touch: each task loads where it lands
             client.detect(photo_bytes, [task])
         hits = 0
         for task in tasks * 3:
             answer, replica = _served_by(cluster, lambda t=task: client.detect(photo_bytes, [t]))
-            assert answer["results"][0]["task"] == task
+            assert answer.results[0].task == task
             hits += task in replica["resident"]
         assert hits >= 0.9 * len(tasks) * 3, hits  # repeated requests go where the task already is
         holders = {t: sum(t in s["resident"] for s in cluster.snapshots()) for t in tasks}
@@ -131,19 +131,19 @@ def test_a_fan_out_makes_one_backbone_pass_on_one_replica(cluster: Cluster, phot
         before = {s["pid"]: s["backbone_passes"] for s in cluster.snapshots()}
         answer = client.detect(photo_bytes, ["t3", "t0", "t2", "t1"])
         after = {s["pid"]: s["backbone_passes"] for s in cluster.snapshots()}
-    assert answer["backbone_passes"] == 1 and [r["task"] for r in answer["results"]] == ["t3", "t0", "t2", "t1"]
+    assert answer.backbone_passes == 1 and [r.task for r in answer.results] == ["t3", "t0", "t2", "t1"]
     assert sorted(after[p] - before[p] for p in after) == [0, 1]  # one pass, on one replica
 
 
 def test_a_new_version_is_what_every_replica_serves_once_the_upload_answers(cluster: Cluster, artifacts, photo_bytes):
     with SidecarClient(cluster.url) as client:
-        assert client.upload_task("t0", artifacts["side6"])["version"] == 2
+        assert client.upload_task("t0", artifacts["side6"]).version == 2
         everywhere = cluster.engines.broadcast("detect", photo_bytes, ["t0"], PostprocessConfig()).results(
             timeout_s=30
         )
         assert len(everywhere) == 2 and {r.results[0].version for r in everywhere} == {2}
-        assert client.detect(photo_bytes, ["t0"])["results"][0]["version"] == 2
-        assert client.detect(photo_bytes, ["t0@1"])["results"][0]["version"] == 1
+        assert client.detect(photo_bytes, ["t0"]).results[0].version == 2
+        assert client.detect(photo_bytes, ["t0@1"]).results[0].version == 1
 
 
 def test_a_killed_replica_costs_at_most_its_requests_in_flight(cluster: Cluster, photo_bytes):
@@ -187,14 +187,14 @@ def test_a_restarted_writer_keeps_pins_and_its_next_write_reaches_every_replica(
         client.pin("t2")
         before = writer.health.remote().result(timeout_s=10)
         os.kill(before["pid"], signal.SIGKILL)
-        assert client.upload_task("t1", artifacts["side7"])["version"] == 2  # 503s while it restarts, retried
+        assert client.upload_task("t1", artifacts["side7"]).version == 2  # 503s while it restarts, retried
         after = writer.health.remote().result(timeout_s=10)
         assert after["pid"] != before["pid"] and after["incarnation"] != before["incarnation"]
         everywhere = cluster.engines.broadcast("detect", photo_bytes, ["t1"], PostprocessConfig()).results(
             timeout_s=30
         )
         assert len(everywhere) == 2 and {r.results[0].version for r in everywhere} == {2}
-        assert client.get_task("t2")["pinned"] is True  # the pinned set, rebuilt from the replicas
+        assert client.get_task("t2").pinned is True  # the pinned set, rebuilt from the replicas
         assert all(s["pinned"] == ["t2"] for s in cluster.snapshots())
 
 
@@ -224,8 +224,8 @@ def test_the_http_api_is_the_single_process_one(cluster: Cluster):
     assert len(replicas) == 2  # each replica's registry, labelled
     assert "sidecar_tuner_cache_resident_bytes{replica=" in metrics.text
     with SidecarClient(cluster.url) as client:
-        assert client.backbone()["name"] == "mobilenet_v2"
-        assert {t["id"]: t["residency"] for t in client.list_tasks()}["t0"] == "device"
+        assert client.backbone().name == "mobilenet_v2"
+        assert {t.id: t.residency for t in client.list_tasks()}["t0"] == "device"
 
 
 def test_domain_errors_pickle_as_themselves():

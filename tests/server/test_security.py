@@ -67,7 +67,7 @@ def test_off_loopback_management_is_refused_without_a_key_and_detect_stays_open(
 def test_open_management_is_explicit_and_warned_at_start(tmp_path: Path, backbone, artifacts, logs):
     app = create_app(settings(tmp_path / "store", host="0.0.0.0", allow_open_management=True), backbone=backbone)
     with LiveServer(app) as live, SidecarClient(live.url) as client:
-        assert client.upload_task("t", artifacts["side0"])["version"] == 1
+        assert client.upload_task("t", artifacts["side0"]).version == 1
     assert any("management is OPEN" in line for line in logs)
 
 
@@ -78,9 +78,9 @@ def test_two_keys_from_a_file_both_work_and_never_leak(tmp_path: Path, backbone,
     seen: list[str] = []
     with LiveServer(app) as live:
         with SidecarClient(live.url, api_key=KEY_A) as a, SidecarClient(live.url, api_key=KEY_B) as b:
-            assert a.upload_task("t", artifacts["side0"])["version"] == 1
-            assert b.upload_task("t", artifacts["side1"])["version"] == 2
-            seen.append(json.dumps(b.detect(photo_bytes, ["t"])))
+            assert a.upload_task("t", artifacts["side0"]).version == 1
+            assert b.upload_task("t", artifacts["side1"]).version == 2
+            seen.append(b.detect(photo_bytes, ["t"]).model_dump_json())
         for headers in ({}, {"Authorization": "Bearer wrong-key"}):
             r = httpx.delete(f"{live.url}/v1/tasks/t", headers=headers)
             assert r.status_code == (401 if not headers else 403)
@@ -128,7 +128,7 @@ def test_browser_headers_and_a_console_that_works_under_its_csp(live: LiveServer
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
     assert page.headers["x-content-type-options"] == "nosniff"
     html = page.text
-    assert '<script src="/app.js"></script>' in html and "<style" not in html  # no inline script or style
+    assert '<script type="module" src="/app.js"></script>' in html and "<style" not in html  # no inline script, style
     assert not re.search(r"<script>|\son[a-z]+\s*=", html)  # nor inline handlers: the CSP would block them
     for asset, kind in (("/app.js", "text/javascript"), ("/app.css", "text/css")):
         r = httpx.get(f"{live.url}{asset}")
@@ -163,7 +163,7 @@ def test_tls_end_to_end_with_a_self_signed_certificate(tmp_path: Path, backbone,
         assert live.url.startswith("https://")
         with SidecarClient(live.url, verify=str(cert)) as client:
             client.upload_task("t", artifacts["side0"])
-            assert client.detect(photo_bytes, ["t"])["results"][0]["task"] == "t"
+            assert client.detect(photo_bytes, ["t"]).results[0].task == "t"
         with pytest.raises(httpx.ConnectError), SidecarClient(live.url) as untrusting:
             untrusting.list_tasks()  # the system trust store does not know this certificate
         with pytest.raises(httpx.HTTPError):

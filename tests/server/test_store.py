@@ -40,13 +40,13 @@ def test_a_restart_keeps_every_version_and_rollback_brings_one_back(tmp_path: Pa
         client.upload_task("digits", artifacts["side2"])
     with LiveServer(create_app(settings(store), backbone=backbone)) as live, SidecarClient(live.url) as client:
         versions = client.versions("digits")
-        assert [(v["version"], v["current"], v["method"]) for v in versions] == [(1, False, "cst"), (2, True, "e3va")]
-        assert all(v["sha256"] and v["published_at"] for v in versions)
-        pinned_old = client.detect(photo_bytes, "digits@1")["results"][0]
-        assert (pinned_old["version"], pinned_old["method"]) == (1, "cst")
-        assert client.detect(photo_bytes, ["digits"])["results"][0]["version"] == 2
-        assert client.rollback("digits", 1)["version"] == 1
-        assert client.detect(photo_bytes, ["digits"])["results"][0]["method"] == "cst"
+        assert [(v.version, v.current, v.method) for v in versions] == [(1, False, "cst"), (2, True, "e3va")]
+        assert all(v.sha256 and v.published_at for v in versions)
+        pinned_old = client.detect(photo_bytes, "digits@1").results[0]
+        assert (pinned_old.version, pinned_old.method) == (1, "cst")
+        assert client.detect(photo_bytes, ["digits"]).results[0].version == 2
+        assert client.rollback("digits", 1).version == 1
+        assert client.detect(photo_bytes, ["digits"]).results[0].method == "cst"
         with pytest.raises(SidecarError) as e:
             client.rollback("digits", 7)
         assert (e.value.status, e.value.code) == (404, "unknown_version")
@@ -91,11 +91,11 @@ def test_a_bad_current_quarantines_the_task_and_deletes_nothing(
         with pytest.raises(SidecarError) as e:
             client.detect(photo_bytes, ["t5"])
         assert (e.value.status, e.value.code) == (409, "task_quarantined")
-        assert client.detect(photo_bytes, ["ok"])["results"][0]["task"] == "ok"  # the rest serves
+        assert client.detect(photo_bytes, ["ok"]).results[0].task == "ok"  # the rest serves
         assert _snapshot(root) == before  # nothing deleted, nothing rewritten
         if damage != "incomplete_version":  # v1 is complete: the operator can roll back to it
-            assert client.rollback("t5", 1)["version"] == 1
-            assert client.detect(photo_bytes, ["t5"])["results"][0]["version"] == 1
+            assert client.rollback("t5", 1).version == 1
+            assert client.detect(photo_bytes, ["t5"]).results[0].version == 1
             assert httpx.get(f"{live.url}/v1/tasks").json()["quarantined"] == []
 
 
@@ -105,7 +105,7 @@ def test_stray_files_in_the_store_do_not_stop_the_start(tmp_path: Path, backbone
     (root / "notes.txt").write_text("the operator's notes")
     (root / "Not A Task").mkdir()
     with LiveServer(create_app(settings(root), backbone=backbone)) as live, SidecarClient(live.url) as client:
-        assert [t["id"] for t in client.list_tasks()] == ["t"]
+        assert [t.id for t in client.list_tasks()] == ["t"]
     assert (root / "notes.txt").read_text() == "the operator's notes" and (root / "Not A Task").is_dir()
     assert any("notes.txt" in r.getMessage() for r in caplog.records)
 
@@ -173,7 +173,7 @@ def test_a_full_disk_during_upload_is_507_and_changes_nothing(tmp_path: Path, ba
         with pytest.raises(SidecarError) as e:
             client.upload_task("t", artifacts["side1"])
         assert (e.value.status, e.value.code) == (507, "insufficient_storage")
-        assert _snapshot(root) == before and client.get_task("t")["version"] == 1
+        assert _snapshot(root) == before and client.get_task("t").version == 1
     with pytest.raises(InsufficientStorage):
         TaskStore(tmp_path / "other").publish("t", *_files(artifacts["side0"]), lambda _: None)
 

@@ -219,4 +219,4 @@ def test_publish_uploads_the_best_artifact_to_a_running_server(digits: Path, tmp
 
         with SidecarClient(live.url) as client:
             task = client.get_task("dg")
-    assert task["method"] == "cst" and task["version"] == 1 and task["labels"] == [str(d) for d in range(10)]
+    assert task.method == "cst" and task.version == 1 and task.labels == [str(d) for d in range(10)]

@@ -16,7 +16,7 @@ import logging
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic.fields import FieldInfo
 
@@ -25,6 +25,9 @@ from tuners.base import TUNERS
 from tuners.data.records import DatasetError
 from tuners.errors import TunerError
 from tuners.trainer.config import TrainConfig, apply_set, build_config, read_config_file
+
+if TYPE_CHECKING:
+    from clients import TaskInfo
 
 log = logging.getLogger("server-train")
 TABLES = ("tuner", "head")  # set through the config file or --set tuner.KEY=VALUE
@@ -99,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return build_config(apply_set(values, args.set))
 
 
-def publish(config: TrainConfig, artifact: Path) -> dict[str, Any]:
+def publish(config: TrainConfig, artifact: Path) -> TaskInfo:
     """Uploads the best artifact to a running server under ``task_id`` (default: the run folder's name)."""
     from clients import SidecarClient
 
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         report = Trainer(config).fit()
         if config.publish:
             uploaded = publish(config, Path(report["artifact"]))
-            log.info("published %s version %s to %s", uploaded["id"], uploaded["version"], config.publish)
+            log.info("published %s version %s to %s", uploaded.id, uploaded.version, config.publish)
     except (TunerError, DatasetError, FileNotFoundError) as e:
         sys.stderr.write(f"server-train: error: {e}\n")
         return 2
