@@ -78,13 +78,23 @@ def task_names(tasks: str | list[str]) -> str:
     return ",".join(names)
 
 
+def _options(score_threshold: float | None, max_detections: int | None) -> dict[str, float | int]:
+    given = (("score_threshold", score_threshold), ("max_detections", max_detections))
+    return {k: v for k, v in given if v is not None}
+
+
 def detect(image: Image, tasks: str | list[str], score_threshold: float | None, max_detections: int | None) -> Call:
-    params = {
-        k: v for k, v in (("score_threshold", score_threshold), ("max_detections", max_detections)) if v is not None
-    }
+    params = _options(score_threshold, max_detections)
     files = {"image": ("image", image_bytes(image), "application/octet-stream")}
     options = {"files": files, "data": {"tasks": task_names(tasks)}, "params": params}
     return Call("POST", "/v1/detect", options, DetectResponse.model_validate)
+
+
+def detect_task(image: Image, task_id: str, score_threshold: float | None, max_detections: int | None) -> Call:
+    """One task, the image as the raw body (``POST /v1/tasks/{id}/detect``)."""
+    headers = {"content-type": "application/octet-stream"}
+    options = {"content": image_bytes(image), "params": _options(score_threshold, max_detections), "headers": headers}
+    return Call("POST", f"/v1/tasks/{task_id}/detect", options, DetectResponse.model_validate)
 
 
 def upload(task_id: str, artifact: str | Path) -> Call:

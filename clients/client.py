@@ -93,6 +93,12 @@ class SidecarClient:
         """
         return self._send(calls.detect(image, tasks, score_threshold, max_detections))
 
+    def detect_task(
+        self, task_id: str, image: Image, score_threshold: float | None = None, max_detections: int | None = None
+    ) -> DetectResponse:
+        """One task's detections (``"digits"`` or ``"digits@3"``), the image sent as the raw body."""
+        return self._send(calls.detect_task(image, task_id, score_threshold, max_detections))
+
     def upload_task(self, task_id: str, artifact: str | Path) -> TaskInfo:
         """Publishes an artifact folder (``tuner.safetensors`` + ``tuner.json``) as a new version."""
         return self._send(calls.upload(task_id, artifact))
@@ -179,6 +185,11 @@ class AsyncSidecarClient:
         max_detections: int | None = None,
     ) -> DetectResponse:
         return await self._send(calls.detect(image, tasks, score_threshold, max_detections))
+
+    async def detect_task(
+        self, task_id: str, image: Image, score_threshold: float | None = None, max_detections: int | None = None
+    ) -> DetectResponse:
+        return await self._send(calls.detect_task(image, task_id, score_threshold, max_detections))
 
     async def upload_task(self, task_id: str, artifact: str | Path) -> TaskInfo:
         return await self._send(calls.upload(task_id, artifact))

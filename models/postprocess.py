@@ -92,3 +92,15 @@ def nms_and_clip(
 ) -> Detections:
     """Class-wise NMS on ``[K, 4]`` xyxy canvas boxes, clipped to ``canvas`` (H, W); best ``max_detections``."""
     return finish([Candidates(boxes, scores, labels)], canvas, [config])[0]
+
+
+def from_dense(
+    boxes: Tensor, scores: Tensor, canvas: tuple[int, int], configs: list[PostprocessConfig]
+) -> list[Detections]:
+    """Detections from every location's boxes ``[B, N, 4]`` and scores ``[B, N, C]`` (a head's
+    ``dense()``, or an exported graph's outputs): the heads' own candidate selection, then :func:`finish`."""
+    candidates = []
+    for image_boxes, image_scores, config in zip(boxes, scores, configs):
+        kept, index, labels = select_candidates(image_scores, config.score_thresh, config.topk_candidates)
+        candidates.append(Candidates(image_boxes[index], kept, labels))
+    return finish(candidates, canvas, configs)

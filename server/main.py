@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from pydantic import SecretStr, ValidationError
+from pydantic.fields import FieldInfo
 
 from models.backbones.base import FrozenBackbone
 from server.api.routes import backbone as backbone_routes
@@ -26,6 +28,8 @@ from server.config import Settings
 from server.errors import install_handlers
 from server.middleware import RequestContext
 from server.services import build_services, load_backbone
+from tuners.commands import UsageError, add_common
+from tuners.commands import run as run_command
 
 log = logging.getLogger("sidecar")
 
@@ -95,30 +99,69 @@ def create_app(
     return app
 
 
+def _help(name: str, field: FieldInfo) -> str:
+    """A flag's help: what it does, its default and the environment variable that also sets it."""
+    default = field.default.get_secret_value() if isinstance(field.default, SecretStr) else field.default
+    shown = "none" if default is None else default
+    return f"{field.description or ''} (default: {shown}; env SIDECAR_{name.upper()})".lstrip()
+
+
 def _flags() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="server-serve", description="Serve detection tasks over one backbone.")
+    parser = argparse.ArgumentParser(
+        prog="server-serve",
+        description="Serve detection tasks over one backbone. Every flag can also be set by its environment "
+        "variable; a flag wins over the variable.",
+    )
+    add_common(parser)
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=_help(name, field))  # fmt: skip
         elif typing.get_origin(field.annotation) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(field.annotation), default=argparse.SUPPRESS)
+            parser.add_argument(flag, choices=typing.get_args(field.annotation), default=argparse.SUPPRESS,
+                                help=_help(name, field))  # fmt: skip
         else:
-            parser.add_argument(flag, default=argparse.SUPPRESS, help=field.description)
+            parser.add_argument(flag, default=argparse.SUPPRESS, metavar=name.upper(), help=_help(name, field))
     return parser
 
 
-def run(argv: list[str] | None = None) -> None:
+def setting_flags(argv: list[str] | None = None) -> tuple[dict[str, Any], bool]:
+    """(the settings given as flags, ``--verbose``)."""
+    args = vars(_flags().parse_args(argv))
+    return args, args.pop("verbose")
+
+
+def run(argv: list[str] | None = None) -> int:
     """``server-serve``: flags override ``SIDECAR_*`` environment variables."""
+    args, verbose = setting_flags(argv)
+    return run_command("server-serve", lambda: _serve(args), verbose)
+
+
+def _setting_problem(error: Any) -> str:
+    name = str(error["loc"][0]) if error["loc"] else "settings"
+    where = f"--{name.replace('_', '-')} (env SIDECAR_{name.upper()})" if name in Settings.model_fields else name
+    return f"{where}: {error['msg']}" + (
+        f", got {error['input']!r}" if "input" in error and name != "settings" else ""
+    )
+
+
+def _serve(args: dict[str, object]) -> int:
+    import torch
     import uvicorn
 
-    settings = Settings(**vars(_flags().parse_args(argv)))
+    try:
+        settings = Settings(**args)
+    except ValidationError as e:
+        raise UsageError("; ".join(_setting_problem(err) for err in e.errors())) from None
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu or auto")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.ray:
         from server.scale.ray_app import serve_forever
 
         serve_forever(settings)
-        return
+        return 0
     # uvicorn drains in-flight requests on SIGTERM, then restores the previous handler and raises the
     # signal again; this handler makes that requested, graceful stop exit 0 instead of dying of SIGTERM.
     signal.signal(signal.SIGTERM, lambda *_: log.info("stopped on SIGTERM after finishing in-flight requests"))
@@ -131,7 +174,8 @@ def run(argv: list[str] | None = None) -> None:
         ssl_keyfile=settings.ssl_keyfile,
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    run()
+    raise SystemExit(run())

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
 from models.backbones.base import FrozenBackbone
@@ -44,7 +45,11 @@ class TunerConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise TunerError(f"unknown keys {unknown} for {cls.__name__}; valid keys: {sorted(names)}")
-        return cls(**data)
+        try:  # types checked as pydantic checks them: "4" becomes 4, "abc" for an int is refused
+            return TypeAdapter(cls).validate_python(data)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise TunerError(f"invalid {cls.__name__}: {problems}") from None
 
 
 def option(default: Any, help: str) -> Any:  # noqa: A002

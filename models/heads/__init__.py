@@ -2,22 +2,64 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from models.heads import fcos, light, retinanet  # noqa: F401  (registration)
 from models.heads.base import DetectionHead, HeadOutputs
 from models.registry import HEADS
+
+SIZED_BY_THE_TUNER = ("self", "num_classes", "in_channels", "in_strides")
+
+
+class HeadConfigError(ValueError):
+    """Head options that cannot be used; the message names every problem and the valid choices."""
+
+
+@functools.cache
+def _options_model(name: str) -> type[BaseModel]:
+    """A pydantic model of head ``name``'s options, from its constructor's signature."""
+    signature = inspect.signature(HEADS.get(name).__init__, eval_str=True)
+    fields = {
+        p.name: (p.annotation, p.default)
+        for p in signature.parameters.values()
+        if p.name not in SIZED_BY_THE_TUNER and p.default is not inspect.Parameter.empty
+    }
+    return create_model(f"{name}_head", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def check_head_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Validates ``options`` of head ``name`` against its constructor: types checked, unknown keys listed.
+
+    Returns:
+        The options, converted to their declared types (``"64"`` -> ``64``).
+    """
+    if name not in HEADS.names():
+        raise HeadConfigError(f"unknown head {name!r}; known heads: {', '.join(HEADS.names())}")
+    model = _options_model(name)
+    try:
+        return model(**options).model_dump()
+    except ValidationError as e:
+        problems = [
+            f"{'.'.join(map(str, err['loc']))}: {'unknown option' if err['type'] == 'extra_forbidden' else err['msg']}"
+            for err in e.errors()
+        ]
+        valid = ", ".join(f"{k}={f.default!r}" for k, f in model.model_fields.items())
+        raise HeadConfigError(f"head {name!r}: {'; '.join(problems)}; its options: {valid}") from None
 
 
 def build_head(
     name: str, num_classes: int, in_channels: list[int], in_strides: list[int], **options: Any
 ) -> DetectionHead:
     """Builds registered head ``name`` (``light`` by default elsewhere; ``fcos``, ``retinanet``)."""
-    return HEADS.get(name)(num_classes, in_channels, in_strides, **options)
+    return HEADS.get(name)(num_classes, in_channels, in_strides, **check_head_options(name, options))
 
 
 def list_heads() -> list[str]:
     return HEADS.names()
 
 
-__all__ = ["DetectionHead", "HeadOutputs", "build_head", "list_heads"]
+__all__ = ["DetectionHead", "HeadConfigError", "HeadOutputs", "build_head", "check_head_options", "list_heads"]

@@ -61,6 +61,11 @@ class DetectionHead(nn.Module):
         """Scored boxes per image before NMS, in canvas pixels; ``configs`` has one entry per image."""
         raise NotImplementedError
 
+    def dense(self, outputs: HeadOutputs) -> tuple[Tensor, Tensor]:
+        """Every location's decoded box and class scores, before any threshold: boxes ``[B, N, 4]``
+        xyxy canvas pixels, scores ``[B, N, C]`` in ``[0, 1]``. What ``server-export`` graphs end with."""
+        raise NotImplementedError
+
     def predict(self, outputs: HeadOutputs, canvas: tuple[int, int], config: PostprocessConfig) -> list[Detections]:
         """Detections per image, in canvas pixels (``canvas`` is ``(H, W)``)."""
         configs = [config] * int(next(iter(outputs.tensors.values())).shape[0])
@@ -156,6 +161,12 @@ class AnchorFreeHead(DetectionHead):
         loss_box = generalized_box_iou_loss(pred_boxes[pos], gt, reduction="sum") / num_pos
         loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos], ctr_target, reduction="sum") / num_pos
         return {"classification": loss_cls, "bbox_regression": loss_box, "bbox_ctrness": loss_ctr}
+
+    def dense(self, outputs: HeadOutputs) -> tuple[Tensor, Tensor]:
+        cls_logits = outputs.tensors["cls_logits"]
+        points, point_strides = level_points(outputs.level_shapes, self.strides, cls_logits.device)
+        boxes = decode_ltrb(points, point_strides, outputs.tensors["bbox_regression"])
+        return boxes, torch.sqrt(cls_logits.sigmoid() * outputs.tensors["bbox_ctrness"].sigmoid())
 
     def candidates(self, outputs: HeadOutputs, configs: list[PostprocessConfig]) -> list[Candidates]:
         cls_logits = outputs.tensors["cls_logits"]

@@ -79,6 +79,12 @@ class RetinaNetTorchvisionHead(DetectionHead):
         tv_targets = [{"boxes": t.boxes, "labels": t.labels} for t in targets]
         return self.head.compute_loss(tv_targets, outputs.tensors, [anchors] * len(targets), matched)
 
+    def dense(self, outputs: HeadOutputs) -> tuple[Tensor, Tensor]:
+        anchors = self._anchors(outputs)
+        coder = self.head.regression_head.box_coder
+        boxes = torch.stack([coder.decode_single(reg, anchors) for reg in outputs.tensors["bbox_regression"]])
+        return boxes, outputs.tensors["cls_logits"].sigmoid()
+
     def candidates(self, outputs: HeadOutputs, configs: list[PostprocessConfig]) -> list[Candidates]:
         anchors = self._anchors(outputs)
         coder = self.head.regression_head.box_coder

@@ -10,10 +10,10 @@ from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from models import PreprocessSpec, build_backbone, build_head, list_backbones
+from models.imaging import read_image
 from models.transform import ImageTransform
 from models.weights import OFFLINE_PACKAGES, WeightsError, find_offline_file, resolve_weights
 from tuners.data.synth import photo
-from tuners.data.transforms import read_image
 
 MOBILENET_SHA = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 
@@ -48,7 +48,7 @@ def test_wrong_sha_and_missing_sources_raise(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(WeightsError, match="sha256"):
         build_backbone("mobilenet_v2")
     monkeypatch.delitem(OFFLINE_PACKAGES, "mobilenet_v2")
-    with pytest.raises(WeightsError, match="downloads are disabled"):
+    with pytest.raises(WeightsError, match="downloads are off; pass --weights PATH"):
         build_backbone("mobilenet_v2", allow_download=False)
     with pytest.raises(WeightsError, match="does not exist"):
         build_backbone("resnet18", weights="/nonexistent/resnet18.safetensors")

@@ -224,13 +224,14 @@ def test_delete_while_in_use_lets_the_request_finish(tmp_path: Path, backbone, a
 
 def test_settings_come_from_env_and_flags(monkeypatch):
     from server.config import Settings
-    from server.main import _flags
+    from server.main import setting_flags
 
     monkeypatch.setenv("SIDECAR_MAX_QUEUE", "3")
     monkeypatch.setenv("SIDECAR_ADMIN_KEY", "s3cr3t-admin")
     settings = Settings()
     assert settings.max_queue == 3 and settings.admin_key is not None and "s3cr3t" not in repr(settings)
-    flags = vars(_flags().parse_args(["--max-queue", "5", "--runtime", "onnx"]))
+    flags, verbose = setting_flags(["--max-queue", "5", "--runtime", "onnx"])
+    assert not verbose
     assert Settings(**flags).max_queue == 5 and Settings(**flags).runtime == "onnx"
 
 

@@ -62,6 +62,7 @@ def _boxes_of(page, task: str) -> int:  # noqa: ANN001
 
 def test_an_image_gets_boxes_of_both_tasks_in_fixed_colours(page, tmp_path: Path, photo_bytes):  # noqa: ANN001
     page.fill("#threshold", "0")
+    page.locator("#threshold").blur()  # commits the value (a change event) before the next step
     page.set_input_files("#file", str(_photo(tmp_path, photo_bytes)))
     page.wait_for_selector("#stage .box[data-task='faces']")
     assert _boxes_of(page, "digits") > 0 and _boxes_of(page, "faces") > 0
@@ -86,6 +87,7 @@ def test_an_image_gets_boxes_of_both_tasks_in_fixed_colours(page, tmp_path: Path
 
 def test_a_file_that_is_not_an_image_shows_an_error_and_no_old_boxes(page, tmp_path: Path, photo_bytes):  # noqa: ANN001
     page.fill("#threshold", "0")
+    page.locator("#threshold").blur()  # commits the value (a change event) before the next step
     page.set_input_files("#file", str(_photo(tmp_path, photo_bytes)))
     page.wait_for_selector("#stage .box")
     (tmp_path / "notes.txt").write_text("not a picture")
@@ -116,10 +118,11 @@ def test_a_late_answer_to_an_older_request_is_not_drawn(page, tmp_path: Path, ph
 
     page.route("**/v1/detect*", answer)
     page.fill("#threshold", "0")
+    page.locator("#threshold").blur()  # commits the value (a change event) before the next step
     page.set_input_files("#file", str(_photo(tmp_path, photo_bytes)))
     page.wait_for_timeout(200)
     page.fill("#threshold", "0.1")
-    page.dispatch_event("#threshold", "change")  # a newer request while the first is in flight
+    page.locator("#threshold").blur()  # a change event: a newer request while the first is in flight
     page.wait_for_selector("#stage .box")
     page.wait_for_timeout(2000)  # the stale answer has arrived by now
     assert len(seen) == 2
@@ -149,9 +152,10 @@ def test_a_task_uploaded_from_the_tasks_view_is_listed_and_usable(page, artifact
         page.uncheck(f"#task-picks input[value='{task}']")
     page.check("#task-picks input[value='helmets']")
     page.fill("#threshold", "0")
+    page.locator("#threshold").blur()  # commits the value (a change event) before the next step
     page.set_input_files("#file", str(_photo(tmp_path, photo_bytes)))
     page.wait_for_selector("#stage .box[data-task='helmets']")
     page.click("#tab-tasks")
     page.click("#task-table tbody tr[data-task='helmets'] >> text=Delete")
     page.wait_for_selector("#task-table tbody tr[data-task='helmets']", state="detached")
-    assert page.text_content("#status") == "deleted helmets"
+    expect(page.locator("#status")).to_have_text("deleted helmets")

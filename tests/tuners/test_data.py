@@ -48,7 +48,7 @@ def test_convert_round_trips_boxes_through_all_formats(tmp_path: Path) -> None:
     current = src
     for i, (a, b) in enumerate(steps):
         out = tmp_path / f"step{i}"
-        assert data_cli(["convert", "--src", str(current), "--from", a, "--to", b, "--out", str(out)]) == 0
+        assert data_cli(["convert", "--data", str(current), "--from", a, "--to", b, "--out", str(out)]) == 0
         current = out
     original, final = read_dataset(src, "coco"), read_dataset(current, "coco")
     assert final.classes == original.classes

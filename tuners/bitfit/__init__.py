@@ -52,8 +52,12 @@ class BitFitTuner(Tuner):
     def required_taps(self) -> list[str]:
         return self.taps
 
+    def merged(self, backbone: FrozenBackbone) -> dict[str, Tensor]:
+        """The backbone tensors this task replaces: its trained biases and norm scales."""
+        return {n: self.bitfit[key(n)] for n in self.names}
+
     def backbone_forward(self, backbone: FrozenBackbone, images: Tensor) -> dict[str, Tensor]:
-        return run_with_tensors(backbone, {n: self.bitfit[key(n)] for n in self.names}, images, self.taps)
+        return run_with_tensors(backbone, self.merged(backbone), images, self.taps)
 
     def forward(self, taps: dict[str, Tensor], images: Tensor | None = None) -> list[Tensor]:
         return [taps[t] for t in self.taps]

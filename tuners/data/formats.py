@@ -1,10 +1,12 @@
 """Readers and writers for COCO JSON, Pascal VOC XML and YOLO txt. All produce :class:`DetectionData`.
 
-Layouts (one split per folder):
-  coco: ``annotations.json`` + ``images/``; boxes are ``[x, y, w, h]`` pixels.
+Layouts (one split per folder; whole datasets, Ultralytics and Roboflow, are in :mod:`.layouts`):
+  coco: ``annotations.json`` + ``images/``; boxes are ``[x, y, w, h]`` pixels; ``iscrowd`` kept.
   voc:  ``Annotations/*.xml`` + ``JPEGImages/`` (+ ``classes.txt`` for the class order);
-        coordinates are read and written as given, with no 1-based shift.
-  yolo: ``images/`` + ``labels/*.txt`` (class cx cy w h, normalised) + ``classes.txt``.
+        coordinates are read and written as given, with no 1-based shift; ``difficult`` kept.
+  yolo: ``images/`` + ``labels/*.txt`` (class cx cy w h, normalised to the upright image) + ``classes.txt``.
+
+Boxes are in the upright image's pixels (EXIF orientation applied), as annotation tools show it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from models.imaging import upright_size
 from tuners.data.records import DatasetError, DetectionData, ImageRecord
 
 FORMATS = ("coco", "voc", "yolo")
@@ -31,26 +33,33 @@ def _labels(rows: list[int]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def read_coco(root: Path) -> DetectionData:
-    path = root / "annotations.json"
+def read_coco(root: Path, annotations: str = "annotations.json", images: str = "images") -> DetectionData:
+    """A COCO split: ``root/annotations`` naming images in ``root/images``."""
+    path = root / annotations
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DatasetError(f"cannot read {path}: {e}") from e
     categories = sorted(doc["categories"], key=lambda c: c["id"])
     index = {c["id"]: i for i, c in enumerate(categories)}
-    per_image: dict[int, tuple[list[list[float]], list[int]]] = {img["id"]: ([], []) for img in doc["images"]}
-    for ann in doc["annotations"]:
-        x, y, w, h = ann["bbox"]
-        per_image[ann["image_id"]][0].append([x, y, x + w, y + h])
-        per_image[ann["image_id"]][1].append(index[ann["category_id"]])
+    per_image: dict[int, tuple[list, list, list]] = {img["id"]: ([], [], []) for img in doc["images"]}
+    try:
+        for ann in doc["annotations"]:
+            x, y, w, h = ann["bbox"]
+            boxes, labels, crowd = per_image[ann["image_id"]]
+            boxes.append([x, y, x + w, y + h])
+            labels.append(index[ann["category_id"]])
+            crowd.append(bool(ann.get("iscrowd", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"{path}: an annotation is malformed or names an unknown image or category ({e!r})") from e
     records = [
         ImageRecord(
-            root / "images" / img["file_name"],
+            root / images / img["file_name"],
             img["width"],
             img["height"],
             _boxes(per_image[img["id"]][0]),
             _labels(per_image[img["id"]][1]),
+            torch.tensor(per_image[img["id"]][2], dtype=torch.bool),
         )
         for img in sorted(doc["images"], key=lambda i: i["id"])
     ]
@@ -62,7 +71,7 @@ def to_coco(data: DetectionData) -> dict:
     images, annotations = [], []
     for image_id, r in enumerate(data.records, start=1):
         images.append({"id": image_id, "file_name": r.path.name, "width": r.width, "height": r.height})
-        for box, label in zip(r.boxes.tolist(), r.labels.tolist()):
+        for box, label, crowd in zip(r.boxes.tolist(), r.labels.tolist(), r.crowd.tolist()):
             x1, y1, x2, y2 = box
             annotations.append(
                 {
@@ -71,7 +80,7 @@ def to_coco(data: DetectionData) -> dict:
                     "category_id": label + 1,
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
                     "area": (x2 - x1) * (y2 - y1),
-                    "iscrowd": 0,
+                    "iscrowd": int(crowd),
                 }
             )
     return {
@@ -82,9 +91,15 @@ def to_coco(data: DetectionData) -> dict:
     }
 
 
-def write_coco(data: DetectionData, root: Path, copy_images: bool = True) -> None:
-    _copy_images(data, root / "images", copy_images)
-    (root / "annotations.json").write_text(json.dumps(to_coco(data), indent=1, sort_keys=True))
+def write_coco(
+    data: DetectionData,
+    root: Path,
+    copy_images: bool = True,
+    annotations: str = "annotations.json",
+    images: str = "images",
+) -> None:
+    place_images(data, root / images, copy_images)
+    (root / annotations).write_text(json.dumps(to_coco(data), indent=1, sort_keys=True))
 
 
 def read_voc(root: Path) -> DetectionData:
@@ -97,16 +112,17 @@ def read_voc(root: Path) -> DetectionData:
             tree = ET.parse(f).getroot()
         except ET.ParseError as e:
             raise DatasetError(f"{f}: {e}") from e
-        objects = [
-            (
-                o.findtext("name", ""),
-                [
-                    float(o.find("bndbox").findtext(k, "nan"))  # type: ignore[union-attr]
-                    for k in ("xmin", "ymin", "xmax", "ymax")
-                ],
-            )
-            for o in tree.iter("object")
-        ]
+        try:
+            objects = [
+                (
+                    o.findtext("name", ""),
+                    [float(o.find("bndbox").findtext(k, "nan")) for k in ("xmin", "ymin", "xmax", "ymax")],  # type: ignore[union-attr]
+                    o.findtext("difficult", "0").strip() == "1",
+                )
+                for o in tree.iter("object")
+            ]
+        except (AttributeError, ValueError) as e:
+            raise DatasetError(f"{f}: an object has no readable bndbox ({e})") from e
         size = tree.find("size")
         parsed.append(
             (
@@ -120,13 +136,21 @@ def read_voc(root: Path) -> DetectionData:
     classes = (
         classes_file.read_text().split("\n")
         if classes_file.is_file()
-        else sorted({name for *_, objs in parsed for name, _ in objs})
+        else sorted({name for *_, objs in parsed for name, _, _ in objs})
     )
     classes = [c for c in classes if c]
     index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({n for *_, objs in parsed for n, _, _ in objs} - set(index))
+    if unknown:
+        raise DatasetError(f"{root}: objects named {unknown} are not in classes.txt")
     records = [
         ImageRecord(
-            root / "JPEGImages" / name, w, h, _boxes([b for _, b in objs]), _labels([index[n] for n, _ in objs])
+            root / "JPEGImages" / name,
+            w,
+            h,
+            _boxes([b for _, b, _ in objs]),
+            _labels([index[n] for n, _, _ in objs]),
+            torch.tensor([d for _, _, d in objs], dtype=torch.bool),
         )
         for name, w, h, objs in parsed
     ]
@@ -135,7 +159,7 @@ def read_voc(root: Path) -> DetectionData:
 
 def write_voc(data: DetectionData, root: Path, copy_images: bool = True) -> None:
     (root / "Annotations").mkdir(parents=True, exist_ok=True)
-    _copy_images(data, root / "JPEGImages", copy_images)
+    place_images(data, root / "JPEGImages", copy_images)
     (root / "classes.txt").write_text("\n".join(data.classes) + "\n")
     for r in data.records:
         ann = ET.Element("annotation")
@@ -143,9 +167,10 @@ def write_voc(data: DetectionData, root: Path, copy_images: bool = True) -> None
         size = ET.SubElement(ann, "size")
         for k, v in (("width", r.width), ("height", r.height), ("depth", 3)):
             ET.SubElement(size, k).text = str(v)
-        for box, label in zip(r.boxes.tolist(), r.labels.tolist()):
+        for box, label, crowd in zip(r.boxes.tolist(), r.labels.tolist(), r.crowd.tolist()):
             obj = ET.SubElement(ann, "object")
             ET.SubElement(obj, "name").text = data.classes[label]
+            ET.SubElement(obj, "difficult").text = str(int(crowd))
             bnd = ET.SubElement(obj, "bndbox")
             for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box):
                 ET.SubElement(bnd, k).text = repr(float(v))
@@ -157,37 +182,44 @@ def read_yolo(root: Path) -> DetectionData:
     if not classes_file.is_file():
         raise DatasetError(f"{classes_file} is missing")
     classes = [c for c in classes_file.read_text().split("\n") if c]
-    records = []
-    for image in sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        with Image.open(image) as im:
-            w, h = im.size
-        rows, labels = [], []
-        label_file = root / "labels" / f"{image.stem}.txt"
-        lines = label_file.read_text().split("\n") if label_file.is_file() else []
-        for line in filter(None, (ln.strip() for ln in lines)):
-            parts = line.split()
-            if len(parts) != 5:
-                raise DatasetError(f"{label_file}: expected 'class cx cy w h', got {line!r}")
-            cx, cy, bw, bh = (float(v) for v in parts[1:])
-            rows.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
-            labels.append(int(parts[0]))
-        records.append(ImageRecord(image, w, h, _boxes(rows), _labels(labels)))
-    return DetectionData(classes, records)
+    images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return DetectionData(classes, [yolo_record(image, root / "labels" / f"{image.stem}.txt") for image in images])
+
+
+def yolo_record(image: Path, label_file: Path) -> ImageRecord:
+    """One image and its YOLO label file (absent: no objects); boxes in the upright image's pixels."""
+    w, h = upright_size(image)
+    rows, labels = [], []
+    lines = label_file.read_text().split("\n") if label_file.is_file() else []
+    for line in filter(None, (ln.strip() for ln in lines)):
+        parts = line.split()
+        if len(parts) != 5:
+            raise DatasetError(f"{label_file}: expected 'class cx cy w h', got {line!r}")
+        cx, cy, bw, bh = (float(v) for v in parts[1:])
+        rows.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+        labels.append(int(parts[0]))
+    return ImageRecord(image, w, h, _boxes(rows), _labels(labels))
 
 
 def write_yolo(data: DetectionData, root: Path, copy_images: bool = True) -> None:
-    (root / "labels").mkdir(parents=True, exist_ok=True)
-    _copy_images(data, root / "images", copy_images)
+    place_images(data, root / "images", copy_images)
     (root / "classes.txt").write_text("\n".join(data.classes) + "\n")
+    write_yolo_labels(data, root / "labels")
+
+
+def write_yolo_labels(data: DetectionData, folder: Path) -> None:
+    """One ``<image stem>.txt`` per image: ``class cx cy w h``, normalised (crowd boxes left out)."""
+    folder.mkdir(parents=True, exist_ok=True)
     for r in data.records:
         lines = []
-        for (x1, y1, x2, y2), label in zip(r.boxes.tolist(), r.labels.tolist()):
+        for (x1, y1, x2, y2), label, crowd in zip(r.boxes.tolist(), r.labels.tolist(), r.crowd.tolist()):
             cx, cy = (x1 + x2) / 2 / r.width, (y1 + y2) / 2 / r.height
-            lines.append(f"{label} {cx!r} {cy!r} {(x2 - x1) / r.width!r} {(y2 - y1) / r.height!r}")
-        (root / "labels" / f"{r.path.stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+            if not crowd:
+                lines.append(f"{label} {cx!r} {cy!r} {(x2 - x1) / r.width!r} {(y2 - y1) / r.height!r}")
+        (folder / f"{r.path.stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
 
 
-def _copy_images(data: DetectionData, folder: Path, copy: bool) -> None:
+def place_images(data: DetectionData, folder: Path, copy: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if copy:
         for r in data.records:

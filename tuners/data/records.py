@@ -22,6 +22,8 @@ class ImageRecord:
         width, height: image size in pixels.
         boxes: float64 ``[N, 4]`` x1, y1, x2, y2 in image pixels.
         labels: int64 ``[N]`` indices into :attr:`DetectionData.classes`.
+        crowd: bool ``[N]``: boxes evaluation ignores and training leaves out (COCO ``iscrowd``,
+            VOC ``difficult``), as pycocotools and the VOC protocol do.
     """
 
     path: Path
@@ -29,11 +31,16 @@ class ImageRecord:
     height: int
     boxes: Tensor = field(default_factory=lambda: torch.zeros(0, 4, dtype=torch.float64))
     labels: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    crowd: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.crowd is None:
+            self.crowd = torch.zeros(self.labels.shape[0], dtype=torch.bool)
 
     def validate(self, num_classes: int) -> list[str]:
         problems = []
         b = self.boxes
-        if b.ndim != 2 or b.shape[1] != 4 or b.shape[0] != self.labels.shape[0]:
+        if b.ndim != 2 or b.shape[1] != 4 or not b.shape[0] == self.labels.shape[0] == self.crowd.shape[0]:
             return [f"{self.path.name}: boxes {tuple(b.shape)} and labels {tuple(self.labels.shape)} do not match"]
         bad = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1]) | (b[:, 0] < 0) | (b[:, 1] < 0)
         bad |= (b[:, 2] > self.width) | (b[:, 3] > self.height)

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from models.imaging import read_image
 from models.transform import ImageMeta, ImageTransform
 from models.types import Target
 from tuners.data.records import DetectionData
@@ -41,13 +41,6 @@ def build_augmentation(name: str) -> v2.Transform | None:
     raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {name!r}")
 
 
-def read_image(path: str) -> Tensor:
-    """uint8 ``[3, H, W]`` RGB."""
-    with open(path, "rb") as f:
-        data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-    return decode_image(data, mode=ImageReadMode.RGB)
-
-
 @dataclass
 class Sample:
     """One preprocessed image: canvas tensor ``[3, S, S]``, target in canvas pixels, and the mapping back."""
@@ -71,7 +64,7 @@ class DetectionDataset(Dataset[Sample]):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.data.records[index]
-        image = read_image(str(record.path))
+        image = read_image(record.path)  # the server's decoder: EXIF orientation applied
         boxes, labels = record.boxes.float(), record.labels
         if self.augment is not None:
             h, w = image.shape[-2:]

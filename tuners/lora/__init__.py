@@ -68,10 +68,13 @@ class LoRATuner(Tuner):
             return scale * torch.cat([dq, torch.zeros_like(dq), dv])
         return scale * (b @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
 
-    def backbone_forward(self, backbone: FrozenBackbone, images: Tensor) -> dict[str, Tensor]:
+    def merged(self, backbone: FrozenBackbone) -> dict[str, Tensor]:
+        """The backbone tensors this task replaces, deltas folded in (PEFT's ``merge_and_unload``)."""
         weights = dict(backbone.named_parameters())
-        tensors = {n: weights[n] + self.delta(n) for n in self.targets}
-        return run_with_tensors(backbone, tensors, images, self.taps)
+        return {n: weights[n] + self.delta(n) for n in self.targets}
+
+    def backbone_forward(self, backbone: FrozenBackbone, images: Tensor) -> dict[str, Tensor]:
+        return run_with_tensors(backbone, self.merged(backbone), images, self.taps)
 
     def forward(self, taps: dict[str, Tensor], images: Tensor | None = None) -> list[Tensor]:
         return [taps[t] for t in self.taps]

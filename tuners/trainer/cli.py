@@ -18,12 +18,12 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from pydantic.fields import FieldInfo
 
 from tuners import list_tuners
 from tuners.base import TUNERS
-from tuners.data.records import DatasetError
-from tuners.errors import TunerError
+from tuners.commands import add_common, run
 from tuners.trainer.config import TrainConfig, apply_set, build_config, read_config_file
 
 if TYPE_CHECKING:
@@ -35,7 +35,8 @@ TABLES = ("tuner", "head")  # set through the config file or --set tuner.KEY=VAL
 
 def _add_field(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
     flag = "--" + name.replace("_", "-")
-    help_text = field.description or ""
+    default = "" if field.is_required() else f" (default: {field.default})"
+    help_text = (field.description or "") + default
     if field.annotation is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
     elif name == "cache_features":
@@ -45,13 +46,12 @@ def _add_field(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> 
             const="memory",
             choices=("none", "memory", "disk"),
             default=argparse.SUPPRESS,
-            help=help_text + " (alone: memory)",
+            help=help_text + "; alone: memory",
         )
     elif typing.get_origin(field.annotation) is typing.Literal:
         parser.add_argument(flag, choices=typing.get_args(field.annotation), default=argparse.SUPPRESS, help=help_text)
     else:
-        default = "" if field.is_required() else f" (default: {field.default})"
-        parser.add_argument(flag, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text + default)
+        parser.add_argument(flag, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. tuner.rank=8")
     p.add_argument("--list-methods", action="store_true", help="list methods, their kind and default options")
     p.add_argument("--json", action="store_true", help="with --list-methods: print JSON")
-    p.add_argument("--verbose", action="store_true")
+    add_common(p)
     for name, field in TrainConfig.model_fields.items():
         if name not in TABLES:
             _add_field(p, name, field)
@@ -113,22 +113,39 @@ def publish(config: TrainConfig, artifact: Path) -> TaskInfo:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    return run("server-train", lambda: _train(args), args.verbose)
+
+
+def _publish_or_say_how(config: TrainConfig, artifact: Path) -> bool:
+    """Publishes; on failure keeps the artifact and prints the command that retries the upload."""
+    from clients import SidecarError
+
+    task_id = config.task_id or config.out.name
+    try:
+        uploaded = publish(config, artifact)
+    except (SidecarError, OSError, httpx.HTTPError) as e:
+        key = " --api-key $SIDECAR_API_KEY" if config.api_key else ""
+        sys.stderr.write(
+            f"server-train: error: the publish to {config.publish} failed ({' '.join(str(e).split())}); the trained "
+            f"artifact is kept in {artifact}. Retry with:\n  sidecar-client --url {config.publish}{key} "
+            f"upload {task_id} {artifact}\n"
+        )
+        return False
+    log.info("published %s version %s to %s", uploaded.id, uploaded.version, config.publish)
+    return True
+
+
+def _train(args: argparse.Namespace) -> int:
     if args.list_methods:
         rows = describe_methods()
         sys.stdout.write(json.dumps(rows, indent=2) + "\n" if args.json else format_methods(rows))
         return 0
     from tuners.trainer.loop import Trainer  # torch-heavy; not needed for --help or --list-methods
 
-    try:
-        config = config_from_args(args)
-        report = Trainer(config).fit()
-        if config.publish:
-            uploaded = publish(config, Path(report["artifact"]))
-            log.info("published %s version %s to %s", uploaded.id, uploaded.version, config.publish)
-    except (TunerError, DatasetError, FileNotFoundError) as e:
-        sys.stderr.write(f"server-train: error: {e}\n")
-        return 2
+    config = config_from_args(args)
+    report = Trainer(config).fit()
+    if config.publish and not _publish_or_say_how(config, Path(report["artifact"])):
+        return 1
     summary = {k: report[k] for k in ("method", "AP", "AP50", "trainable_params", "task_cost_fraction_of_backbone")}
     sys.stdout.write(json.dumps({**summary, "report": str(config.out / "report.json")}, indent=2) + "\n")
     return 0

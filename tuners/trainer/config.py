@@ -10,11 +10,13 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from models.backbones import list_backbones
+from models.heads import HeadConfigError, check_head_options
 from tuners.base import TUNERS
-from tuners.data.formats import FORMATS
 from tuners.data.transforms import AUGMENTATIONS
 from tuners.errors import TunerError
 
@@ -33,9 +35,12 @@ class TrainConfig(BaseModel):
     method: str = Field("cst", description="tuner method (server-train --list-methods)")
     backbone: str = Field("mobilenet_v2", description="registered backbone name")
     weights: str | None = Field(None, description="weights path, or 'random' (default: offline package)")
+    allow_download: bool = Field(False, description="let torchvision download weights when nothing is local")
     image_size: int = Field(320, ge=32, description="longest image side on the backbone's canvas")
     data: Path = Field(..., description="dataset folder: train/ and val/ splits inside, or one split")
-    format: Literal["coco", "voc", "yolo"] = Field("coco", description=f"dataset format: {', '.join(FORMATS)}")
+    format: Literal["auto", "coco", "voc", "yolo", "ultralytics", "roboflow"] = Field(
+        "auto", description="dataset format (auto: detected from the files, and logged)"
+    )
     val_data: Path | None = Field(None, description="validation split (default: DATA/val)")
     out: Path = Field(Path("runs/task"), description="run folder: best/ artifact, state/, report.json")
     epochs: int = Field(12, ge=1)
@@ -55,6 +60,7 @@ class TrainConfig(BaseModel):
     eval_score_thresh: float = Field(0.05, ge=0, le=1)
     resume: bool = Field(False, description="continue from OUT/state")
     progress: bool = Field(True, description="show a progress bar")
+    logger: Literal["none", "tensorboard", "mlflow"] = Field("none", description="also log epoch metrics there")
     publish: str | None = Field(None, description="server URL to upload the best artifact to")
     api_key: str | None = Field(None, description="admin key for --publish")
     task_id: str | None = Field(None, pattern=TASK_ID_PATTERN, description="task id for --publish")
@@ -64,6 +70,14 @@ class TrainConfig(BaseModel):
     def _known_method(cls, value: str) -> str:
         if value not in TUNERS:
             raise ValueError(f"unknown method {value!r}; known: {', '.join(TUNERS.names())}")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        known = list_backbones()
+        if value not in known:
+            raise ValueError(f"unknown backbone {value!r}; known: {', '.join(known)}")
         return value
 
     @field_validator("augmentation")
@@ -77,6 +91,13 @@ class TrainConfig(BaseModel):
         """Cross-field rules; also builds the method config so unknown tuner keys fail early."""
         tuner_cls = TUNERS.get(self.method)
         tuner_cls.config_cls.from_dict(self.tuner)
+        head = {"name": "light", **self.head}
+        try:
+            check_head_options(head.pop("name"), head)
+        except HeadConfigError as e:
+            raise ConfigError(str(e)) from None
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
         if self.cache_features != "none":
             if tuner_cls.kind != "side":
                 raise ConfigError(

@@ -1,7 +1,10 @@
 """The training loop: one readable pass over data, model, optimizer, evaluation and artifacts.
 
 Run folder ``OUT/``: ``best/`` (the artifact with the best validation AP), ``state/`` (resume
-without pickle, see :mod:`tuners.trainer.state`), ``report.json`` (see :meth:`Trainer.report`).
+without pickle, see :mod:`tuners.trainer.state`), ``report.json`` (see :meth:`Trainer.report`),
+and what people look at, written as training goes (:mod:`tuners.trainer.plots`): ``results.csv``
+and ``curves.png`` every epoch; ``pr_curve.png``, ``confusion_matrix.png`` and
+``val_predictions.jpg`` for the best epoch so far.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from tqdm import tqdm
 from models import PostprocessConfig, build_backbone
 from models.runtime.torch import resolve_device
 from models.transform import ImageTransform, PreprocessSpec
+from models.types import Detections
 from tuners.artifact import WEIGHTS, save_artifact
-from tuners.data.formats import read_dataset
+from tuners.data.layouts import read_splits
 from tuners.data.records import DatasetError, DetectionData
 from tuners.data.transforms import DetectionDataset, collate
 from tuners.errors import TunerError
@@ -34,6 +38,8 @@ from tuners.task_model import build_task_model
 from tuners.trainer.config import TrainConfig
 from tuners.trainer.evaluate import coco_map
 from tuners.trainer.features_cache import FeatureCache
+from tuners.trainer.loggers import build_logger
+from tuners.trainer.plots import plot_curves, write_pictures, write_results
 from tuners.trainer.report import TrainingMemory, count_parameters, task_cost
 from tuners.trainer.state import load_state, save_state
 
@@ -51,14 +57,17 @@ def seed_everything(seed: int) -> None:
 
 
 def load_splits(config: TrainConfig) -> tuple[DetectionData, DetectionData]:
-    """(train, val): ``--val-data`` if given, else ``DATA/train`` and ``DATA/val``."""
+    """(train, val) of ``--data`` in any layout :func:`read_splits` reads (``--format auto`` detects
+    it); ``--val-data`` replaces the validation split."""
+    splits, fmt = read_splits(config.data, config.format)
+    log.info("dataset %s: format %s%s, splits %s", config.data, fmt, " (detected)" if config.format == "auto" else "",
+             {k: len(v.records) for k, v in splits.items()})  # fmt: skip
     if config.val_data is not None:
-        train_dir, val_dir = config.data, config.val_data
-    elif (config.data / "train").is_dir():
-        train_dir, val_dir = config.data / "train", config.data / "val"
-    else:
-        raise DatasetError(f"{config.data} has no train/ and val/ folders; pass --val-data for a separate split")
-    train, val = read_dataset(train_dir, config.format), read_dataset(val_dir, config.format)
+        val_splits, _ = read_splits(config.val_data, config.format)
+        splits["val"] = val_splits.get("val") or val_splits["train"]
+    if "val" not in splits:
+        raise DatasetError(f"{config.data} has no validation split (val/, valid/ or data.yaml 'val'); pass --val-data")
+    train, val = splits["train"], splits["val"]
     if train.classes != val.classes:
         raise DatasetError(f"train classes {train.classes} differ from val classes {val.classes}")
     if not train.records or not val.records:
@@ -90,11 +99,14 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         seed_everything(config.seed)
+        self.train_data, self.val_data = load_splits(config)  # a bad data folder fails before any weights load
         self.device = resolve_device(config.device)
         self.backbone = build_backbone(
-            config.backbone, weights=config.weights, preprocess=PreprocessSpec(size=config.image_size)
+            config.backbone,
+            weights=config.weights,
+            allow_download=config.allow_download,
+            preprocess=PreprocessSpec(size=config.image_size),
         ).to(self.device)
-        self.train_data, self.val_data = load_splits(config)
         transform = ImageTransform(self.backbone.preprocess)
         self.train_set = DetectionDataset(self.train_data, transform, config.augmentation)
         self.val_set = DetectionDataset(self.val_data, transform, "none")
@@ -109,6 +121,7 @@ class Trainer:
         if config.cache_features != "none":
             self.cache = FeatureCache(config.cache_features, config.cache_bytes, config.out / "feature-cache")
         self.epoch, self.step, self.best_ap, self.history = 0, 0, -1.0, []
+        self.logger = build_logger(config.logger, config.out)
         self.total_steps = config.epochs * math.ceil(len(self.train_set) / config.batch_size)
 
     def _loader(self, dataset: DetectionDataset, shuffle: bool, epoch: int = 0) -> DataLoader:
@@ -164,8 +177,8 @@ class Trainer:
         self.optimizer.step()
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 
-    def evaluate(self) -> dict[str, Any]:
-        """COCO mAP on the validation split, boxes mapped back to original pixels."""
+    def evaluate(self) -> tuple[dict[str, Any], list[Detections]]:
+        """COCO mAP on the validation split, and the predictions (original pixels, xyxy) it scored."""
         self.model.eval()
         post = PostprocessConfig(score_thresh=self.config.eval_score_thresh)
         predictions = []
@@ -173,7 +186,7 @@ class Trainer:
             images = images.to(self.device)
             shared = self._cached_taps(images, [len(self.train_set) + i for i in indices])
             predictions += [d.to("cpu") for d in self.model.predict(self.backbone, images, metas, post, shared)]
-        return coco_map(self.val_data, predictions)
+        return coco_map(self.val_data, predictions), predictions
 
     def provenance(self) -> dict[str, Any]:
         try:
@@ -205,9 +218,15 @@ class Trainer:
             self._resume()
         while self.epoch < self.config.epochs:
             stats = self.train_epoch()
-            metrics = self.evaluate()
+            metrics, predictions = self.evaluate()
+            pr = metrics.pop("pr")
             stats.update({k: metrics[k] for k in ("AP", "AP50", "AP75")}, epoch=self.epoch + 1)
+            stats.update(lr=lr_at(self.config, self.step, self.total_steps))
+            stats.update(peak_memory_bytes=self.memory.report(self.optimizer)["peak_memory_bytes"])
             self.history.append(stats)
+            write_results(self.config.out / "results.csv", self.history)
+            plot_curves(self.config.out / "curves.png", self.history)
+            self.logger.log(self.epoch + 1, stats)
             log.info(
                 "epoch %d: loss %.4f AP %.4f AP50 %.4f (%.1f s)",
                 self.epoch + 1,
@@ -219,9 +238,11 @@ class Trainer:
             if metrics["AP"] > self.best_ap or not (self.config.out / "best").exists():
                 self.best_ap = metrics["AP"]
                 save_artifact(self.model, self.backbone, self.config.out / "best", metrics, self.provenance())
+                write_pictures(self.config.out, self.val_data, predictions, pr)
             info = {"epoch": self.epoch, "step": self.step, "best_ap": self.best_ap, "history": self.history}
             save_state(self.config.out / "state", self.model, self.optimizer, info)
             self.epoch += 1
+        self.logger.close()
         report = self.report()
         write_json(self.config.out / "report.json", report)
         return report

@@ -1,0 +1,1 @@
+"""Offline commands on a task artifact, with no server: ``server-predict``, ``server-val``, ``server-export``."""

@@ -1,0 +1,94 @@
+"""What the offline commands share with the trainer and the server: the backbone an artifact was
+trained on, the one decoder (:func:`models.imaging.read_image`), the one preprocess
+(:class:`models.transform.ImageTransform`) and the one postprocess (:meth:`TaskModel.predict`)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import PostprocessConfig, build_backbone
+from models.backbones.base import FrozenBackbone
+from models.imaging import read_image
+from models.runtime.torch import resolve_device
+from models.transform import ImageTransform, PreprocessSpec
+from models.types import Detections
+from tuners.artifact import load_artifact, read_manifest
+from tuners.commands import UsageError, add_common
+from tuners.data.formats import IMAGE_SUFFIXES
+from tuners.task_model import TaskModel
+
+
+@dataclass
+class Task:
+    """A loaded artifact: its model on the backbone it was trained on (fingerprint checked)."""
+
+    backbone: FrozenBackbone
+    model: TaskModel
+    manifest: dict[str, Any]
+    device: torch.device
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common(parser)
+    parser.add_argument("artifact", type=Path, help="artifact folder: tuner.json + tuner.safetensors (a run's best/)")
+    parser.add_argument("--weights", help="backbone weights path, if not the offline package (default: offline)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="(default: cpu)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward (default: 8)")
+
+
+def load_task(artifact: Path, weights: str | None = None, device: str = "cpu") -> Task:
+    """Builds the artifact's backbone (name and canvas from its manifest) and loads the task on it."""
+    if not (artifact / "tuner.json").is_file():
+        raise UsageError(f"{artifact} is not an artifact folder: it has no tuner.json (a run keeps one in OUT/best)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu")
+    manifest = read_manifest(artifact)
+    preprocess = PreprocessSpec.from_dict(manifest["preprocess"])
+    where = resolve_device(device)
+    name = manifest["backbone"]["name"]
+    backbone = build_backbone(name, weights=weights, allow_download=False, preprocess=preprocess).to(where)
+    model, _ = load_artifact(artifact, backbone, manifest)
+    return Task(backbone, model.to(where), manifest, where)
+
+
+def image_paths(sources: list[Path]) -> list[Path]:
+    """Files as given, and the images inside folders (sorted), as Ultralytics' ``source`` reads them."""
+    found: list[Path] = []
+    for source in sources:
+        if source.is_dir():
+            found += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif source.is_file():
+            found.append(source)
+        else:
+            raise UsageError(f"{source} does not exist")
+    if not found:
+        raise UsageError(f"no images in {', '.join(map(str, sources))}")
+    return found
+
+
+@torch.no_grad()
+def detect(task: Task, images: list[torch.Tensor], post: PostprocessConfig, batch_size: int = 8) -> list[Detections]:
+    """Detections per decoded image (uint8 ``[3, H, W]``), boxes xyxy in original pixels."""
+    transform = ImageTransform(task.backbone.preprocess)
+    found: list[Detections] = []
+    for start in range(0, len(images), batch_size):
+        canvas, metas = transform(images[start : start + batch_size])
+        found += [d.to("cpu") for d in task.model.predict(task.backbone, canvas.to(task.device), metas, post)]
+    return found
+
+
+def detections_json(det: Detections, labels: list[str]) -> list[dict[str, Any]]:
+    """As the server answers: box rounded to 0.01 px, score to 1e-4."""
+    return [
+        {"box": [round(v, 2) for v in box], "label": labels[c], "class_id": c, "score": round(s, 4)}
+        for box, s, c in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())
+    ]
+
+
+def read_images(paths: list[Path]) -> list[torch.Tensor]:
+    return [read_image(p) for p in paths]
