@@ -17,6 +17,7 @@ from pathlib import Path
 from tuners.commands import add_common, run
 from tuners.data.formats import FORMATS, write_dataset
 from tuners.data.layouts import DATASET_FORMATS, is_split, read_splits, write_splits
+from tuners.data.real_faces import materialize
 from tuners.data.synth import TASKS, SynthConfig, generate
 
 
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--from", dest="src_format", choices=DATASET_FORMATS, default="auto")
     convert.add_argument("--to", dest="dst_format", choices=DATASET_FORMATS[1:], required=True)
     convert.add_argument("--out", type=Path, required=True)
+    real = sub.add_parser("real-faces", help="write the real-photo faces set (MTCNN's boxes) as a COCO split",
+                          formatter_class=shown)  # fmt: skip
+    real.add_argument("--out", type=Path, required=True)
     stats = sub.add_parser("stats", help="print class and box statistics as JSON", formatter_class=shown)
     stats.add_argument("--data", type=Path, required=True)
     stats.add_argument("--format", choices=DATASET_FORMATS, default="auto")
@@ -70,6 +74,9 @@ def _run(args: argparse.Namespace) -> int:
         )
         splits = generate(cfg, args.out)
         result = {split: data.stats() for split, data in splits.items()}
+    elif args.command == "real-faces":
+        data = materialize(args.out)
+        result = {"written": str(args.out), "description": data.description, **data.stats()}
     elif args.command == "convert":
         splits, found = read_splits(args.data, args.src_format)
         if is_split(args.data, found) and args.dst_format in FORMATS:  # one split in, one split out

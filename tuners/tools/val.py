@@ -16,7 +16,12 @@ from tuners.commands import UsageError, run
 from tuners.data.layouts import DATASET_FORMATS, read_splits
 from tuners.tools.common import add_task_arguments, detect, load_task, read_images
 from tuners.trainer.evaluate import coco_map
-from tuners.trainer.plots import confusion_matrix, recall_and_false_positives, write_pictures
+from tuners.trainer.plots import (
+    confusion_matrix,
+    detections_on_empty,
+    recall_and_false_positives,
+    write_pictures,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,6 +55,7 @@ def validate(args: argparse.Namespace) -> int:
     metrics = coco_map(data, predictions)
     pr = metrics.pop("pr")
     counts = recall_and_false_positives(confusion_matrix(data, predictions, confidence=args.confidence))
+    counts["false_positives_on_images_without_boxes"] = detections_on_empty(data, predictions, args.confidence)
     result = {"data": str(args.data), "format": fmt, "split": split, "images": len(data.records), **metrics,
               **counts, "confidence": args.confidence}  # fmt: skip
     if args.out is not None:

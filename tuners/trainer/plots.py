@@ -206,6 +206,14 @@ def recall_and_false_positives(matrix: np.ndarray) -> dict[str, float | int]:
     return {"recall": found / truth if truth else 0.0, "false_positives": detections - found, "true_boxes": truth}
 
 
+def detections_on_empty(data: DetectionData, predictions: list[Detections], confidence: float) -> int:
+    """Detections scoring >= ``confidence`` on the images that hold no true box: false positives
+    where nothing at all should be found."""
+    return sum(
+        int((det.scores >= confidence).sum()) for r, det in zip(data.records, predictions) if not (~r.crowd).any()
+    )
+
+
 def write_pictures(folder: Path, data: DetectionData, predictions: list[Detections], pr: dict[str, Any]) -> None:
     """The three pictures of one evaluation: PR curve, confusion matrix, predictions grid."""
     plot_pr(folder / "pr_curve.png", pr)
