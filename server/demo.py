@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from models import PreprocessSpec, build_backbone
@@ -20,9 +21,25 @@ from tuners.trainer.config import build_config
 from tuners.trainer.loop import Trainer
 
 log = logging.getLogger("sidecar.demo")
-# task -> (images, epochs, lr). digits is the README's learning run (tests/tuners/test_learning.py);
-# faces is the recipe of the README's methods table (bench/methods.py).
-DEMO_TASKS = {"digits": (400, 20, 0.006), "faces": (240, 6, 0.004)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a demo task is made: its synth data, then ``server-train --method cst`` with these values."""
+
+    synth: SynthConfig
+    epochs: int
+    lr: float
+
+
+# digits is the README's learning run (tests/tuners/test_learning.py). faces is trained on
+# faces-photo, the composited faces made to transfer to real photos (README, real-photo faces set).
+DEMO_TASKS = {
+    "digits": Recipe(SynthConfig(task="digits", images=400, seed=0), 20, 0.006),
+    "faces": Recipe(
+        SynthConfig(task="faces-photo", images=240, seed=0, min_scale=12, max_scale=120, max_objects=5), 6, 0.004
+    ),
+}
 
 
 def ensure_demo_tasks(store_dir: Path, work: Path, image_size: int = 320) -> list[str]:
@@ -30,12 +47,15 @@ def ensure_demo_tasks(store_dir: Path, work: Path, image_size: int = 320) -> lis
     store = TaskStore(store_dir)
     made = []
     backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=image_size))
-    for task, (images, epochs, lr) in DEMO_TASKS.items():
+    for task, recipe in DEMO_TASKS.items():
         if store.is_task(task):  # present in any state, even quarantined: never trained over
             continue
-        data, run = work / "data" / task, work / "runs" / task
-        log.info("demo task %s: server-data synth --task %s --images %d --seed 0 --out %s", task, task, images, data)
-        generate(SynthConfig(task=task, images=images, seed=0), data)
+        data, run, synth = work / "data" / task, work / "runs" / task, recipe.synth
+        log.info("demo task %s: server-data synth --task %s --images %d --seed %d --scale %d %d --objects %d %d "
+                 "--out %s", task, synth.task, synth.images, synth.seed, synth.min_scale, synth.max_scale,
+                 synth.min_objects, synth.max_objects, data)  # fmt: skip
+        generate(synth, data)
+        epochs, lr = recipe.epochs, recipe.lr
         log.info(
             "demo task %s: server-train --method cst --data %s --epochs %d --lr %s --augmentation none "
             "--cache-features memory --out %s",

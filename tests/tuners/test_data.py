@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,16 +24,17 @@ def _digest(folder: Path) -> dict[str, str]:
     }
 
 
-def test_synth_is_byte_for_byte_deterministic(tmp_path: Path) -> None:
-    cfg = SynthConfig(task="digits-low", images=6, size=96, min_scale=16, max_scale=32, seed=3)
+@pytest.mark.parametrize("task", ["digits-low", "faces-photo"])
+def test_synth_is_byte_for_byte_deterministic(tmp_path: Path, task: str) -> None:
+    cfg = SynthConfig(task=task, images=6, size=96, min_scale=16, max_scale=32, seed=3)
     generate(cfg, tmp_path / "a")
     generate(cfg, tmp_path / "b")
-    generate(SynthConfig(task="digits-low", images=6, size=96, min_scale=16, max_scale=32, seed=4), tmp_path / "c")
+    generate(SynthConfig(task=task, images=6, size=96, min_scale=16, max_scale=32, seed=4), tmp_path / "c")
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
 
 
-@pytest.mark.parametrize("task", ["digits", "faces", "digits-high"])
+@pytest.mark.parametrize("task", ["digits", "faces", "faces-photo", "digits-high"])
 def test_synth_boxes_are_tight_around_ink(tmp_path: Path, task: str) -> None:
     splits = generate(SynthConfig(task=task, images=8, size=96, min_scale=16, max_scale=32), tmp_path)
     data = read_dataset(tmp_path / "train", "coco")
@@ -39,6 +42,23 @@ def test_synth_boxes_are_tight_around_ink(tmp_path: Path, task: str) -> None:
     assert sum(len(r.labels) for r in data.records) > 0
     for r in data.records:
         assert (r.boxes[:, 2:] > r.boxes[:, :2]).all() and (r.boxes >= 0).all() and (r.boxes <= 96).all()
+
+
+def test_faces_photo_boxes_run_forehead_to_chin_and_skip_face_backgrounds(tmp_path: Path) -> None:
+    from tuners.data.synth import FACE_PHOTOS, Sources, _background
+
+    sources = Sources.load()
+    assert FACE_PHOTOS <= set(sources.background_names)  # the astronaut is a background of the other tasks...
+    white_faces = [np.full_like(b, 255 if n in FACE_PHOTOS else 0) for b, n in
+                   zip(sources.backgrounds, sources.background_names)]  # fmt: skip
+    marked = dataclasses.replace(sources, backgrounds=white_faces)
+    rng = np.random.default_rng(0)
+    assert max(_background(marked, rng, 32).max() for _ in range(60)) == 255
+    assert all(_background(marked, rng, 32, photo_style=True).max() == 0 for _ in range(60))  # ...never here
+    generate(SynthConfig(task="faces-photo", images=10, size=96, min_scale=16, max_scale=40, seed=0), tmp_path)
+    boxes = torch.cat([r.boxes for r in read_dataset(tmp_path / "train", "coco").records])
+    heights, widths = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
+    assert (heights > widths).float().mean() > 0.8  # taller than the square crop, unless clipped at an edge
 
 
 def test_convert_round_trips_boxes_through_all_formats(tmp_path: Path) -> None:

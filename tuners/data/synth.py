@@ -5,6 +5,20 @@ Objects: scikit-learn's 1,797 handwritten 8x8 digits (10 classes) and scikit-ima
 of real photos and textures from scikit-image and scikit-learn. This is a composited set for
 tests, demos and benchmarks, not a public benchmark: its numbers say nothing about COCO.
 
+``faces-photo`` is ``faces`` made to look like photos, so that a task trained on it transfers
+better to real ones (the real-photo set of :mod:`tuners.data.real_faces` measures it). Each choice
+removes a shortcut that a detector could learn from compositing instead of from faces:
+
+- No background shows an unlabelled face (``astronaut.png`` is left out), which would teach
+  "face = background".
+- LFW's crops are grey on colour backgrounds: 70% of them are tinted with a random skin tone,
+  and 25% of whole images are made grey, so colour says nothing about where a face is.
+- Pastes are feathered (alpha ramps over the outer 12% of the crop), not hard-edged squares.
+- Blur (Gaussian, radius 0 to 1) and noise (sigma 0 to 6) are applied to the whole image, so the
+  paste and the background share them.
+- Faces range from 12 to 120 px (``SynthConfig``), and their boxes extend 12% above and 8% below
+  the crop, towards the forehead-to-chin boxes of face datasets and detectors (WIDER FACE, MTCNN).
+
 The data files are located with ``importlib.util.find_spec`` and read as CSV/NPY/PNG; neither
 package is imported.
 """
@@ -18,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from tuners.data.formats import write_coco
 from tuners.data.records import DatasetError, DetectionData, ImageRecord
@@ -42,6 +56,7 @@ class SynthTask:
     classes: list[str]
     kinds: tuple[str, ...]  # object kinds drawn with equal probability: "digit", "face", "nonface"
     label: Callable[[str, int], int | None]  # (kind, source class) -> task class index or None
+    photo_style: bool = False  # see the module docstring (faces-photo)
 
 
 TASKS: dict[str, SynthTask] = {
@@ -49,7 +64,9 @@ TASKS: dict[str, SynthTask] = {
     "digits-low": SynthTask([str(d) for d in range(5)], ("digit",), lambda k, c: c if c < 5 else None),
     "digits-high": SynthTask([str(d) for d in range(5, 10)], ("digit",), lambda k, c: c - 5 if c >= 5 else None),
     "faces": SynthTask(["face"], ("face", "nonface"), lambda k, c: 0 if k == "face" else None),
+    "faces-photo": SynthTask(["face"], ("face", "nonface"), lambda k, c: 0 if k == "face" else None, True),
 }
+FACE_PHOTOS = {"astronaut.png"}  # backgrounds with a face in them: never used by photo-style tasks
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,7 @@ class Sources:
     faces: np.ndarray  # [100, 25, 25] float in [0, 1]
     nonfaces: np.ndarray  # [100, 25, 25]
     backgrounds: list[np.ndarray]  # [H, W, 3] uint8
+    background_names: tuple[str, ...] = ()
 
     @classmethod
     def load(cls) -> Sources:
@@ -109,11 +127,16 @@ class Sources:
         lfw = np.load(skimage / "data/lfw_subset.npy", allow_pickle=False)
         photos = [skimage / "data" / n for n in _BACKGROUNDS] + [sklearn / "datasets/images/china.jpg"]
         backgrounds = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
-        return cls(table[:, :64].reshape(-1, 8, 8) / 16.0, table[:, 64].astype(int), lfw[:100], lfw[100:], backgrounds)
+        names = tuple(p.name for p in photos)
+        digits, labels = table[:, :64].reshape(-1, 8, 8) / 16.0, table[:, 64].astype(int)
+        return cls(digits, labels, lfw[:100], lfw[100:], backgrounds, names)
 
 
-def _background(src: Sources, rng: np.random.Generator, size: int) -> np.ndarray:
-    photo = src.backgrounds[rng.integers(len(src.backgrounds))]
+def _background(src: Sources, rng: np.random.Generator, size: int, photo_style: bool = False) -> np.ndarray:
+    pool = src.backgrounds
+    if photo_style and src.background_names:
+        pool = [b for b, n in zip(src.backgrounds, src.background_names) if n not in FACE_PHOTOS]
+    photo = pool[rng.integers(len(pool))]
     h, w = photo.shape[:2]
     side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
     y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
@@ -135,6 +158,29 @@ def _object(src: Sources, kind: str, rng: np.random.Generator, side: int) -> tup
     return np.ones((side, side), np.float32), np.repeat(patch[..., None], 3, axis=2).astype(np.float32), 0
 
 
+def _photo_style_object(alpha: np.ndarray, colour: np.ndarray, rng: np.random.Generator) -> tuple:
+    """A face or non-face crop tinted with a skin tone (70%) and feathered at its border."""
+    if rng.random() < 0.7:
+        tint = np.array([rng.uniform(0.9, 1.15), rng.uniform(0.7, 0.95), rng.uniform(0.55, 0.85)], np.float32)
+        colour = np.clip(colour * tint, 0, 255)
+    side = alpha.shape[0]
+    yy, xx = np.mgrid[0:side, 0:side] / max(side - 1, 1)
+    edge = np.minimum.reduce([xx, yy, 1 - xx, 1 - yy])
+    return np.clip(edge / 0.12, 0, 1).astype(np.float32) * alpha, colour
+
+
+def _photo_style_image(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Whole-image greyscale (25%), Gaussian blur and noise, shared by the pastes and the background."""
+    image = Image.fromarray(pixels)
+    if rng.random() < 0.25:
+        image = image.convert("L").convert("RGB")
+    radius = float(rng.uniform(0, 1.0))
+    if radius > 0.2:
+        image = image.filter(ImageFilter.GaussianBlur(radius))
+    noisy = np.asarray(image).astype(np.float32) + rng.normal(0, rng.uniform(0, 6), pixels.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
 def _free(box: tuple[int, int, int, int], taken: list[tuple[int, int, int, int]], margin: int = 2) -> bool:
     x1, y1, x2, y2 = box
     return all(
@@ -146,7 +192,7 @@ def compose(
     src: Sources, task: SynthTask, cfg: SynthConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, list, list]:
     """One ``[S, S, 3]`` uint8 image, its exact xyxy boxes (tight around visible ink) and labels."""
-    canvas = _background(src, rng, cfg.size)
+    canvas = _background(src, rng, cfg.size, task.photo_style)
     boxes, labels, taken = [], [], []
     for _ in range(int(rng.integers(cfg.min_objects, cfg.max_objects + 1))):
         side = int(rng.integers(cfg.min_scale, cfg.max_scale + 1))
@@ -158,15 +204,22 @@ def compose(
             continue
         kind = task.kinds[int(rng.integers(len(task.kinds)))]
         alpha, colour, cls = _object(src, kind, rng, side)
+        if task.photo_style:
+            alpha, colour = _photo_style_object(alpha, colour, rng)
         region = canvas[y : y + side, x : x + side]
         canvas[y : y + side, x : x + side] = region * (1 - alpha[..., None]) + colour * alpha[..., None]
         taken.append((x, y, x + side, y + side))
         label = task.label(kind, cls)
         ys, xs = np.nonzero(alpha > 0)
         if label is not None and len(xs):
-            boxes.append([x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1])
+            box = [x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1]
+            if task.photo_style:  # forehead to chin: taller than the crop
+                h = box[3] - box[1]
+                box[1], box[3] = max(0, box[1] - round(0.12 * h)), min(cfg.size, box[3] + round(0.08 * h))
+            boxes.append(box)
             labels.append(label)
-    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), boxes, labels
+    pixels = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
+    return (_photo_style_image(pixels, rng) if task.photo_style else pixels), boxes, labels
 
 
 def generate(cfg: SynthConfig, out: Path, sources: Sources | None = None) -> dict[str, DetectionData]:

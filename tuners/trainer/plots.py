@@ -183,7 +183,8 @@ def save_predictions(
     tiles = []
     for record, det in list(zip(data.records, predictions))[:count]:
         image = read_image(record.path)
-        image = draw_bounding_boxes(image, record.boxes.float(), colors="white", width=1)
+        if len(record.boxes):
+            image = draw_bounding_boxes(image, record.boxes.float(), colors="white", width=1)
         keep = det.scores >= CONFIDENCE
         if keep.any():
             labels = [
