@@ -48,13 +48,13 @@ def decode(data: bytes, max_pixels: int | None = None) -> torch.Tensor:
             if image.format not in FORMATS:
                 raise ImageDecodeError("not_an_image", f"unsupported image format {image.format}; use {FORMATS}")
             image.load()
+    except ImageDecodeError:
+        raise
     except UnidentifiedImageError as e:
         raise ImageDecodeError("not_an_image", "the data is not an image PIL can read") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError("too_large", f"decompression bomb refused: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, ImageDecodeError):
-            raise
         raise ImageDecodeError("unreadable", f"the image is truncated or corrupt: {e}") from e
     rgb = ImageOps.exif_transpose(image).convert("RGB")
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()

@@ -41,7 +41,7 @@ from typing import Any
 
 import fsspec
 
-from server.exceptions import TaskQuarantined, UnknownTask
+from server.exceptions import UnknownTask
 from server.store import (
     CURRENT,
     TASK_ID,
@@ -56,11 +56,6 @@ from server.store import (
 from tuners.artifact import MANIFEST, WEIGHTS, fsync_dir
 
 log = logging.getLogger(__name__)
-
-
-def is_url(location: str | Path) -> bool:
-    """Whether ``location`` names an fsspec URL (``scheme://...``) rather than a local path."""
-    return "://" in str(location)
 
 
 class ObjectTaskStore(VersionedStore):
@@ -82,11 +77,11 @@ class ObjectTaskStore(VersionedStore):
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(keep_versions, on_step)
-        self.url = url
         self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.base = root.rstrip("/")
         self.mirror = mirror
         self.mirror.mkdir(parents=True, exist_ok=True)
+        self._kept: dict[tuple[str, int], TaskVersion] = {}  # versions read, so task@N reads no object
         self._renames = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.fs.makedirs(self.base, exist_ok=True)
 
@@ -135,29 +130,30 @@ class ObjectTaskStore(VersionedStore):
     def _complete(self, task_id: str, name: str) -> bool:
         return {MANIFEST, WEIGHTS} <= set(self._names(task_id, name))
 
-    def _read_current(self, task_id: str) -> TaskVersion | None:
+    def _pointer(self, task_id: str) -> str | None:
         try:
-            name = self.fs.cat_file(self._path(task_id, CURRENT)).decode().strip()
+            return self.fs.cat_file(self._path(task_id, CURRENT)).decode().strip()
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as e:
-            raise TaskQuarantined(f"its {CURRENT} pointer cannot be read ({type(e).__name__})") from None
-        found = VERSION.fullmatch(name)
-        if found is None:
-            raise TaskQuarantined(f"its {CURRENT} pointer reads {name[:40]!r}, not a version name")
-        version = self._version(task_id, int(found[1]))
-        if version is None:
-            raise TaskQuarantined(f"{CURRENT} names {name}, which is missing or incomplete")
-        return version
+
+    def _mirrored(self, task_id: str, name: str, manifest: bytes) -> Path:
+        """A version's folder in the mirror, named by its manifest's hash."""
+        return self.mirror / task_id / f"{name}-{hashlib.sha256(manifest).hexdigest()[:16]}"
+
+    def refresh(self, task_id: str) -> None:
+        self._kept = {k: v for k, v in self._kept.items() if k[0] != task_id}
+        super().refresh(task_id)
 
     def _version(self, task_id: str, version: int) -> TaskVersion | None:
         """The version, downloaded into the mirror once; ``None`` when it is missing or incomplete."""
+        if (task_id, version) in self._kept:
+            return self._kept[task_id, version]
         name = f"v{version}"
         try:
             manifest = self.fs.cat_file(self._path(task_id, name, MANIFEST))
         except FileNotFoundError:
             return None
-        local = self.mirror / task_id / f"{name}-{hashlib.sha256(manifest).hexdigest()[:16]}"
+        local = self._mirrored(task_id, name, manifest)
         if not local.is_dir():
             local.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=local.parent))
@@ -169,7 +165,8 @@ class ObjectTaskStore(VersionedStore):
                 return None
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        return TaskVersion(task_id, version, local)
+        self._kept[task_id, version] = TaskVersion(task_id, version, local)
+        return self._kept[task_id, version]
 
     def versions(self, task_id: str) -> list[int]:
         names = self._names(check_task_id(task_id))
@@ -218,11 +215,11 @@ class ObjectTaskStore(VersionedStore):
                 self.on_step("renamed")
                 self._put(self._path(task_id, CURRENT), name.encode())
                 self.on_step("pointed")
-                local = self.mirror / task_id / f"{name}-{hashlib.sha256(manifest).hexdigest()[:16]}"
+                local = self._mirrored(task_id, name, manifest)
                 local.parent.mkdir(parents=True, exist_ok=True)
                 tmp.replace(local)  # what was validated is what the replicas load: no download
                 self.quarantined.pop(task_id, None)
-                self._known[task_id] = TaskVersion(task_id, int(name[1:]), local)
+                self._known[task_id] = self._kept[task_id, int(name[1:])] = TaskVersion(task_id, int(name[1:]), local)
                 self._prune(task_id, int(name[1:]))
                 return self._known[task_id]
             finally:
@@ -234,6 +231,7 @@ class ObjectTaskStore(VersionedStore):
         for number in numbers[: max(0, len(numbers) - self.keep_versions)]:
             if number != current:
                 self.fs.rm(self._path(task_id, f"v{number}"), recursive=True)
+                self._kept.pop((task_id, number), None)
         self.on_step("pruned")
 
     def rollback(self, task_id: str, version: int) -> TaskVersion:
@@ -254,6 +252,7 @@ class ObjectTaskStore(VersionedStore):
                 raise UnknownTask.of(task_id)
             self.fs.rm(self._path(task_id, CURRENT))
             self._known.pop(task_id, None)
+            self._kept = {k: v for k, v in self._kept.items() if k[0] != task_id}
             self.quarantined.pop(task_id, None)
             self.on_step("trashed")
             self.fs.rm(self._path(task_id), recursive=True)

@@ -93,11 +93,11 @@ class VersionedStore:
     def task_ids(self) -> list[str]:
         raise NotImplementedError
 
-    def _read_current(self, task_id: str) -> TaskVersion | None:
-        """The version ``CURRENT`` names; ``None`` when the task does not exist.
+    def _pointer(self, task_id: str) -> str | None:
+        """What ``CURRENT`` says, stripped; ``None`` when the task does not exist.
 
         Raises:
-            TaskQuarantined: ``CURRENT`` is missing, unreadable or names a missing or incomplete version.
+            OSError, UnicodeDecodeError: the task exists but its pointer cannot be read.
         """
         raise NotImplementedError
 
@@ -109,6 +109,26 @@ class VersionedStore:
         raise NotImplementedError
 
     # Shared reads.
+    def _read_current(self, task_id: str) -> TaskVersion | None:
+        """The version ``CURRENT`` names; ``None`` when the task does not exist.
+
+        Raises:
+            TaskQuarantined: ``CURRENT`` is missing, unreadable or names a missing or incomplete version.
+        """
+        try:
+            name = self._pointer(task_id)
+        except (OSError, UnicodeDecodeError) as e:
+            raise TaskQuarantined(f"its {CURRENT} pointer cannot be read ({type(e).__name__})") from None
+        if name is None:
+            return None
+        found = VERSION.fullmatch(name)
+        if found is None:
+            raise TaskQuarantined(f"its {CURRENT} pointer reads {name[:40]!r}, not a version name")
+        version = self._version(task_id, int(found[1]))
+        if version is None:
+            raise TaskQuarantined(f"{CURRENT} names {name}, which is missing or incomplete")
+        return version
+
     def _check(self, task_id: str) -> None:
         """Quarantines ``task_id`` when its ``CURRENT`` cannot be served (never deletes anything)."""
         try:
@@ -206,20 +226,9 @@ class TaskStore(VersionedStore):
         """Every task folder's id, servable or not."""
         return sorted(p.name for p in self.root.iterdir() if self.is_task(p.name))
 
-    def _read_current(self, task_id: str) -> TaskVersion | None:
+    def _pointer(self, task_id: str) -> str | None:
         folder = self.root / task_id
-        if not folder.is_dir():
-            return None
-        try:
-            name = (folder / CURRENT).read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise TaskQuarantined(f"its {CURRENT} pointer cannot be read ({type(e).__name__})") from None
-        found = VERSION.fullmatch(name)
-        if found is None:
-            raise TaskQuarantined(f"its {CURRENT} pointer reads {name[:40]!r}, not a version name")
-        if not complete(folder / name):
-            raise TaskQuarantined(f"{CURRENT} names {name}, which is missing or incomplete")
-        return TaskVersion(task_id, int(found[1]), folder / name)
+        return (folder / CURRENT).read_text().strip() if folder.is_dir() else None
 
     def _version(self, task_id: str, version: int) -> TaskVersion | None:
         path = self.root / task_id / f"v{version}"

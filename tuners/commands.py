@@ -42,8 +42,6 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def one_line(error: BaseException) -> str:
     if isinstance(error, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-    if isinstance(error, KeyError) and error.args:
-        return str(error.args[0])
     text = " ".join(str(error).split())
     return text or type(error).__name__
 

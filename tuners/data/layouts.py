@@ -10,6 +10,7 @@ Roboflow COCO export, with the format detected when it is not given.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -96,8 +97,6 @@ def read_roboflow(root: Path) -> dict[str, DetectionData]:
 def _drop_group_category(data: DetectionData, path: Path) -> DetectionData:
     """Roboflow lists its dataset's name as category 0, the supercategory of the real classes, with
     no boxes. It is left out (when it has boxes, it is a real class and stays)."""
-    import json
-
     categories = sorted(json.loads(path.read_text())["categories"], key=lambda c: c["id"])
     groups = {c.get("supercategory") for c in categories[1:]}
     used = {int(label) for r in data.records for label in r.labels.tolist()}

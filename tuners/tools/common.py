@@ -5,6 +5,7 @@ trained on, the one decoder (:func:`models.imaging.read_image`), the one preproc
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,6 @@ def load_task(artifact: Path, weights: str | None = None, device: str = "cpu") -
     """Builds the artifact's backbone (name and canvas from its manifest) and loads the task on it."""
     if not (artifact / "tuner.json").is_file():
         raise UsageError(f"{artifact} is not an artifact folder: it has no tuner.json (a run keeps one in OUT/best)")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu")
     manifest = read_manifest(artifact)
     preprocess = PreprocessSpec.from_dict(manifest["preprocess"])
     where = resolve_device(device)
@@ -90,5 +89,12 @@ def detections_json(det: Detections, labels: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-def read_images(paths: list[Path]) -> list[torch.Tensor]:
-    return [read_image(p) for p in paths]
+def detect_files(
+    task: Task, paths: list[Path], post: PostprocessConfig, batch_size: int = 8
+) -> Iterator[tuple[Path, torch.Tensor, Detections]]:
+    """(path, decoded image, detections) per file, decoded a batch at a time: any number of images
+    in bounded memory."""
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        images = [read_image(p) for p in chunk]
+        yield from zip(chunk, images, detect(task, images, post, batch_size))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from models import PostprocessConfig
 from tuners.commands import UsageError, run
-from tuners.tools.common import add_task_arguments, detect, detections_json, image_paths, load_task, read_images
+from tuners.tools.common import add_task_arguments, detect_files, detections_json, image_paths, load_task
 from tuners.trainer.plots import draw_detections, write_image
 
 
@@ -38,16 +38,12 @@ def predict(args: argparse.Namespace) -> int:
     post = PostprocessConfig(score_thresh=args.score_threshold, max_detections=args.max_detections)
     labels = task.manifest["labels"]
     answers = []
-    paths = image_paths(args.images)
-    for start in range(0, len(paths), args.batch_size):  # decoded a batch at a time: any number of images
-        chunk = paths[start : start + args.batch_size]
-        images = read_images(chunk)
-        for path, image, det in zip(chunk, images, detect(task, images, post, args.batch_size)):
-            height, width = image.shape[-2:]
-            answers.append({"image": str(path), "width": width, "height": height,
-                            "detections": detections_json(det, labels)})  # fmt: skip
-            if args.save_images:
-                write_image(args.out / f"{path.stem}.jpg", draw_detections(image, det, labels))
+    for path, image, det in detect_files(task, image_paths(args.images), post, args.batch_size):
+        height, width = image.shape[-2:]
+        answers.append({"image": str(path), "width": width, "height": height,
+                        "detections": detections_json(det, labels)})  # fmt: skip
+        if args.save_images:
+            write_image(args.out / f"{path.stem}.jpg", draw_detections(image, det, labels))
     result = {"task": str(args.artifact), "method": task.manifest["method"], "results": answers}
     text = json.dumps(result, indent=2)
     if args.out is not None:

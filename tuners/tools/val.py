@@ -14,7 +14,7 @@ from pathlib import Path
 from models import PostprocessConfig
 from tuners.commands import UsageError, run
 from tuners.data.layouts import DATASET_FORMATS, read_splits
-from tuners.tools.common import add_task_arguments, detect, load_task, read_images
+from tuners.tools.common import add_task_arguments, detect_files, load_task
 from tuners.trainer.evaluate import coco_map
 from tuners.trainer.plots import (
     confusion_matrix,
@@ -48,10 +48,8 @@ def validate(args: argparse.Namespace) -> int:
     if data.classes != task.manifest["labels"]:
         raise UsageError(f"the dataset's classes {data.classes} are not the task's labels {task.manifest['labels']}")
     post = PostprocessConfig(score_thresh=args.score_threshold)
-    predictions = []
-    for start in range(0, len(data.records), args.batch_size):
-        images = read_images([r.path for r in data.records[start : start + args.batch_size]])
-        predictions += detect(task, images, post, args.batch_size)
+    paths = [r.path for r in data.records]
+    predictions = [det for _, _, det in detect_files(task, paths, post, args.batch_size)]
     metrics = coco_map(data, predictions)
     pr = metrics.pop("pr")
     counts = recall_and_false_positives(confusion_matrix(data, predictions, confidence=args.confidence))
