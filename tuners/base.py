@@ -8,6 +8,7 @@ changes the backbone's forward, and runs its own pass through :meth:`Tuner.backb
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,10 +47,16 @@ class TunerConfig:
         if unknown:
             raise TunerError(f"unknown keys {unknown} for {cls.__name__}; valid keys: {sorted(names)}")
         try:  # types checked as pydantic checks them: "4" becomes 4, "abc" for an int is refused
-            return TypeAdapter(cls).validate_python(data)
+            return _adapter(cls).validate_python(data)
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
             raise TunerError(f"invalid {cls.__name__}: {problems}") from None
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    """One pydantic validator per config class (building one costs more than a validation)."""
+    return TypeAdapter(cls)
 
 
 def option(default: Any, help: str) -> Any:  # noqa: A002
