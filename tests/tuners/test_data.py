@@ -45,7 +45,7 @@ def test_synth_boxes_are_tight_around_ink(tmp_path: Path, task: str) -> None:
 
 
 def test_faces_photo_boxes_run_forehead_to_chin_and_skip_face_backgrounds(tmp_path: Path) -> None:
-    from tuners.data.synth import FACE_PHOTOS, Sources, _background
+    from tuners.data.synth import FACE_PHOTOS, TASKS, Sources, _background, backgrounds_for
 
     sources = Sources.load()
     assert FACE_PHOTOS <= set(sources.background_names)  # the astronaut is a background of the other tasks...
@@ -53,12 +53,32 @@ def test_faces_photo_boxes_run_forehead_to_chin_and_skip_face_backgrounds(tmp_pa
                    zip(sources.backgrounds, sources.background_names)]  # fmt: skip
     marked = dataclasses.replace(sources, backgrounds=white_faces)
     rng = np.random.default_rng(0)
-    assert max(_background(marked, rng, 32).max() for _ in range(60)) == 255
-    assert all(_background(marked, rng, 32, photo_style=True).max() == 0 for _ in range(60))  # ...never here
+    digits = backgrounds_for(marked, TASKS["digits"], "train")
+    faces = backgrounds_for(marked, TASKS["faces-photo"], "train")
+    assert max(_background(digits, rng, 32).max() for _ in range(60)) == 255
+    assert all(_background(faces, rng, 32).max() == 0 for _ in range(60))  # ...never here
     generate(SynthConfig(task="faces-photo", images=10, size=96, min_scale=16, max_scale=40, seed=0), tmp_path)
     boxes = torch.cat([r.boxes for r in read_dataset(tmp_path / "train", "coco").records])
     heights, widths = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
     assert (heights > widths).float().mean() > 0.8  # taller than the square crop, unless clipped at an edge
+
+
+def test_clutter_task_holds_its_test_backgrounds_out_of_train_and_val(tmp_path: Path) -> None:
+    from tuners.data.synth import TASKS, Sources, backgrounds_for
+
+    sources, task = Sources.load(), TASKS["digits-clutter"]
+    for split in ("train", "val", "test"):
+        names = {id(b): n for b, n in zip(sources.backgrounds, sources.background_names)}
+        used = {names[id(b)] for b in backgrounds_for(sources, task, split)}
+        assert used and (used <= task.test_backgrounds) == (split == "test")
+        assert split == "test" or not used & task.test_backgrounds
+    cfg = SynthConfig(task="digits-clutter", images=6, size=96, min_scale=10, max_scale=24, max_objects=8, seed=1)
+    generate(cfg, tmp_path / "a")
+    splits = generate(dataclasses.replace(cfg, test_images=4), tmp_path / "b")
+    assert set(splits) == {"train", "val", "test"} and len(splits["test"].records) == 4
+    assert _digest(tmp_path / "a") == {k: v for k, v in _digest(tmp_path / "b").items() if not k.startswith("test")}
+    boxes = torch.cat([r.boxes for r in read_dataset(tmp_path / "b" / "test", "coco").records])
+    assert len(boxes) and ((boxes[:, 2:] - boxes[:, :2]).max(1).values <= 24).all()  # small digits only
 
 
 def test_convert_round_trips_boxes_through_all_formats(tmp_path: Path) -> None:

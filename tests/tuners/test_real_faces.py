@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.label_real_faces import label
+from bench.label_real_faces import label, label_lfw_crops
 from tuners.data.cli import main as data_cli
 from tuners.data.formats import read_coco
 from tuners.data.real_faces import LABELS, PHOTOS, photo_path
+from tuners.data.synth import LFW_BOXES
 
 
 def test_the_stored_boxes_are_what_mtcnn_finds_today():
@@ -22,6 +23,15 @@ def test_the_stored_boxes_are_what_mtcnn_finds_today():
     assert len(fresh["annotations"]) == len(stored["annotations"]) >= 5
     for a, b in zip(fresh["annotations"], stored["annotations"]):
         assert a["image"] == b["image"] and a["bbox"] == pytest.approx(b["bbox"], abs=1.0)
+
+
+def test_the_lfw_face_boxes_of_faces_photo_are_what_mtcnn_finds_today():
+    pytest.importorskip("facenet_pytorch", reason="make install puts facenet-pytorch in place (--no-deps)")
+    stored, fresh = json.loads(LFW_BOXES.read_text()), label_lfw_crops()
+    assert "MTCNN" in stored["info"]["description"] and len(stored["boxes"]) == len(fresh["boxes"]) == 100
+    for a, b in zip(fresh["boxes"], stored["boxes"]):
+        assert a == pytest.approx(b, abs=0.01)
+        assert b[2] - b[0] > 0.5 and b[3] - b[1] > b[2] - b[0]  # a face's box: taller than wide
 
 
 def test_server_data_writes_the_set_as_a_coco_split(tmp_path: Path, capsys):

@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     shown = argparse.ArgumentDefaultsHelpFormatter
     synth = sub.add_parser(
-        "synth", help="write a seeded composited dataset (COCO, train + val)", formatter_class=shown
+        "synth", help="write a seeded composited dataset (COCO, train + val, optionally test)", formatter_class=shown
     )
     synth.add_argument("--task", choices=sorted(TASKS), default="digits")
     synth.add_argument("--out", type=Path, required=True)
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--objects", type=int, nargs=2, default=(1, 4), metavar=("MIN", "MAX"))
     synth.add_argument("--scale", type=int, nargs=2, default=(24, 72), metavar=("MIN", "MAX"), help="object side, px")
     synth.add_argument("--val-fraction", type=float, default=0.2)
+    synth.add_argument("--test-images", type=int, default=0, help="also write a test split of this many images")
     synth.add_argument("--seed", type=int, default=0)
     convert = sub.add_parser("convert", help="convert a dataset (or one split) to another format or layout",
                              formatter_class=shown)  # fmt: skip
@@ -71,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
             max_scale=args.scale[1],
             seed=args.seed,
             val_fraction=args.val_fraction,
+            test_images=args.test_images,
         )
         splits = generate(cfg, args.out)
         result = {split: data.stats() for split, data in splits.items()}
