@@ -10,11 +10,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from models import PostprocessConfig
+from models.types import Detections
 from tuners.commands import UsageError, run
 from tuners.data.layouts import DATASET_FORMATS, read_splits
-from tuners.tools.common import add_task_arguments, detect_files, load_task
+from tuners.data.records import DetectionData
+from tuners.tools.common import Task, add_task_arguments, detect_files, load_task
 from tuners.trainer.evaluate import coco_map
 from tuners.trainer.plots import (
     confusion_matrix,
@@ -38,6 +41,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def score(
+    task: Task, data: DetectionData, post: PostprocessConfig, confidence: float = 0.25, batch_size: int = 8
+) -> tuple[dict[str, Any], list[Detections]]:
+    """COCO metrics of ``task`` on ``data`` (``pr`` among them), recall and false positives at
+    ``confidence`` (also on the images without boxes), and the detections in image pixels."""
+    paths = [r.path for r in data.records]
+    predictions = [det for _, _, det in detect_files(task, paths, post, batch_size)]
+    metrics = coco_map(data, predictions)
+    metrics.update(recall_and_false_positives(confusion_matrix(data, predictions, confidence=confidence)))
+    metrics["false_positives_on_images_without_boxes"] = detections_on_empty(data, predictions, confidence)
+    return metrics, predictions
+
+
 def validate(args: argparse.Namespace) -> int:
     splits, fmt = read_splits(args.data, args.format)  # the data is checked before any weights load
     split = args.split if args.split in splits else ("train" if list(splits) == ["train"] else None)
@@ -48,14 +64,10 @@ def validate(args: argparse.Namespace) -> int:
     if data.classes != task.manifest["labels"]:
         raise UsageError(f"the dataset's classes {data.classes} are not the task's labels {task.manifest['labels']}")
     post = PostprocessConfig(score_thresh=args.score_threshold)
-    paths = [r.path for r in data.records]
-    predictions = [det for _, _, det in detect_files(task, paths, post, args.batch_size)]
-    metrics = coco_map(data, predictions)
+    metrics, predictions = score(task, data, post, args.confidence, args.batch_size)
     pr = metrics.pop("pr")
-    counts = recall_and_false_positives(confusion_matrix(data, predictions, confidence=args.confidence))
-    counts["false_positives_on_images_without_boxes"] = detections_on_empty(data, predictions, args.confidence)
     result = {"data": str(args.data), "format": fmt, "split": split, "images": len(data.records), **metrics,
-              **counts, "confidence": args.confidence}  # fmt: skip
+              "confidence": args.confidence}  # fmt: skip
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         write_pictures(args.out, data, predictions, pr)
