@@ -1,9 +1,19 @@
 """Learning with the real offline mobilenet_v2 (slow: `make test-slow`, a few minutes on 2 cores).
 
-The same run as the README's methods table and the `make serve` digits demo:
+The digits test is the README's learning run and the `make serve` digits demo:
     server-data synth --task digits --out data/digits --images 400 --seed 0
     server-train --method cst --data data/digits --epochs 20 --lr 0.006 --augmentation none \
                  --cache-features memory --out runs/cst-digits
+Seen over runs (README): AP50 0.575 (seed 0, 2 threads), 0.593 (seed 0, 1 thread), 0.543 (seed 1)
+and 0.620 (seed 2), so the bar of 0.5 holds with a margin of 0.04 or more.
+
+The faces test trains the `make serve` faces demo by its own recipe (``server.demo.DEMO_TASKS``:
+linear_probe on 500 faces-photo images, 12 epochs, lr 0.006) and scores it on the real-photo faces
+set, whose boxes are MTCNN's (a pretrained model's output, not human ground truth). Seen over runs
+(README): real AP50 0.548, 0.512 and 0.444 for training seeds 0, 1 and 2, with 0, 0 and 1 false
+positives at score >= 0.5 on the photos without a face. The bars below (AP50 >= 0.40, at most one
+such false positive) guard that recipe with a margin of 0.04 under the worst seed. They are below
+issue 14's target (AP50 0.6, none), which no recipe here has reached.
 """
 
 from __future__ import annotations
@@ -12,7 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from models import PostprocessConfig
+from server.demo import DEMO_TASKS, train_recipe
+from tuners.data.real_faces import materialize
 from tuners.data.synth import SynthConfig, generate
+from tuners.tools.common import load_task
+from tuners.tools.val import score
 from tuners.trainer.config import build_config
 from tuners.trainer.loop import Trainer
 
@@ -35,3 +50,12 @@ def test_cst_learns_synth_digits(tmp_path: Path):
     report = Trainer(config).fit()
     assert report["AP50"] >= 0.5, report["history"]
     assert report["feature_cache"]["not_cached_over_budget"] == 0
+
+
+@pytest.mark.slow
+def test_the_faces_demo_task_transfers_to_real_photos(tmp_path: Path):
+    report = train_recipe("faces", DEMO_TASKS["faces"], tmp_path)
+    real = materialize(tmp_path / "real-faces")
+    metrics, _ = score(load_task(Path(report["artifact"])), real, PostprocessConfig(), confidence=0.5)
+    assert metrics["AP50"] >= 0.40, metrics
+    assert metrics["false_positives_on_images_without_boxes"] <= 1, metrics  # boxes at score >= 0.5 there
