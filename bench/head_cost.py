@@ -1,4 +1,7 @@
-"""Cost of each head per task, as a fraction of one mobilenet_v2 pass (same run, same input).
+"""Cost of each head per task, as a fraction of one mobilenet_v2 pass (same run, same input); and
+each side method's arithmetic (tuner + default light head, multiply-accumulates counted by
+``torch.utils.flop_counter``) as a fraction of the pass's, which no engine can go under on a
+machine whose cores are already busy: the floor under "one more task" in the fan-out figures.
 
 Usage: .venv/bin/python -m bench.head_cost [--size 320] [--threads 2]
 """
@@ -11,6 +14,34 @@ import torch
 
 from bench.common import median_seconds
 from models import build_backbone, build_head
+from tuners import TUNERS, build_task_model
+
+
+def macs(fn) -> int:  # noqa: ANN001  (any callable)
+    """Multiply-accumulates of one call of ``fn`` (``torch.utils.flop_counter`` counts 2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def side_task_arithmetic(backbone, x: torch.Tensor) -> None:  # noqa: ANN001  (a FrozenBackbone)
+    """Prints each side method's MACs (tuner + light head, default options) against the backbone's."""
+    base = macs(lambda: backbone(x, list(backbone.stage_taps)))
+    print(f"\nmobilenet_v2 pass to c5 at {x.shape[-1]}px: {base / 1e9:.3f} GMACs")
+    print("| side method | GMACs per image | fraction of the backbone pass |")
+    print("|---|---|---|")
+    for method in (m for m in TUNERS.names() if TUNERS.get(m).kind == "side"):
+        try:
+            model = build_task_model(method, {}, backbone, [f"c{j}" for j in range(10)]).eval()
+        except Exception as e:  # noqa: BLE001  (a method that does not fit this backbone)
+            print(f"| {method} | not built: {e} | - |")
+            continue
+        with torch.inference_mode():
+            maps = backbone(x, model.required_taps())
+        n = macs(lambda m=model, t=maps: m.head_outputs(t, x if m.tuner.needs_images else None))
+        print(f"| {method} | {n / 1e9:.3f} | {n / base:.3f} |")
 
 
 def main() -> None:
@@ -41,6 +72,7 @@ def main() -> None:
         params = sum(p.numel() for p in head.parameters())
         t = median_seconds(lambda head=head: head(maps), args.repeats)
         print(f"| {name} | {options or 'default'} | {params / 1e6:.2f}M | {t * 1e3:.2f} | {t / base:.3f} |")
+    side_task_arithmetic(backbone, x)
 
 
 if __name__ == "__main__":
