@@ -115,8 +115,14 @@ def train_and_test(run: Run, data: Path, out: Path, epochs: int) -> dict[str, An
     return result
 
 
-def run_all(runs: list[Run], data: Path, out: Path, epochs: int, workers: int) -> list[dict[str, Any]]:
-    """Runs side by side, the slowest kind first so the pool drains evenly."""
+def run_all(
+    runs: list[Run], data: Path, out: Path, epochs: int, workers: int, report_only: bool = False
+) -> list[dict[str, Any]]:
+    """Runs side by side, the slowest kind first so the pool drains evenly. ``report_only``: runs
+    nothing, and returns the results already kept for ``runs``."""
+    if report_only:
+        kept = [out / "runs" / r.name / "result.json" for r in runs]
+        return [json.loads(path.read_text()) for path in kept if path.is_file()]
     order = sorted(runs, key=lambda r: (TUNERS.get(r.method).kind != "inline", -r.fraction))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         done = dict(zip(order, pool.map(train_and_test, order, [data] * len(order), [out] * len(order),
@@ -142,8 +148,9 @@ def main() -> None:
     parser.add_argument("--side-lrs", type=float, nargs="+", default=SIDE_LRS)
     parser.add_argument("--inline-lrs", type=float, nargs="+", default=INLINE_LRS)
     parser.add_argument("--top", type=int, default=3, help="methods that run a second seed")
-    parser.add_argument("--curve-methods", nargs="+", default=CURVE_METHODS)
-    parser.add_argument("--fractions", type=float, nargs="+", default=(0.25, 0.5))
+    parser.add_argument("--curve-methods", nargs="*", default=CURVE_METHODS)
+    parser.add_argument("--fractions", type=float, nargs="*", default=(0.25, 0.5))
+    parser.add_argument("--report-only", action="store_true", help="train nothing: the table of the runs kept in OUT")
     parser.add_argument("--workers", type=int, default=2, help="runs side by side, one thread each")
     parser.add_argument("--out", type=Path, default=Path(".cache/bench-methods"))
     args = parser.parse_args()
@@ -156,16 +163,17 @@ def main() -> None:
         generate(cfg, data)
     methods = [m for m in args.methods if m != "hst_full"]
     grid = {m: args.inline_lrs if TUNERS.get(m).kind == "inline" else args.side_lrs for m in methods}
-    sweep = run_all([Run(m, lr) for m in methods for lr in grid[m]], data, args.out, args.epochs, args.workers)
+    runs = [Run(m, lr) for m in methods for lr in grid[m]]
+    sweep = run_all(runs, data, args.out, args.epochs, args.workers, args.report_only)
     best = best_by_val(sweep)
     top = sorted(best, key=lambda m: -best[m]["test_AP50"])[: args.top]
     extra = [Run(m, best[m]["lr"], seed=1) for m in top]
     extra += [Run(m, best[m]["lr"], fraction=f) for m in args.curve_methods if m in best for f in args.fractions]
-    later = run_all(extra, data, args.out, args.epochs, args.workers)
-    minutes = (time.perf_counter() - start) / 60
-    print(markdown(sweep, best, later, args, minutes))
-    (args.out / "table.md").write_text(markdown(sweep, best, later, args, minutes) + "\n")
-
+    later = run_all(extra, data, args.out, args.epochs, args.workers, args.report_only)
+    table = markdown(sweep, best, later, args)
+    print(table)
+    (args.out / "table.md").write_text(table + "\n")
+    log.info("%.1f min", (time.perf_counter() - start) / 60)
 
 
 if __name__ == "__main__":

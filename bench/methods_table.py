@@ -40,14 +40,15 @@ def markdown(
     best: dict[str, dict[str, Any]],
     later: list[dict[str, Any]],
     args: argparse.Namespace,
-    minutes: float,
 ) -> str:
-    """The three tables, with the protocol in one line above them."""
+    """The three tables, with the protocol and the runs' training time in one line above them."""
     base = best.get("full_finetune")
+    runs = sweep + later
+    minutes = sum(r.get("wall_seconds", 0.0) for r in runs) / 60
     lines = [
         f"digits-clutter: {args.images} train + val images (val 20%), {args.test_images} test images on held-out "
-        f"backgrounds; {args.epochs} epochs; seed 0, second seed for the top {args.top}; {minutes:.0f} min wall "
-        f"with {args.workers} runs side by side, one thread each.",
+        f"backgrounds; {args.epochs} epochs; seed 0, second seed for the top {args.top}; {len(runs)} runs, "
+        f"{minutes:.0f} min of training in all, {args.workers} runs side by side, one thread each.",
         "",
         HEADER,
     ]

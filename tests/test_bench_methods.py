@@ -33,7 +33,7 @@ def test_each_method_is_chosen_on_val_and_reported_on_test() -> None:
     assert best["cst"]["lr"] == 0.004 and best["full_finetune"]["lr"] == 0.001 and "lora" not in best
     later = [_result("cst", 0.004, val=0.5, test=0.41, seed=1), _result("cst", 0.004, val=0.3, test=0.2, fraction=0.5)]
     args = argparse.Namespace(images=300, test_images=120, epochs=8, top=1, workers=2)
-    table = markdown(sweep, best, later, args, minutes=1.0)
+    table = markdown(sweep, best, later, args)
     row = next(line for line in table.splitlines() if line.startswith("| `cst` | side | 0.004"))
     assert "0.430 (0.450, 0.410)" in row  # mean of two seeds, then each
     assert "| 0.25 |" in row and "| 0.12 |" in row  # params and memory as fractions of full_finetune's
