@@ -10,9 +10,10 @@ and 0.620 (seed 2), so the bar of 0.5 holds with a margin of 0.04 or more.
 The faces test trains the `make serve` faces demo by its own recipe (``server.demo.DEMO_TASKS``:
 linear_probe on 500 faces-photo images, 12 epochs, lr 0.006) and scores it on the real-photo faces
 set, whose boxes are MTCNN's (a pretrained model's output, not human ground truth). Seen over runs
-(README): real AP50 0.548, 0.512 and 0.444 for training seeds 0, 1 and 2, with 0, 0 and 1 false
-positives at score >= 0.5 on the photos without a face. The bars below (AP50 >= 0.40, at most one
-such false positive) guard that recipe with a margin of 0.04 under the worst seed. They are below
+(README): real AP50 0.548, 0.512 and 0.444 for training seeds 0, 1 and 2 on one thread, and 0.533
+for seed 0 on two, with 0, 0, 1 and 1 false positives at score >= 0.5 on the photos without a
+face. The bars below (AP50 >= 0.40, at most one such false positive) guard that recipe with a
+margin of 0.04 under the worst run. They are below
 issue 14's target (AP50 0.6, none), which no recipe here has reached.
 """
 
