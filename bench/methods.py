@@ -33,6 +33,7 @@ import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,12 @@ def train_and_test(run: Run, data: Path, out: Path, epochs: int) -> dict[str, An
     from tuners.tools.common import load_task
     from tuners.tools.val import score
     from tuners.trainer.config import build_config
-    from tuners.trainer.loop import Trainer
+    from tuners.trainer.loop import Trainer, write_json
 
     folder = out / "runs" / run.name
-    if (folder / "result.json").is_file():
-        return json.loads((folder / "result.json").read_text())
+    kept = folder / "result.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())
     torch.set_num_threads(1)
     values = {
         "method": run.method,
@@ -109,8 +111,8 @@ def train_and_test(run: Run, data: Path, out: Path, epochs: int) -> dict[str, An
         test = {f"test_{k}": metrics[k] for k in ("AP", "AP50", "AP75")}
         result = {**asdict(run), **report, "val_AP": report["AP"], "val_AP50": report["AP50"], **test}
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
-    (folder / "result.json").parent.mkdir(parents=True, exist_ok=True)
-    (folder / "result.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(kept, result)
     log.info("%s: %s", run.name, {k: result.get(k) for k in ("val_AP50", "test_AP50", "test_AP", "error")})
     return result
 
@@ -125,8 +127,7 @@ def run_all(
         return [json.loads(path.read_text()) for path in kept if path.is_file()]
     order = sorted(runs, key=lambda r: (TUNERS.get(r.method).kind != "inline", -r.fraction))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = dict(zip(order, pool.map(train_and_test, order, [data] * len(order), [out] * len(order),
-                                        [epochs] * len(order))))  # fmt: skip
+        done = dict(zip(order, pool.map(partial(train_and_test, data=data, out=out, epochs=epochs), order)))
     return [done[r] for r in runs]
 
 
