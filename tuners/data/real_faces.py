@@ -44,6 +44,7 @@ PHOTOS = (
     ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
     ("ultralytics", "assets/bus.jpg"),
     ("ultralytics", "assets/zidane.jpg"),
+    ("insightface", "data/images/t1.jpg"),
 )
 SYNTH_BACKGROUNDS = {"astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "china.jpg"}
 
