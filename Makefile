@@ -51,7 +51,7 @@ bench-gpu: $(STAMP)
 	$(PY) -m bench.gpu
 
 # Sweeps every method's learning rate on the synth digits-clutter task, reports each at its best val rate on
-# the held-out test split, with seeds and a data-efficiency curve (about two hours on 2 CPU cores; resumable).
+# the held-out test split, with seeds and a data-efficiency curve (about three hours on 2 CPU cores; resumable).
 bench-methods: $(STAMP)
 	$(PY) -m bench.methods
 

@@ -7,11 +7,13 @@ photos never seen in training (``tuners/data/synth.py``). Protocol, as a careful
 
 1. every method trains at each learning rate of its grid (side methods and inline methods have
    their own grids; inline grids go lower, since they update backbone weights), seed 0;
-   the trainer keeps its best epoch by val AP;
+   the trainer keeps its best epoch by val AP. A method whose best val rate is the top of its
+   grid trains again at twice that rate, up to ``--extend`` times, so that no method is judged
+   at a rate its grid cut short;
 2. each method is reported at the learning rate with the best val AP50, on test, which no choice
    ever looked at;
-3. the ``--top`` methods by test AP50 run again at that rate with seed 1, and the table gives
-   the mean and both values;
+3. the ``--top`` methods by test AP50, and ``full_finetune`` (the baseline every ratio is taken
+   against), run again at that rate with seed 1, and the table gives the mean and both values;
 4. a data-efficiency curve: ``--curve-methods`` at ``--fractions`` of the training images
    (the first images of the split; synth images are i.i.d.), at their best rate, seed 0.
 
@@ -44,9 +46,10 @@ from tuners.data.records import DetectionData
 from tuners.data.synth import SynthConfig, generate
 
 log = logging.getLogger("bench.methods")
-SIDE_LRS = (0.002, 0.004, 0.008)
-INLINE_LRS = (0.0005, 0.001, 0.002)
+SIDE_LRS = (0.002, 0.004, 0.008, 0.016)
+INLINE_LRS = (0.0005, 0.001, 0.002, 0.004)
 CURVE_METHODS = ("cst", "e3va", "lora", "full_finetune")
+BASELINE = "full_finetune"
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,16 @@ def best_by_val(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
+def extensions(results: list[dict[str, Any]], grid: dict[str, list[float]]) -> list[Run]:
+    """For each method whose best val rate is the top of its ``grid``: a run at twice that rate.
+    ``grid`` is extended in place."""
+    best = best_by_val(results)
+    extra = [Run(m, 2 * max(rates)) for m, rates in grid.items() if m in best and best[m]["lr"] == max(rates)]
+    for run in extra:
+        grid[run.method].append(run.lr)
+    return extra
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=240, help="train + val images (val: 20%%)")
@@ -148,6 +161,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list_tuners())
     parser.add_argument("--side-lrs", type=float, nargs="+", default=SIDE_LRS)
     parser.add_argument("--inline-lrs", type=float, nargs="+", default=INLINE_LRS)
+    parser.add_argument("--extend", type=int, default=1, help="times a grid grows past a best rate at its top")
     parser.add_argument("--top", type=int, default=3, help="methods that run a second seed")
     parser.add_argument("--curve-methods", nargs="*", default=CURVE_METHODS)
     parser.add_argument("--fractions", type=float, nargs="*", default=(0.25, 0.5))
@@ -163,12 +177,16 @@ def main() -> None:
                           max_objects=10, min_scale=10, max_scale=24, seed=0)  # fmt: skip
         generate(cfg, data)
     methods = [m for m in args.methods if m != "hst_full"]
-    grid = {m: args.inline_lrs if TUNERS.get(m).kind == "inline" else args.side_lrs for m in methods}
-    runs = [Run(m, lr) for m in methods for lr in grid[m]]
-    sweep = run_all(runs, data, args.out, args.epochs, args.workers, args.report_only)
+    grid = {m: list(args.inline_lrs if TUNERS.get(m).kind == "inline" else args.side_lrs) for m in methods}
+    sweep = run_all([Run(m, lr) for m in methods for lr in grid[m]], data, args.out, args.epochs, args.workers,
+                    args.report_only)  # fmt: skip
+    for _ in range(args.extend):
+        extra = extensions(sweep, grid)
+        sweep += run_all(extra, data, args.out, args.epochs, args.workers, args.report_only) if extra else []
     best = best_by_val(sweep)
     top = sorted(best, key=lambda m: -best[m]["test_AP50"])[: args.top]
-    extra = [Run(m, best[m]["lr"], seed=1) for m in top]
+    seeded = [m for m in dict.fromkeys([*top, BASELINE]) if m in best]  # the baseline always gets its second seed
+    extra = [Run(m, best[m]["lr"], seed=1) for m in seeded]
     extra += [Run(m, best[m]["lr"], fraction=f) for m in args.curve_methods if m in best for f in args.fractions]
     later = run_all(extra, data, args.out, args.epochs, args.workers, args.report_only)
     table = markdown(sweep, best, later, args)

@@ -47,8 +47,8 @@ def markdown(
     minutes = sum(r.get("wall_seconds", 0.0) for r in runs) / 60
     lines = [
         f"digits-clutter: {args.images} train + val images (val 20%), {args.test_images} test images on held-out "
-        f"backgrounds; {args.epochs} epochs; seed 0, second seed for the top {args.top}; {len(runs)} runs, "
-        f"{minutes:.0f} min of training in all, {args.workers} runs side by side, one thread each.",
+        f"backgrounds; {args.epochs} epochs; seed 0, second seed for the top {args.top} and full_finetune; "
+        f"{len(runs)} runs, {minutes:.0f} min of training in all, {args.workers} runs side by side, one thread each.",
         "",
         HEADER,
     ]

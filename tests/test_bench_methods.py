@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.methods import Run, best_by_val, data_for
+from bench.methods import Run, best_by_val, data_for, extensions
 from bench.methods_table import markdown
 from tuners.data.formats import read_coco
 from tuners.data.synth import SynthConfig, generate
@@ -49,3 +49,16 @@ def test_data_fractions_keep_the_first_training_images_and_the_whole_val_split(t
     assert [r.path.name for r in part.records] == [r.path.name for r in whole.records[:4]]
     assert len(read_coco(half / "val").records) == 2 and data_for(tmp_path / "d", 1.0) == tmp_path / "d"
     assert Run("cst", 0.004, 1, 0.5).name == "cst-lr0.004-seed1-data0.5"
+
+
+def test_a_grid_grows_only_where_its_best_rate_is_its_top() -> None:
+    grid = {"cst": [0.002, 0.004], "full_finetune": [0.0005, 0.001], "lora": [0.001]}
+    sweep = [
+        _result("cst", 0.002, val=0.40, test=0.4),
+        _result("cst", 0.004, val=0.45, test=0.4),  # best at the top: cst goes on to 0.008
+        _result("full_finetune", 0.0005, val=0.35, test=0.3),
+        _result("full_finetune", 0.001, val=0.30, test=0.3),  # best inside the grid: stays
+        {"method": "lora", "lr": 0.001, "seed": 0, "fraction": 1.0, "error": "loss is nan"},  # no best: stays
+    ]
+    assert extensions(sweep, grid) == [Run("cst", 0.008)]
+    assert grid == {"cst": [0.002, 0.004, 0.008], "full_finetune": [0.0005, 0.001], "lora": [0.001]}
