@@ -8,13 +8,14 @@ Seen over runs (README): AP50 0.575 (seed 0, 2 threads), 0.593 (seed 0, 1 thread
 and 0.620 (seed 2), so the bar of 0.5 holds with a margin of 0.04 or more.
 
 The faces test trains the `make serve` faces demo by its own recipe (``server.demo.DEMO_TASKS``:
-linear_probe on 500 faces-photo images, 12 epochs, lr 0.006) and scores it on the real-photo faces
-set, whose boxes are MTCNN's (a pretrained model's output, not human ground truth). Seen over runs
-(README): real AP50 0.548, 0.512 and 0.444 for training seeds 0, 1 and 2 on one thread, and 0.533
-for seed 0 on two, with 0, 0, 1 and 1 false positives at score >= 0.5 on the photos without a
-face. The bars below (AP50 >= 0.40, at most one such false positive) guard that recipe with a
-margin of 0.04 under the worst run. They are below
-issue 14's target (AP50 0.6, none), which no recipe here has reached.
+linear_probe on 1,000 faces-photo images, 8 epochs, lr 0.006, seed 0) and scores it on the
+real-photo faces set (18 photos, 13 faces), whose boxes are MTCNN's (a pretrained model's output,
+not human ground truth). It asserts issue 14's target: AP50 >= 0.6 and no false positive at score
+>= 0.5 on the photos without a face. Seen over runs (README, Data): seed 0 on two threads, as
+this test and `make serve` train it, scored 0.640 with no such false positive in three runs (two
+of train_recipe, one of this test; the same to the last digit), and 0.628 (none) on one thread,
+so the bar holds for this seed with a margin of 0.028. The recipe is not that steady across seeds:
+seed 2 scored 0.646 (none), seed 1 0.519 (one), which would fail here.
 """
 
 from __future__ import annotations
@@ -58,5 +59,5 @@ def test_the_faces_demo_task_transfers_to_real_photos(tmp_path: Path):
     report = train_recipe("faces", DEMO_TASKS["faces"], tmp_path)
     real = materialize(tmp_path / "real-faces")
     metrics, _ = score(load_task(Path(report["artifact"])), real, PostprocessConfig(), confidence=0.5)
-    assert metrics["AP50"] >= 0.40, metrics
-    assert metrics["false_positives_on_images_without_boxes"] <= 1, metrics  # boxes at score >= 0.5 there
+    assert metrics["AP50"] >= 0.6, metrics
+    assert metrics["false_positives_on_images_without_boxes"] == 0, metrics  # boxes at score >= 0.5 there
