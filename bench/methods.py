@@ -182,7 +182,9 @@ def main() -> None:
                     args.report_only)  # fmt: skip
     for _ in range(args.extend):
         extra = extensions(sweep, grid)
-        sweep += run_all(extra, data, args.out, args.epochs, args.workers, args.report_only) if extra else []
+        if not extra:
+            break
+        sweep += run_all(extra, data, args.out, args.epochs, args.workers, args.report_only)
     best = best_by_val(sweep)
     top = sorted(best, key=lambda m: -best[m]["test_AP50"])[: args.top]
     seeded = [m for m in dict.fromkeys([*top, BASELINE]) if m in best]  # the baseline always gets its second seed

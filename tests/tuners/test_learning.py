@@ -12,9 +12,9 @@ linear_probe on 1,000 faces-photo images, 8 epochs, lr 0.006, seed 0) and scores
 real-photo faces set (18 photos, 13 faces), whose boxes are MTCNN's (a pretrained model's output,
 not human ground truth). It asserts issue 14's target: AP50 >= 0.6 and no false positive at score
 >= 0.5 on the photos without a face. Seen over runs (README, Data): seed 0 on two threads, as
-this test and `make serve` train it, scored 0.640 with no such false positive in three runs (two
-of train_recipe, one of this test; the same to the last digit), and 0.628 (none) on one thread,
-so the bar holds for this seed with a margin of 0.028. The recipe is not that steady across seeds:
+this test and `make serve` train it, scored 0.640 with no such false positive in two runs of
+train_recipe (the same to the last digit), and this test passed on a third; on one thread it
+scored 0.628 (none). So the bar holds for this seed with a margin of 0.028. The recipe is not that steady across seeds:
 seed 2 scored 0.646 (none), seed 1 0.519 (one), which would fail here.
 """
 
