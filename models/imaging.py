@@ -1,14 +1,19 @@
 """The one image decoder: bytes -> uint8 ``[3, H, W]`` RGB, upright (EXIF orientation applied).
 
 Training, ``server-predict``, ``server-val`` and the server all decode through :func:`decode`, so a
-phone photo taken upright is upright everywhere. The pixel count is read from the header before
-any pixel is decoded, so a decompression bomb is refused without being expanded.
+phone photo taken upright is upright everywhere; where the image goes straight to the canvas,
+through :func:`decode_reduced`, which decodes a large JPEG at a reduced scale. The pixel count is
+read from the header before any pixel is decoded, so a decompression bomb is refused without
+being expanded.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
 TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 ORIENTATION = 0x0112
+REDUCED_MARGIN = 2  # a reduced decode keeps at least this many pixels per pixel of the resized image
 
 
 class ImageDecodeError(ValueError):
@@ -34,20 +40,66 @@ def decode(data: bytes, max_pixels: int | None = None) -> torch.Tensor:
     Raises:
         ImageDecodeError: empty or not an image, more than ``max_pixels`` pixels, truncated or corrupt.
     """
+    return _pixels(_open(data, max_pixels))
+
+
+def decode_reduced(data: bytes, longest: int, max_pixels: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """:func:`decode` for an image about to be resized so that its longest side is ``longest`` px.
+
+    A JPEG decodes at the smallest of its DCT scales (1/8, 1/4, 1/2) that keeps both sides at
+    least twice as large as that resize will make them: libjpeg then skips most of the inverse
+    DCT, so a 12 MP phone photo decodes about ten times faster, and the antialiased resize from
+    twice the size gives within a few levels the pixels of a full decode (``tests/models/test_imaging.py``).
+    Other formats, and JPEGs smaller than four times the target, decode in full.
+
+    Returns:
+        the image, uint8 ``[3, h, w]`` RGB, upright, at full or reduced scale; and the upright
+        ``(H, W)`` of the full image, which boxes map back to.
+
+    Raises:
+        ImageDecodeError: as :func:`decode`.
+    """
+    image = _open(data, max_pixels)
+    width, height = image.size
+    with _decode_errors():
+        size = (height, width) if image.getexif().get(ORIENTATION, 1) in TRANSPOSED else (width, height)
+        if image.format in ("JPEG", "MPO"):
+            scale = REDUCED_MARGIN * longest / max(width, height)
+            image.draft(None, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
+    return _pixels(image), (size[1], size[0])
+
+
+def _open(data: bytes, max_pixels: int | None) -> Image.Image:
+    """The image's header, checked for its format and pixel count; no pixel is decoded yet."""
     if not data:
         raise ImageDecodeError("not_an_image", "the image is empty")
+    with _decode_errors():
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageDecodeError(
+                "too_large", f"the image is {width}x{height} pixels; the limit is {max_pixels} pixels"
+            )
+        if image.format not in FORMATS:
+            raise ImageDecodeError("not_an_image", f"unsupported image format {image.format}; use {FORMATS}")
+    return image
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """Decodes the pixels of an opened image: uint8 ``[3, H, W]`` RGB, EXIF orientation applied."""
+    with _decode_errors():
+        image.load()
+    rgb = ImageOps.exif_transpose(image).convert("RGB")
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+@contextmanager
+def _decode_errors() -> Iterator[None]:
+    """PIL's exceptions (and its decompression-bomb warning) -> :class:`ImageDecodeError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageDecodeError(
-                    "too_large", f"the image is {width}x{height} pixels; the limit is {max_pixels} pixels"
-                )
-            if image.format not in FORMATS:
-                raise ImageDecodeError("not_an_image", f"unsupported image format {image.format}; use {FORMATS}")
-            image.load()
+            yield
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as e:
@@ -56,8 +108,6 @@ def decode(data: bytes, max_pixels: int | None = None) -> torch.Tensor:
         raise ImageDecodeError("too_large", f"decompression bomb refused: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError("unreadable", f"the image is truncated or corrupt: {e}") from e
-    rgb = ImageOps.exif_transpose(image).convert("RGB")
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 
 def read_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:

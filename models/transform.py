@@ -16,6 +16,8 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torch import Tensor
 
+from models.imaging import decode_reduced
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -73,18 +75,41 @@ class ImageTransform:
         self._mean = torch.tensor(spec.mean).view(3, 1, 1)
         self._std = torch.tensor(spec.std).view(3, 1, 1)
 
-    def one(self, image: Tensor) -> tuple[Tensor, ImageMeta]:
-        """Resizes so the longest side is ``spec.size``, normalises, pads bottom/right to the canvas."""
+    def load(self, data: bytes, max_pixels: int | None = None) -> tuple[Tensor, ImageMeta]:
+        """Encoded image bytes -> :meth:`resize`'s output, decoded at a reduced scale where the format
+        allows (:func:`models.imaging.decode_reduced`). The server, ``server-predict``, ``server-val``
+        and unaugmented training all read images through this.
+
+        Raises:
+            ImageDecodeError: as :func:`models.imaging.decode`.
+        """
+        image, size = decode_reduced(data, self.spec.size, max_pixels)
+        return self.resize(image, size)
+
+    def resize(self, image: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, ImageMeta]:
+        """uint8 ``[3, h, w]`` RGB -> uint8 ``[3, h', w']`` with the longest side ``spec.size`` (aspect kept).
+
+        Args:
+            image: the image, at full scale or, from a reduced decode, at a fraction of it.
+            size: the ``(H, W)`` of the full image when ``image`` is reduced; boxes map back to it.
+        """
         if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
             raise ValueError(f"expected a uint8 [3, H, W] image, got {image.dtype} {tuple(image.shape)}")
-        h, w = int(image.shape[1]), int(image.shape[2])
+        h, w = size or (int(image.shape[1]), int(image.shape[2]))
         scale = self.spec.size / max(h, w)
         new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-        resized = F.resize(image, [new_h, new_w], antialias=True)
+        return F.resize(image, [new_h, new_w], antialias=True), ImageMeta(original_size=(h, w), scale=scale)
+
+    def canvas(self, resized: Tensor) -> Tensor:
+        """A :meth:`resize` output -> float ``[3, S, S]``: normalised, padded bottom and right to the canvas."""
         x = (resized.float() / 255.0 - self._mean) / self._std
         canvas = self.spec.canvas
-        x = torch.nn.functional.pad(x, (0, canvas - new_w, 0, canvas - new_h))
-        return x, ImageMeta(original_size=(h, w), scale=scale)
+        return torch.nn.functional.pad(x, (0, canvas - int(resized.shape[2]), 0, canvas - int(resized.shape[1])))
+
+    def one(self, image: Tensor) -> tuple[Tensor, ImageMeta]:
+        """Resizes so the longest side is ``spec.size``, normalises, pads bottom/right to the canvas."""
+        resized, meta = self.resize(image)
+        return self.canvas(resized), meta
 
     def __call__(self, images: Sequence[Tensor]) -> tuple[Tensor, list[ImageMeta]]:
         pairs = [self.one(image) for image in images]

@@ -1,10 +1,10 @@
 """The Engine service: one call per detect request, no HTTP.
 
-``Engine.detect(image bytes, task ids, options)`` decodes the image with limits (off the event
-loop), leases every task from the tuner cache (cold ones load together, off the request path),
-queues the work in the batcher (which runs the :class:`~server.executor.Executor` on its own
-thread), releases the leases and records metrics. FastAPI routes and the Ray Serve replicas wrap
-the same object.
+``Engine.detect(image bytes, task ids, options)`` decodes and resizes the image with limits (off
+the event loop and the executor's thread), leases every task from the tuner cache (cold ones load
+together, off the request path), queues the work in the batcher (which runs the
+:class:`~server.executor.Executor` on its own thread), releases the leases and records metrics.
+FastAPI routes and the Ray Serve replicas wrap the same object.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from torch import Tensor
 
 from models.postprocess import PostprocessConfig
 from models.runtime.torch import BackboneRuntime
+from models.transform import ImageMeta
 from models.types import Detections
 from server.batcher import Batcher
 from server.exceptions import InvalidRequest, SidecarError, TaskFailed, TooManyTasks
 from server.executor import Executor, TaskFailure, WorkItem
-from server.imaging import content_hash, decode_image
+from server.imaging import content_hash, load_image
 from server.metrics import Metrics
 from server.schemas import BackboneInfo, Detection, DetectResponse, ErrorDetail, ImageSize, TaskResult
 from server.store import check_task_id
@@ -97,7 +98,7 @@ class Engine:
         specs = parse_task_ids(task_ids, self.limits.max_tasks)
         keys = [f"{t}@{v}" if v else t for t, v in specs]
         keyed = self.executor.feature_cache is not None
-        image, key = await asyncio.to_thread(self._decode, data, keyed)
+        image, meta, key = await asyncio.to_thread(self._decode, data, keyed)
         leases = await self.cache.acquire_many(specs)
         try:
             item = WorkItem(
@@ -106,6 +107,7 @@ class Engine:
                 {k: lease.model for k, lease in zip(keys, leases)},
                 post,
                 {k: lease.compiled for k, lease in zip(keys, leases) if lease.compiled is not None},
+                meta,
             )
             detections, passes = await self.batcher.submit(item)
             # Built before release: a released model object may be refilled with another task's weights.
@@ -120,14 +122,16 @@ class Engine:
             self.metrics.request_seconds.labels(task=task_id).observe(elapsed)
         self.metrics.images_served.inc()
         self.metrics.task_results.inc(len(specs))
-        size = ImageSize(width=int(image.shape[2]), height=int(image.shape[1]))
+        size = ImageSize(width=meta.original_size[1], height=meta.original_size[0])
         return DetectResponse(image=size, results=results, backbone_passes=passes, timing_ms={"total": elapsed * 1e3})
 
-    def _decode(self, data: bytes, keyed: bool) -> tuple[Tensor, str]:
-        """The uint8 ``[3, H, W]`` image, and its feature-cache key when ``keyed`` (hashing is CPU work
-        too, so it runs here, off the event loop, and only when a feature cache needs it)."""
-        image = decode_image(data, self.limits.max_image_bytes, self.limits.max_image_pixels)
-        return image, content_hash(data) if keyed else ""
+    def _decode(self, data: bytes, keyed: bool) -> tuple[Tensor, ImageMeta, str]:
+        """The image resized for the canvas (uint8 ``[3, h, w]``), its meta, and its feature-cache key
+        when ``keyed``. Decoding, resizing and hashing are CPU work, so they run here, on a thread of
+        their own per request: off the event loop and off the executor's thread."""
+        limits = self.limits
+        image, meta = load_image(data, self.executor.transform, limits.max_image_bytes, limits.max_image_pixels)
+        return image, meta, content_hash(data) if keyed else ""
 
     def _result(self, task_id: str, lease: Lease, det: Detections | TaskFailure) -> TaskResult:
         model: TaskModel = lease.model

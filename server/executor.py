@@ -44,11 +44,13 @@ class WorkItem:
     """One image and the task models asked about it (already leased from the tuner cache).
 
     Attributes:
-        image: uint8 ``[3, H, W]`` RGB.
+        image: uint8 ``[3, H, W]`` RGB; or, with ``meta``, already resized by :meth:`ImageTransform.resize`
+            (the server resizes on the decoding thread, off this one).
         image_key: content hash, for the feature cache (``""`` when the server has none).
         tasks: task id -> model.
         post: thresholds for this request.
         compiled: task id -> compiled graph, for the tasks that have one.
+        meta: the resize's record, when ``image`` is already resized.
     """
 
     image: Tensor
@@ -56,6 +58,7 @@ class WorkItem:
     tasks: dict[str, TaskModel]
     post: PostprocessConfig = field(default_factory=PostprocessConfig)
     compiled: dict[str, CompiledTask] = field(default_factory=dict)
+    meta: ImageMeta | None = None
 
 
 @dataclass
@@ -146,8 +149,9 @@ class Executor:
 
     def _run(self, items: list[WorkItem]) -> BatchResult:
         start = time.perf_counter()
-        canvases, metas = self.transform([item.image for item in items])
-        canvases = canvases.to(self.device)
+        resized = [(i.image, i.meta) if i.meta is not None else self.transform.resize(i.image) for i in items]
+        canvases = torch.stack([self.transform.canvas(image) for image, _ in resized]).to(self.device)
+        metas = [meta for _, meta in resized]
         self.metrics.stage_seconds.labels(stage="preprocess").observe(time.perf_counter() - start)
         side_rows, passes = self._shared_taps(items, canvases)
         start = time.perf_counter()

@@ -1,5 +1,5 @@
-"""Request image bytes -> uint8 ``[3, H, W]`` RGB tensor, within byte and pixel limits, through the
-one decoder :func:`models.imaging.decode` (EXIF orientation applied); its errors become the API's."""
+"""Request image bytes -> uint8 RGB tensor, within byte and pixel limits, through the one decoder
+:mod:`models.imaging` (EXIF orientation applied); its errors become the API's."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import hashlib
 import torch
 
 from models.imaging import ImageDecodeError, decode
+from models.transform import ImageMeta, ImageTransform
 from server.exceptions import NotAnImage, TooLarge, UnreadableImage
 
 ERRORS = {"not_an_image": NotAnImage, "too_large": TooLarge, "unreadable": UnreadableImage}
@@ -15,12 +16,28 @@ ERRORS = {"not_an_image": NotAnImage, "too_large": TooLarge, "unreadable": Unrea
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> torch.Tensor:
     """Decodes ``data``; raises ``TooLarge``, ``NotAnImage`` or ``UnreadableImage`` with a readable message."""
-    if len(data) > max_bytes:
-        raise TooLarge(f"the image has {len(data)} bytes; the limit is {max_bytes}")
+    _check_bytes(data, max_bytes)
     try:
         return decode(data, max_pixels)
     except ImageDecodeError as e:
         raise ERRORS[e.kind](str(e)) from e
+
+
+def load_image(
+    data: bytes, transform: ImageTransform, max_bytes: int, max_pixels: int
+) -> tuple[torch.Tensor, ImageMeta]:
+    """``data`` decoded (at a reduced scale where it can be) and resized for the canvas: uint8 ``[3, h, w]``
+    and its meta (:meth:`ImageTransform.load`); raises as :func:`decode_image`."""
+    _check_bytes(data, max_bytes)
+    try:
+        return transform.load(data, max_pixels)
+    except ImageDecodeError as e:
+        raise ERRORS[e.kind](str(e)) from e
+
+
+def _check_bytes(data: bytes, max_bytes: int) -> None:
+    if len(data) > max_bytes:
+        raise TooLarge(f"the image has {len(data)} bytes; the limit is {max_bytes}")
 
 
 def content_hash(data: bytes) -> str:

@@ -4,6 +4,7 @@ torch on both sides), the exported ONNX graph gives them within 1e-3, and --merg
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -48,17 +49,29 @@ def _same(offline: list[dict], server: list, box_tol: float, score_tol: float) -
         assert a["box"] == pytest.approx(b["box"], abs=box_tol)
 
 
-def test_predict_equals_the_server(served, artifacts, photo_bytes, tmp_path: Path, capsys):
-    (tmp_path / "photo.png").write_bytes(photo_bytes)
+def _phone_jpeg(photo_bytes: bytes) -> bytes:
+    """The photo at 1600 x 1200 as a JPEG, which the server and server-predict decode at 1/4 scale."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(photo_bytes)).convert("RGB").resize((1600, 1200)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["photo.png", "phone.jpg"])
+def test_predict_equals_the_server(served, artifacts, photo_bytes, tmp_path: Path, capsys, name: str):
+    data = photo_bytes if name.endswith(".png") else _phone_jpeg(photo_bytes)
+    (tmp_path / name).write_bytes(data)
     out = tmp_path / "pred"
-    args = [str(artifacts["side1"]), str(tmp_path / "photo.png"), "--weights", "random", "--out", str(out),
+    args = [str(artifacts["side1"]), str(tmp_path / name), "--weights", "random", "--out", str(out),
             "--save-images", "--score-threshold", "0.3"]  # fmt: skip
     assert predict_main(args) == 0
     answer = json.loads(capsys.readouterr().out)
-    server = served.detect(photo_bytes, "t", score_threshold=0.3).results[0].detections
-    _same(answer["results"][0]["detections"], server, 1e-4 + 0.01, 1e-4)  # both rounded as the API rounds
+    response = served.detect(data, "t", score_threshold=0.3)
+    _same(answer["results"][0]["detections"], response.results[0].detections, 1e-4 + 0.01, 1e-4)  # both rounded
     assert json.loads((out / "predictions.json").read_text()) == answer
-    with Image.open(out / "photo.jpg") as drawn:
+    full = read_image(tmp_path / name)  # boxes and sizes are the full image's, whatever scale it decoded at
+    assert (answer["results"][0]["height"], answer["results"][0]["width"]) == tuple(full.shape[-2:])
+    assert (response.image.height, response.image.width) == tuple(full.shape[-2:])
+    with Image.open(out / f"{Path(name).stem}.jpg") as drawn:
         assert drawn.size == (answer["results"][0]["width"], answer["results"][0]["height"])
 
 

@@ -64,15 +64,19 @@ class DetectionDataset(Dataset[Sample]):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.data.records[index]
-        image = read_image(record.path)  # the server's decoder: EXIF orientation applied
         boxes, labels = record.boxes.float(), record.labels
-        if self.augment is not None:
+        if self.augment is None:  # read as the server reads a request's image
+            resized, meta = self.transform.load(record.path.read_bytes())
+        else:  # augmented at full scale
+            image = read_image(record.path)  # the server's decoder: EXIF orientation applied
             h, w = image.shape[-2:]
             sample = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)), "labels": labels}
             image, sample = self.augment(tv_tensors.Image(image), sample)
             image, boxes, labels = image.as_subclass(Tensor), sample["boxes"].as_subclass(Tensor), sample["labels"]
-        canvas, meta = self.transform.one(image)
-        return Sample(canvas, Target(ImageTransform.boxes_to_canvas(boxes, meta), labels), meta, index)
+            resized, meta = self.transform.resize(image)
+        return Sample(
+            self.transform.canvas(resized), Target(ImageTransform.boxes_to_canvas(boxes, meta), labels), meta, index
+        )
 
 
 def collate(samples: list[Sample]) -> tuple[Tensor, list[Target], list[ImageMeta], list[int]]:

@@ -1,6 +1,6 @@
 """What the offline commands share with the trainer and the server: the backbone an artifact was
-trained on, the one decoder (:func:`models.imaging.read_image`), the one preprocess
-(:class:`models.transform.ImageTransform`) and the one postprocess (:meth:`TaskModel.predict`)."""
+trained on, the one decoder and preprocess (:meth:`models.transform.ImageTransform.load`, as the
+server reads a request's image) and the one postprocess (:meth:`TaskModel.predict`)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import torch
 
 from models import PostprocessConfig, build_backbone
 from models.backbones.base import FrozenBackbone
-from models.imaging import read_image
 from models.runtime.torch import resolve_device
-from models.transform import ImageTransform, PreprocessSpec
+from models.transform import ImageMeta, ImageTransform, PreprocessSpec
 from models.types import Detections
 from tuners.artifact import load_artifact, read_manifest
 from tuners.commands import UsageError, add_common
@@ -71,13 +70,16 @@ def image_paths(sources: list[Path]) -> list[Path]:
 
 
 @torch.no_grad()
-def detect(task: Task, images: list[torch.Tensor], post: PostprocessConfig, batch_size: int = 8) -> list[Detections]:
-    """Detections per decoded image (uint8 ``[3, H, W]``), boxes xyxy in original pixels."""
+def detect(
+    task: Task, images: list[tuple[torch.Tensor, ImageMeta]], post: PostprocessConfig, batch_size: int = 8
+) -> list[Detections]:
+    """Detections per image resized for the canvas (:meth:`ImageTransform.load`), boxes xyxy in original pixels."""
     transform = ImageTransform(task.backbone.preprocess)
     found: list[Detections] = []
     for start in range(0, len(images), batch_size):
-        canvas, metas = transform(images[start : start + batch_size])
-        found += [d.to("cpu") for d in task.model.predict(task.backbone, canvas.to(task.device), metas, post)]
+        chunk = images[start : start + batch_size]
+        canvas = torch.stack([transform.canvas(image) for image, _ in chunk]).to(task.device)
+        found += [d.to("cpu") for d in task.model.predict(task.backbone, canvas, [m for _, m in chunk], post)]
     return found
 
 
@@ -91,10 +93,11 @@ def detections_json(det: Detections, labels: list[str]) -> list[dict[str, Any]]:
 
 def detect_files(
     task: Task, paths: list[Path], post: PostprocessConfig, batch_size: int = 8
-) -> Iterator[tuple[Path, torch.Tensor, Detections]]:
-    """(path, decoded image, detections) per file, decoded a batch at a time: any number of images
-    in bounded memory."""
+) -> Iterator[tuple[Path, ImageMeta, Detections]]:
+    """(path, its resize record, detections) per file, read as the server reads a request's image
+    (:meth:`ImageTransform.load`), a batch at a time: any number of images in bounded memory."""
+    transform = ImageTransform(task.backbone.preprocess)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        images = [read_image(p) for p in chunk]
-        yield from zip(chunk, images, detect(task, images, post, batch_size))
+        images = [transform.load(p.read_bytes()) for p in chunk]
+        yield from zip(chunk, [meta for _, meta in images], detect(task, images, post, batch_size))

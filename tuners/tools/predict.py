@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from models import PostprocessConfig
+from models.imaging import read_image
 from tuners.commands import UsageError, run
 from tuners.tools.common import add_task_arguments, detect_files, detections_json, image_paths, load_task
 from tuners.trainer.plots import draw_detections, write_image
@@ -38,12 +39,12 @@ def predict(args: argparse.Namespace) -> int:
     post = PostprocessConfig(score_thresh=args.score_threshold, max_detections=args.max_detections)
     labels = task.manifest["labels"]
     answers = []
-    for path, image, det in detect_files(task, image_paths(args.images), post, args.batch_size):
-        height, width = image.shape[-2:]
+    for path, meta, det in detect_files(task, image_paths(args.images), post, args.batch_size):
+        height, width = meta.original_size
         answers.append({"image": str(path), "width": width, "height": height,
                         "detections": detections_json(det, labels)})  # fmt: skip
-        if args.save_images:
-            write_image(args.out / f"{path.stem}.jpg", draw_detections(image, det, labels))
+        if args.save_images:  # drawn on the full image
+            write_image(args.out / f"{path.stem}.jpg", draw_detections(read_image(path), det, labels))
     result = {"task": str(args.artifact), "method": task.manifest["method"], "results": answers}
     text = json.dumps(result, indent=2)
     if args.out is not None:

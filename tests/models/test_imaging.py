@@ -1,0 +1,65 @@
+"""The one decoder's reduced path: a large JPEG decodes at a DCT scale, and lands on the same canvas
+(within JPEG's own resampling error) with the same box mapping as a full decode."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from models.imaging import ImageDecodeError, decode, decode_reduced
+from models.transform import ImageTransform, PreprocessSpec
+from tuners.data.synth import photo
+
+
+def encoded(size: tuple[int, int], fmt: str = "JPEG", orientation: int = 1) -> bytes:
+    """scikit-image's astronaut at ``size`` (width, height), encoded; EXIF orientation when not 1."""
+    picture = Image.open(photo("astronaut.png")).convert("RGB").resize(size, Image.BICUBIC)
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    picture.save(buffer, format=fmt, exif=exif, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_decodes_at_a_dct_scale_onto_the_same_canvas() -> None:
+    data = encoded((1600, 1200))
+    transform = ImageTransform(PreprocessSpec(size=320))
+    reduced, size = decode_reduced(data, 320)
+    assert size == (1200, 1600) and tuple(reduced.shape) == (3, 600, 800)  # 1/2: the smallest scale >= 2 x (320 x 240)
+    fast, fast_meta = transform.load(data)
+    full, full_meta = transform.resize(decode(data))
+    assert fast_meta == full_meta and fast.shape == full.shape == (3, 240, 320)
+    diff = (fast.float() - full.float()).abs()
+    assert diff.mean() < 0.5 and diff.max() < 12  # uint8 levels (measured 0.28 and 6): libjpeg's scaled IDCT against a full decode
+
+
+def test_an_exif_rotated_jpeg_reduces_and_maps_back_to_its_upright_size() -> None:
+    data = encoded((1600, 1200), orientation=6)  # stored landscape, viewed portrait
+    reduced, size = decode_reduced(data, 320)
+    assert size == (1600, 1200) and tuple(reduced.shape) == (3, 800, 600)
+    resized, meta = ImageTransform(PreprocessSpec(size=320)).load(data)
+    assert meta.original_size == (1600, 1200) and tuple(resized.shape) == (3, 320, 240)
+    assert resized.shape == ImageTransform(PreprocessSpec(size=320)).resize(decode(data))[0].shape
+
+
+@pytest.mark.parametrize(("size", "fmt"), [((1600, 1200), "PNG"), ((1200, 900), "JPEG")])
+def test_other_formats_and_small_jpegs_decode_in_full(size: tuple[int, int], fmt: str) -> None:
+    data = encoded(size, fmt)
+    reduced, full_size = decode_reduced(data, 320)
+    assert full_size == (size[1], size[0]) and torch.equal(reduced, decode(data))
+
+
+def test_the_reduced_path_refuses_what_decode_refuses() -> None:
+    with pytest.raises(ImageDecodeError) as e:
+        decode_reduced(encoded((1600, 1200)), 320, max_pixels=1_000_000)
+    assert e.value.kind == "too_large"
+    with pytest.raises(ImageDecodeError) as e:
+        decode_reduced(encoded((1600, 1200))[:5000], 320)
+    assert e.value.kind == "unreadable"
+    with pytest.raises(ImageDecodeError) as e:
+        decode_reduced(b"not an image", 320)
+    assert e.value.kind == "not_an_image"
