@@ -26,10 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def jpeg(name: str = "astronaut.png", quality: int = 90) -> bytes:
-    """A real photo from scikit-image, as the JPEG bytes a client would send."""
+def jpeg(name: str = "astronaut.png", quality: int = 90, size: tuple[int, int] | None = None) -> bytes:
+    """A real photo from scikit-image, as the JPEG bytes a client would send; resized to ``size``
+    (width, height) to stand for a phone camera's photo."""
     buf = io.BytesIO()
-    Image.open(photo(name)).convert("RGB").save(buf, format="JPEG", quality=quality)
+    image = Image.open(photo(name)).convert("RGB")
+    image = image.resize(size, Image.BICUBIC) if size else image
+    image.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 

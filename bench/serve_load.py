@@ -3,9 +3,11 @@
 The server runs in a subprocess on loopback with its default settings (ONNX Runtime on the CPU,
 compiled task graphs), the real offline mobilenet_v2 at 320 px, and N untrained ``cst`` tasks
 (timing does not depend on the weights; requests use ``score_threshold=0.3``, as the demo page
-does, so untrained heads do not flood NMS). Closed loops of C clients send a JPEG photo:
+does, so untrained heads do not flood NMS). Closed loops of C clients send a JPEG photo
+(scikit-image's astronaut, 512 x 512):
 
-- one task: C=1 (latency) and C=clients (throughput);
+- one task: C=1 (latency) and C=clients (throughput), and C=clients with the same photo at
+  4032 x 3024 (a phone camera's 12 MP), where decoding and resizing weigh more than the backbone;
 - N tasks, each request naming one drawn uniformly;
 - fan-out: one request naming K = 1, 2, 4, 8 tasks (C=1);
 - cold loads under load: a second server whose budget holds 4 of 20 tasks (no host tier),
@@ -39,6 +41,7 @@ from tuners import build_task_model
 from tuners.artifact import MANIFEST, WEIGHTS, save_artifact
 
 POST = {"score_threshold": "0.3"}
+PHONE = (4032, 3024)  # a 12 MP phone camera's photo
 
 
 def make_tasks(backbone: FrozenBackbone, n: int, method: str, out: Path) -> list[Path]:
@@ -103,12 +106,14 @@ def uniform(ids: list[str], image: bytes):  # noqa: ANN201
 
 def hot_loads(url: str, ids: list[str], image: bytes, clients: int, seconds: float) -> dict[str, LoadResult]:
     out = {}
+    phone = jpeg(size=PHONE)
     with httpx.Client(base_url=url, timeout=120) as http:
         for task_id in ids:  # warm: each task resident (and compiled) before timing
             detect([task_id], image)(http, random.Random(0))
     wait_compiled(url)
     out["one task, C=1"] = closed_loop(url, 1, seconds, detect(ids[:1], image))
     out[f"one task, C={clients}"] = closed_loop(url, clients, seconds, detect(ids[:1], image))
+    out[f"one task, 12 MP photo, C={clients}"] = closed_loop(url, clients, seconds, detect(ids[:1], phone))
     out[f"{len(ids)} tasks uniformly, C={clients}"] = closed_loop(url, clients, seconds, uniform(ids, image))
     for k in (1, 2, 4, 8):
         out[f"fan-out K={k}, C=1"] = closed_loop(url, 1, seconds, detect(ids[:k], image))
@@ -146,6 +151,7 @@ def report(name: str, run: dict, b1_ms: float, ips8: float, clients: int, n: int
     )
     print(f"- throughput, one task, C={clients}: {one:.1f} req/s = {one / ips8:.2f} of the backbone alone")
     print(f"- {n} tasks uniformly / one task: {loads[f'{n} tasks uniformly, C={clients}'].rps / one:.2f}")
+    print(f"- 12 MP photo / 512 px photo, one task: {loads[f'one task, 12 MP photo, C={clients}'].rps / one:.2f}")
     cold = run["cold_ms"]
     print(f"- cold loads under load: {run['cold_count']:.0f}, p50 {cold[0.5]:.1f} ms, p99 {cold[0.99]:.1f} ms")
 
