@@ -1,7 +1,9 @@
 """Request dependencies: the services as typed ``Annotated`` dependencies, and API-key checks.
 
 Routes never read ``app.state`` themselves: they declare ``EngineDep``, ``TasksDep`` or
-``SettingsDep`` and get a typed object.
+``SettingsDep`` and get a typed object. Every dependency is ``async def``: each is a few
+attribute reads, and FastAPI would run a plain ``def`` on a worker thread, one thread hop per
+dependency per request.
 """
 
 from __future__ import annotations
@@ -21,25 +23,25 @@ from server.store import TASK_ID
 from server.tasks import Tasks
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _services(request: Request) -> Services:
+async def _services(request: Request) -> Services:
     services: Services | None = getattr(request.app.state, "services", None)
     if services is None:
         raise NotReady("the backbone is still loading")
     return services
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     """The Engine service (in Ray mode, a stand-in with the same methods that calls the replicas)."""
-    return _services(request).engine
+    return (await _services(request)).engine
 
 
-def get_tasks(request: Request) -> Tasks:
+async def get_tasks(request: Request) -> Tasks:
     """The Tasks service (in Ray mode, a stand-in with the same methods that calls the store's writer)."""
-    return _services(request).tasks
+    return (await _services(request)).tasks
 
 
 async def get_quarantined(request: Request) -> dict[str, str]:
@@ -87,7 +89,7 @@ def _check(request: Request, valid: tuple[SecretStr, ...], what: str) -> None:
     request.state.key_id = key_id(presented)
 
 
-def require_admin(request: Request, settings: SettingsDep) -> None:
+async def require_admin(request: Request, settings: SettingsDep) -> None:
     """Management: an admin key when one is set; refused off loopback without one (unless opened)."""
     mode = settings.management
     if mode == "disabled":
@@ -96,12 +98,12 @@ def require_admin(request: Request, settings: SettingsDep) -> None:
         _check(request, settings.admin_keys, "admin")
 
 
-def require_inference(request: Request, settings: SettingsDep) -> None:
+async def require_inference(request: Request, settings: SettingsDep) -> None:
     """Detect: open unless an inference key is set; then an inference or an admin key."""
     if settings.inference_keys:
         _check(request, settings.inference_keys + settings.admin_keys, "inference")
 
 
-def ensure_ready(request: Request) -> None:
+async def ensure_ready(request: Request) -> None:
     if not getattr(request.app.state, "ready", False):
         raise NotReady("the backbone is still loading")

@@ -1,6 +1,6 @@
 """The Engine service: one call per detect request, no HTTP.
 
-``Engine.detect(image bytes, task ids, options)`` decodes and resizes the image with limits (off
+``Engine.detect(image bytes, task ids, options)`` decodes the image onto the canvas with limits (off
 the event loop and the executor's thread), leases every task from the tuner cache (cold ones load
 together, off the request path), queues the work in the batcher (which runs the
 :class:`~server.executor.Executor` on its own thread), releases the leases and records metrics.
@@ -126,12 +126,12 @@ class Engine:
         return DetectResponse(image=size, results=results, backbone_passes=passes, timing_ms={"total": elapsed * 1e3})
 
     def _decode(self, data: bytes, keyed: bool) -> tuple[Tensor, ImageMeta, str]:
-        """The image resized for the canvas (uint8 ``[3, h, w]``), its meta, and its feature-cache key
-        when ``keyed``. Decoding, resizing and hashing are CPU work, so they run here, on a thread of
+        """The image's float ``[3, S, S]`` canvas, its meta, and its feature-cache key when ``keyed``.
+        Decoding, resizing, normalising and hashing are CPU work, so they run here, on a thread of
         their own per request: off the event loop and off the executor's thread."""
-        limits = self.limits
-        image, meta = load_image(data, self.executor.transform, limits.max_image_bytes, limits.max_image_pixels)
-        return image, meta, content_hash(data) if keyed else ""
+        limits, transform = self.limits, self.executor.transform
+        image, meta = load_image(data, transform, limits.max_image_bytes, limits.max_image_pixels)
+        return transform.canvas(image), meta, content_hash(data) if keyed else ""
 
     def _result(self, task_id: str, lease: Lease, det: Detections | TaskFailure) -> TaskResult:
         model: TaskModel = lease.model

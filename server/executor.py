@@ -44,13 +44,14 @@ class WorkItem:
     """One image and the task models asked about it (already leased from the tuner cache).
 
     Attributes:
-        image: uint8 ``[3, H, W]`` RGB; or, with ``meta``, already resized by :meth:`ImageTransform.resize`
-            (the server resizes on the decoding thread, off this one).
+        image: uint8 ``[3, H, W]`` RGB; or, with ``meta``, the float ``[3, S, S]`` canvas already made
+            by :meth:`ImageTransform.load` and :meth:`ImageTransform.canvas` (the server prepares it
+            on the request's decoding thread, off this one).
         image_key: content hash, for the feature cache (``""`` when the server has none).
         tasks: task id -> model.
         post: thresholds for this request.
         compiled: task id -> compiled graph, for the tasks that have one.
-        meta: the resize's record, when ``image`` is already resized.
+        meta: the resize's record, when ``image`` is already the canvas.
     """
 
     image: Tensor
@@ -59,6 +60,24 @@ class WorkItem:
     post: PostprocessConfig = field(default_factory=PostprocessConfig)
     compiled: dict[str, CompiledTask] = field(default_factory=dict)
     meta: ImageMeta | None = None
+
+
+@dataclass(frozen=True)
+class RowTaps:
+    """One row's shared taps: row ``index`` of ``batch`` (``{tap: [B, C, h, w]}``, a backbone pass's
+    output or a feature-cache entry)."""
+
+    batch: dict[str, Tensor]
+    index: int
+
+    @staticmethod
+    def gather(parts: list[RowTaps], tap: str) -> Tensor:
+        """``[len(parts), C, h, w]``: a view when the parts are consecutive rows of one batch (the usual
+        case: a task asked about every image of a batch), else a copy."""
+        first = parts[0]
+        if all(p.batch is first.batch and p.index == first.index + i for i, p in enumerate(parts)):
+            return first.batch[tap][first.index : first.index + len(parts)]
+        return torch.cat([p.batch[tap][p.index : p.index + 1] for p in parts])
 
 
 @dataclass
@@ -86,6 +105,12 @@ def guarded(run: Callable[[], HeadOutputs]) -> Outcome:
         return TaskFailure(f"{type(e).__name__}: {e}")
     bad = [k for k, v in out.tensors.items() if not torch.isfinite(v).all()]
     return TaskFailure(f"its head produced NaN or Inf in {', '.join(bad)}") if bad else out
+
+
+def _slices(n: int, chunks: int) -> list[slice]:
+    """``range(n)`` cut into at most ``chunks`` contiguous slices (views, not copies, of a batch)."""
+    step = -(-n // chunks)
+    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
 
 
 def concat_outputs(parts: list[Outcome]) -> Outcome:
@@ -149,9 +174,9 @@ class Executor:
 
     def _run(self, items: list[WorkItem]) -> BatchResult:
         start = time.perf_counter()
-        resized = [(i.image, i.meta) if i.meta is not None else self.transform.resize(i.image) for i in items]
-        canvases = torch.stack([self.transform.canvas(image) for image, _ in resized]).to(self.device)
-        metas = [meta for _, meta in resized]
+        ready = [(i.image, i.meta) if i.meta is not None else self.transform.one(i.image) for i in items]
+        canvases = torch.stack([canvas for canvas, _ in ready]).to(self.device)
+        metas = [meta for _, meta in ready]
         self.metrics.stage_seconds.labels(stage="preprocess").observe(time.perf_counter() - start)
         side_rows, passes = self._shared_taps(items, canvases)
         start = time.perf_counter()
@@ -192,7 +217,7 @@ class Executor:
         self,
         side: list[tuple[str, list[int]]],
         items: list[WorkItem],
-        side_rows: dict[int, dict[str, Tensor]],
+        side_rows: dict[int, RowTaps],
         canvases: Tensor,
     ) -> list[Outcome]:
         """Head outputs of each side (task, rows): compiled graph, else stacked with its kind, else eager."""
@@ -239,7 +264,7 @@ class Executor:
         parts = [
             (i, compiled, {t: v[rows] for t, v in taps.items()}, None if images is None else images[rows])
             for i, compiled, taps, images in jobs
-            for rows in torch.arange(next(iter(taps.values())).shape[0]).chunk(chunks)
+            for rows in _slices(next(iter(taps.values())).shape[0], chunks)
         ]
 
         def run(part: tuple[int, CompiledTask, dict[str, Tensor], Tensor | None]) -> Outcome:
@@ -252,10 +277,11 @@ class Executor:
         return [(i, concat_outputs(outs)) for i, outs in merged.items()]
 
     def _inputs(
-        self, model: TaskModel, rows: list[int], side_rows: dict[int, dict[str, Tensor]], canvases: Tensor
+        self, model: TaskModel, rows: list[int], side_rows: dict[int, RowTaps], canvases: Tensor
     ) -> tuple[dict[str, Tensor], Tensor | None]:
         """The shared taps of ``rows`` that ``model`` reads (on this device), and the canvases if it reads them."""
-        taps = {t: torch.cat([side_rows[r][t] for r in rows]).to(self.device) for t in model.required_taps()}
+        parts = [side_rows[r] for r in rows]
+        taps = {t: RowTaps.gather(parts, t).to(self.device) for t in model.required_taps()}
         return taps, canvases[rows] if model.tuner.needs_images else None
 
     def _run_inline(
@@ -286,8 +312,8 @@ class Executor:
             for r, det in zip(same, found):
                 results[r][task_id] = det.to("cpu")
 
-    def _shared_taps(self, items: list[WorkItem], canvases: Tensor) -> tuple[dict[int, dict[str, Tensor]], int]:
-        """Per row that has side tasks: ``{tap: [1, C, h, w]}``, from the cache or one backbone pass."""
+    def _shared_taps(self, items: list[WorkItem], canvases: Tensor) -> tuple[dict[int, RowTaps], int]:
+        """Per row that has side tasks: its taps, from the cache or one backbone pass over the rest."""
         needed = {
             row: sorted({t for m in item.tasks.values() if m.kind == "side" for t in m.required_taps()})
             for row, item in enumerate(items)
@@ -295,27 +321,27 @@ class Executor:
         taps = sorted({t for names in needed.values() for t in names})
         if self.feature_cache is not None and taps:  # cache the common taps too, so other tasks hit later
             taps = sorted(set(taps) | set(self.backbone.stage_taps) | set(self.backbone.pyramid_taps))
-        out: dict[int, dict[str, Tensor]] = {}
+        out: dict[int, RowTaps] = {}
         missing = []
         for row, names in needed.items():
             if not names:
                 continue
             cached = self.feature_cache.get(items[row].image_key, taps) if self.feature_cache else None
             if cached is not None:
-                out[row] = cached
+                out[row] = RowTaps(cached, 0)
                 self.metrics.feature_cache_events.labels(event="hit").inc()
             else:
                 missing.append(row)
         if missing:
             start = time.perf_counter()
-            computed = self.runtime(canvases[missing], taps)
+            computed = self.runtime(canvases if len(missing) == len(items) else canvases[missing], taps)
             self.metrics.stage_seconds.labels(stage="backbone").observe(time.perf_counter() - start)
             self.backbone_image_passes += len(missing)
             self.metrics.backbone_image_passes.inc(len(missing))
             for i, row in enumerate(missing):
-                out[row] = {t: computed[t][i : i + 1] for t in taps}
+                out[row] = RowTaps(computed, i)
                 if self.feature_cache is not None:
                     self.metrics.feature_cache_events.labels(event="miss").inc()
-                    self.feature_cache.put(items[row].image_key, out[row])
+                    self.feature_cache.put(items[row].image_key, {t: v[i : i + 1] for t, v in computed.items()})
                     self.metrics.feature_cache_bytes.set(self.feature_cache.bytes)
         return out, len(missing)

@@ -31,7 +31,8 @@ class FeatureCache:
             return {t: entry[t] for t in taps}
 
     def put(self, key: str, taps: dict[str, Tensor]) -> None:
-        stored = {t: v.detach().to("cpu").contiguous() for t, v in taps.items()}
+        # A copy: a row of a batch's taps is a view that would keep the whole batch alive, uncounted.
+        stored = {t: v.detach().to("cpu", copy=True).contiguous() for t, v in taps.items()}
         size = sum(v.numel() * v.element_size() for v in stored.values())
         if size > self.budget_bytes:
             return

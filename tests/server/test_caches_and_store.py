@@ -247,3 +247,6 @@ def test_feature_cache_never_exceeds_its_budget():
     assert cache.get("9", ["c5"]) is None  # a tap it does not hold is a miss
     cache.put("big", {"c3": torch.zeros(1, 64, 64, 64)})
     assert cache.get("big", ["c3"]) is None and cache.bytes <= 30_000
+    batch = torch.zeros(8, 8, 16, 16)  # a row of a batch's taps is stored alone, not the batch behind it
+    cache.put("row", {"c3": batch[3:4]})
+    assert cache.get("row", ["c3"])["c3"].untyped_storage().nbytes() == 8 * 16 * 16 * 4

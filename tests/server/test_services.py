@@ -20,7 +20,7 @@ from server.api.routes import detect as detect_routes
 from server.api.routes import tasks as task_routes
 from server.batcher import Batcher
 from server.exceptions import TooManyTasks, UnknownTask
-from server.executor import BatchResult, Executor, WorkItem
+from server.executor import BatchResult, Executor, RowTaps, WorkItem
 from server.imaging import decode_image
 from server.metrics import Metrics
 from server.services import build_services
@@ -84,6 +84,18 @@ def test_routes_only_parse_and_call_one_service_method(module):
             and a.value.func.value.id in ("engine", "tasks")
         ]
         assert len(calls) == 1, (route.name, calls)
+
+
+def test_every_request_dependency_runs_on_the_event_loop():
+    """A plain ``def`` dependency costs a worker-thread hop per request; every one here is ``async``."""
+    from server import deps
+
+    annotated = [deps.SettingsDep, deps.QuarantinedDep, deps.EngineDep, deps.TasksDep, deps.ServicesDep]
+    declared = [*detect_routes.router.dependencies, *task_routes.router.dependencies, *task_routes.ADMIN]
+    calls = [a.__metadata__[0].dependency for a in annotated] + [d.dependency for d in declared]
+    assert {c.__name__ for c in calls} >= {"ensure_ready", "require_inference", "require_admin", "get_engine"}
+    for call in calls:
+        assert inspect.iscoroutinefunction(call), call.__name__
 
 
 def _models(backbone, tmp_path: Path, methods: list[str], seed: int = 0) -> dict[str, object]:  # noqa: ANN001
@@ -209,6 +221,16 @@ def test_a_fan_out_over_cold_tasks_queues_every_load_at_once(tmp_path: Path, bac
         await services.stop()
 
     asyncio.run(run())
+
+
+def test_a_task_reads_its_rows_of_the_batch_taps_without_a_copy():
+    batch = {"c4": torch.randn(4, 8, 5, 5)}
+    rows = [RowTaps(batch, i) for i in range(4)]
+    whole = RowTaps.gather(rows[1:3], "c4")  # consecutive rows of one pass: a view of it
+    assert whole.data_ptr() == batch["c4"][1].data_ptr() and torch.equal(whole, batch["c4"][1:3])
+    cached = RowTaps({"c4": torch.randn(1, 8, 5, 5)}, 0)  # a feature-cache hit next to a computed row
+    mixed = RowTaps.gather([rows[2], cached, rows[0]], "c4")
+    assert torch.equal(mixed, torch.cat([batch["c4"][2:3], cached.batch["c4"], batch["c4"][0:1]]))
 
 
 def test_an_idle_batcher_does_not_wait_out_its_window():
