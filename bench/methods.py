@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list_tuners())
     parser.add_argument("--side-lrs", type=float, nargs="+", default=SIDE_LRS)
     parser.add_argument("--inline-lrs", type=float, nargs="+", default=INLINE_LRS)
-    parser.add_argument("--extend", type=int, default=1, help="times a grid grows past a best rate at its top")
+    parser.add_argument("--extend", type=int, default=3, help="times a grid grows past a best rate at its top")
     parser.add_argument("--top", type=int, default=3, help="methods that run a second seed")
     parser.add_argument("--curve-methods", nargs="*", default=CURVE_METHODS)
     parser.add_argument("--fractions", type=float, nargs="*", default=(0.25, 0.5))

@@ -221,7 +221,7 @@ class TunerCache:
             lease.entry.refs -= 1
             if lease.entry.stale and lease.entry.refs == 0:
                 self._drop(lease.entry)
-            self._update_gauges()
+                self._update_gauges()  # only a drop changes what is resident
 
     def admit(self, version: TaskVersion, model: TaskModel, manifest: dict[str, Any]) -> None:
         """Makes a model that was just built and verified (an upload) resident, when it fits without waiting."""
