@@ -72,8 +72,8 @@ class ImageTransform:
 
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
-        self._mean = torch.tensor(spec.mean).view(3, 1, 1)
-        self._std = torch.tensor(spec.std).view(3, 1, 1)
+        mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
+        self._scale, self._shift = 1.0 / (255.0 * std), -mean / std  # (x / 255 - mean) / std, for uint8 x
 
     def load(self, data: bytes, max_pixels: int | None = None) -> tuple[Tensor, ImageMeta]:
         """Encoded image bytes -> :meth:`resize`'s output, decoded at a reduced scale where the format
@@ -101,10 +101,12 @@ class ImageTransform:
         return F.resize(image, [new_h, new_w], antialias=True), ImageMeta(original_size=(h, w), scale=scale)
 
     def canvas(self, resized: Tensor) -> Tensor:
-        """A :meth:`resize` output -> float ``[3, S, S]``: normalised, padded bottom and right to the canvas."""
-        x = (resized.float() / 255.0 - self._mean) / self._std
-        canvas = self.spec.canvas
-        return torch.nn.functional.pad(x, (0, canvas - int(resized.shape[2]), 0, canvas - int(resized.shape[1])))
+        """A :meth:`resize` output -> float ``[3, S, S]``: normalised, padded bottom and right to the canvas
+        with zeros (the normalised mean). Written in place into the canvas: one pass to convert, one
+        to scale and shift."""
+        out = torch.zeros(3, self.spec.canvas, self.spec.canvas)
+        out[:, : resized.shape[1], : resized.shape[2]].copy_(resized).mul_(self._scale).add_(self._shift)
+        return out
 
     def one(self, image: Tensor) -> tuple[Tensor, ImageMeta]:
         """Resizes so the longest side is ``spec.size``, normalises, pads bottom/right to the canvas."""

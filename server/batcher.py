@@ -2,11 +2,13 @@
 
 Requests wait in a bounded queue; when it is full, :meth:`Batcher.submit` raises ``Overloaded``
 (503 with Retry-After) at once. One collector task takes the first waiting request and every
-other one already queued. If none was queued behind it, the server is idle and the batch runs at
-once, with no wait. If others were waiting, the server is under load: it gathers more for up to
-``window_s``, or until ``max_batch`` images. The executor runs on a single worker thread, so no
-GPU or CPU-heavy work runs on the event loop; requests that arrive while it runs form the next
-batch.
+other one already queued, up to ``max_batch`` images: under load, the requests that arrived while
+the last batch ran. If none was queued behind the first, the server is idle and the batch runs at
+once. If others were, and ``window_s`` is set, it gathers more for up to ``window_s``. The
+default window is 0, as Triton's ``max_queue_delay_microseconds``: on a CPU a batch of 8 costs
+per image what 8 batches of one do, so waiting only idles the executor (``docs/BENCHMARKS.md``).
+The executor runs on a single worker thread, so no GPU or CPU-heavy work runs on the event loop;
+requests that arrive while it runs form the next batch.
 """
 
 from __future__ import annotations

@@ -60,7 +60,9 @@ class Settings(BaseSettings):
     host_cache_bytes: int = Field(1024 * MiB, ge=0, description="byte budget of task models parked in host memory")
     feature_cache_bytes: int = Field(0, ge=0, description="byte budget of cached backbone taps (0: off)")
     max_batch_size: int = Field(8, ge=1, description="images per engine batch")
-    batch_window_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
+    batch_window_ms: float = Field(
+        0.0, ge=0, description="how long the batcher waits for more requests once several are queued (0: none)"
+    )
     max_queue: int = Field(64, ge=1, description="queued requests before answering 503")
     max_request_bytes: int = Field(20 * MiB, gt=0, description="largest accepted request body")
     max_upload_bytes: int = Field(512 * MiB, gt=0, description="largest accepted artifact upload")
