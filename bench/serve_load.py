@@ -10,8 +10,9 @@ does, so untrained heads do not flood NMS). Closed loops of C clients send a JPE
   4032 x 3024 (a phone camera's 12 MP), where decoding and resizing weigh more than the backbone;
 - N tasks, each request naming one drawn uniformly;
 - fan-out: one request naming K = 1, 2, 4, 8 tasks (C=1);
-- cold loads under load: a second server whose budget holds 4 of 20 tasks (no host tier),
-  C=clients drawing uniformly, so most requests load their task from the store.
+- one task at C=clients again on a server with a 5 ms batch window (the default has none);
+- cold loads under load: a server whose budget holds 4 of 20 tasks (no host tier), C=clients
+  drawing uniformly, so most requests load their task from the store.
 
 Every figure is also printed as a ratio: throughput against the backbone alone (ORT, batch 8,
 images/s), the cost of one more fan-out task against one backbone pass (batch 1).
@@ -104,15 +105,19 @@ def uniform(ids: list[str], image: bytes):  # noqa: ANN201
     )
 
 
-def hot_loads(url: str, ids: list[str], image: bytes, clients: int, seconds: float) -> dict[str, LoadResult]:
+def hot_loads(
+    url: str, ids: list[str], image: bytes, clients: int, seconds: float, only_throughput: bool = False
+) -> dict[str, LoadResult]:
     out = {}
     phone = jpeg(size=PHONE)
     with httpx.Client(base_url=url, timeout=120) as http:
         for task_id in ids:  # warm: each task resident (and compiled) before timing
             detect([task_id], image)(http, random.Random(0))
     wait_compiled(url)
-    out["one task, C=1"] = closed_loop(url, 1, seconds, detect(ids[:1], image))
     out[f"one task, C={clients}"] = closed_loop(url, clients, seconds, detect(ids[:1], image))
+    if only_throughput:
+        return out
+    out["one task, C=1"] = closed_loop(url, 1, seconds, detect(ids[:1], image))
     out[f"one task, 12 MP photo, C={clients}"] = closed_loop(url, clients, seconds, detect(ids[:1], phone))
     out[f"{len(ids)} tasks uniformly, C={clients}"] = closed_loop(url, clients, seconds, uniform(ids, image))
     for k in (1, 2, 4, 8):
@@ -126,6 +131,11 @@ def run_server(store: Path, tasks: list[Path], image: bytes, args: argparse.Name
         for task_id, folder in zip(ids, tasks):
             upload(server.url, task_id, folder)
         results = hot_loads(server.url, ids, image, args.clients, args.seconds)
+    if cwd is None:  # the default batch window (none) against a 5 ms one, this checkout only
+        with Server(store.with_name(store.name + "-window"), ["--batch-window-ms", "5"]) as server:
+            upload(server.url, ids[0], tasks[0])
+            window = hot_loads(server.url, ids[:1], image, args.clients, args.seconds, only_throughput=True)
+        results[f"one task, C={args.clients}, 5 ms batch window"] = window[f"one task, C={args.clients}"]
     cold_ids, budget = ids[:20], 4 * 2 * (tasks[0] / WEIGHTS).stat().st_size  # 4 compiled cst tasks
     flags = ["--device-cache-bytes", str(budget), "--host-cache-bytes", "0"]
     with Server(store.with_name(store.name + "-cold"), flags, cwd=cwd) as server:
@@ -152,6 +162,9 @@ def report(name: str, run: dict, b1_ms: float, ips8: float, clients: int, n: int
     print(f"- throughput, one task, C={clients}: {one:.1f} req/s = {one / ips8:.2f} of the backbone alone")
     print(f"- {n} tasks uniformly / one task: {loads[f'{n} tasks uniformly, C={clients}'].rps / one:.2f}")
     print(f"- 12 MP photo / 512 px photo, one task: {loads[f'one task, 12 MP photo, C={clients}'].rps / one:.2f}")
+    window = loads.get(f"one task, C={clients}, 5 ms batch window")
+    if window is not None:
+        print(f"- a 5 ms batch window / none, one task: {window.rps / one:.2f}")
     cold = run["cold_ms"]
     print(f"- cold loads under load: {run['cold_count']:.0f}, p50 {cold[0.5]:.1f} ms, p99 {cold[0.99]:.1f} ms")
 

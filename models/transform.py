@@ -72,8 +72,8 @@ class ImageTransform:
 
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
-        mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
-        self._scale, self._shift = 1.0 / (255.0 * std), -mean / std  # (x / 255 - mean) / std, for uint8 x
+        self._mean = torch.tensor(spec.mean).view(3, 1, 1)
+        self._std = torch.tensor(spec.std).view(3, 1, 1)
 
     def load(self, data: bytes, max_pixels: int | None = None) -> tuple[Tensor, ImageMeta]:
         """Encoded image bytes -> :meth:`resize`'s output, decoded at a reduced scale where the format
@@ -101,11 +101,11 @@ class ImageTransform:
         return F.resize(image, [new_h, new_w], antialias=True), ImageMeta(original_size=(h, w), scale=scale)
 
     def canvas(self, resized: Tensor) -> Tensor:
-        """A :meth:`resize` output -> float ``[3, S, S]``: normalised, padded bottom and right to the canvas
-        with zeros (the normalised mean). Written in place into the canvas: one pass to convert, one
-        to scale and shift."""
+        """A :meth:`resize` output -> float ``[3, S, S]``: ``(x / 255 - mean) / std``, padded bottom and right
+        with zeros. Computed in place in the canvas, with the same float operations in the same order
+        as out of place, so the values are bit for bit what trained tasks saw."""
         out = torch.zeros(3, self.spec.canvas, self.spec.canvas)
-        out[:, : resized.shape[1], : resized.shape[2]].copy_(resized).mul_(self._scale).add_(self._shift)
+        out[:, : resized.shape[1], : resized.shape[2]].copy_(resized).div_(255.0).sub_(self._mean).div_(self._std)
         return out
 
     def one(self, image: Tensor) -> tuple[Tensor, ImageMeta]:
