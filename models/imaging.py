@@ -48,8 +48,9 @@ def decode_reduced(data: bytes, longest: int, max_pixels: int | None = None) -> 
 
     A JPEG decodes at the smallest of its DCT scales (1/8, 1/4, 1/2) that keeps both sides at
     least twice as large as that resize will make them: libjpeg then skips most of the inverse
-    DCT, so a 12 MP phone photo decodes about ten times faster, and the antialiased resize from
-    twice the size gives within a few levels the pixels of a full decode (``tests/models/test_imaging.py``).
+    DCT, so a 12 MP phone photo decodes many times faster (``bench.serve_load``'s 12 MP row), and
+    the antialiased resize from twice the size gives within a few levels the pixels of a full
+    decode (``tests/models/test_imaging.py``).
     Other formats, and JPEGs smaller than four times the target, decode in full.
 
     Returns:
@@ -62,7 +63,7 @@ def decode_reduced(data: bytes, longest: int, max_pixels: int | None = None) -> 
     image = _open(data, max_pixels)
     width, height = image.size
     with _decode_errors():
-        size = (height, width) if image.getexif().get(ORIENTATION, 1) in TRANSPOSED else (width, height)
+        size = _upright(image)
         if image.format in ("JPEG", "MPO"):
             scale = REDUCED_MARGIN * longest / max(width, height)
             image.draft(None, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
@@ -118,6 +119,10 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
 def upright_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of the image as :func:`decode` returns it, from the header only."""
     with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(ORIENTATION, 1)
-    return (height, width) if orientation in TRANSPOSED else (width, height)
+        return _upright(image)
+
+
+def _upright(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once its EXIF orientation is applied, from the header only."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(ORIENTATION, 1) in TRANSPOSED else (width, height)

@@ -57,9 +57,9 @@ def make_data(task: str, recipe: Recipe, work: Path) -> Path:
     return data
 
 
-def train_recipe(task: str, recipe: Recipe, work: Path, image_size: int = 320, data: Path | None = None) -> dict:
-    """Trains the recipe on ``data`` (default: written now by :func:`make_data`); returns ``report.json``."""
-    data = data or make_data(task, recipe, work)
+def train_recipe(task: str, recipe: Recipe, work: Path, image_size: int = 320) -> dict:
+    """Writes the recipe's data (:func:`make_data`) and trains it; returns ``report.json``."""
+    data = make_data(task, recipe, work)
     run = work / "runs" / task
     log.info("demo task %s: server-train --method %s --data %s --epochs %d --lr %s --augmentation none "
              "--cache-features memory --out %s", task, recipe.method, data, recipe.epochs, recipe.lr, run)  # fmt: skip

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -16,11 +18,8 @@ ERRORS = {"not_an_image": NotAnImage, "too_large": TooLarge, "unreadable": Unrea
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> torch.Tensor:
     """Decodes ``data``; raises ``TooLarge``, ``NotAnImage`` or ``UnreadableImage`` with a readable message."""
-    _check_bytes(data, max_bytes)
-    try:
+    with _api_errors(data, max_bytes):
         return decode(data, max_pixels)
-    except ImageDecodeError as e:
-        raise ERRORS[e.kind](str(e)) from e
 
 
 def load_image(
@@ -28,16 +27,19 @@ def load_image(
 ) -> tuple[torch.Tensor, ImageMeta]:
     """``data`` decoded (at a reduced scale where it can be) and resized for the canvas: uint8 ``[3, h, w]``
     and its meta (:meth:`ImageTransform.load`); raises as :func:`decode_image`."""
-    _check_bytes(data, max_bytes)
-    try:
+    with _api_errors(data, max_bytes):
         return transform.load(data, max_pixels)
-    except ImageDecodeError as e:
-        raise ERRORS[e.kind](str(e)) from e
 
 
-def _check_bytes(data: bytes, max_bytes: int) -> None:
+@contextmanager
+def _api_errors(data: bytes, max_bytes: int) -> Iterator[None]:
+    """Refuses more than ``max_bytes``; the decoder's errors become the API's."""
     if len(data) > max_bytes:
         raise TooLarge(f"the image has {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        yield
+    except ImageDecodeError as e:
+        raise ERRORS[e.kind](str(e)) from e
 
 
 def content_hash(data: bytes) -> str:
