@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from models import PreprocessSpec, build_backbone
 from tuners.artifact import load_artifact
 from tuners.data.synth import SynthConfig, generate
+from tuners.data.transforms import DetectionDataset
 from tuners.trainer.cli import describe_methods, main
 from tuners.trainer.config import ConfigError, build_config, read_config_file
 from tuners.trainer.loop import Trainer
@@ -108,19 +109,29 @@ def test_memory_of_side_tuners_is_below_full_finetune(digits: Path, tmp_path: Pa
         assert peak[method] < peak["full_finetune"], peak
 
 
-def test_feature_cache_is_faster_and_keeps_the_loss_trajectory(digits: Path, tmp_path: Path):
+def test_feature_cache_is_faster_and_keeps_the_loss_trajectory(
+    digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     plain = Trainer(_config(digits, tmp_path / "plain", "linear_probe", epochs=3))
     cached = Trainer(_config(digits, tmp_path / "cached", "linear_probe", epochs=3, cache_features="memory"))
     plain_losses = [plain.train_epoch()["loss"] for plain.epoch in range(3)]
-    runs = []
-    for cached.epoch in range(3):
-        runs.append(cached.train_epoch())
+    runs = [cached.train_epoch()]
+
+    def no_decoding(*_: object) -> None:
+        raise AssertionError("an image was read although its taps are cached")
+
+    with monkeypatch.context() as patch:  # later epochs read labels only
+        patch.setattr(DetectionDataset, "__getitem__", no_decoding)
+        for cached.epoch in range(1, 3):
+            runs.append(cached.train_epoch())
     assert cached.cache is not None and cached.cache.stats()["hits"] == 2 * len(cached.train_set)
     assert [r["loss"] for r in runs] == pytest.approx(plain_losses, rel=1e-4)
     assert min(r["seconds"] for r in runs[1:]) < runs[0]["seconds"]
     cached.evaluate()  # fills the cache with the validation split
     hits = cached.cache.stats()["hits"]
-    again, _ = cached.evaluate()
+    with monkeypatch.context() as patch:
+        patch.setattr(DetectionDataset, "__getitem__", no_decoding)
+        again, _ = cached.evaluate()
     assert cached.cache.stats()["hits"] == hits + len(cached.val_set)
     cache, cached.cache = cached.cache, None
     assert again == cached.evaluate()[0]  # the same metrics as without the cache

@@ -87,3 +87,33 @@ def collate(samples: list[Sample]) -> tuple[Tensor, list[Target], list[ImageMeta
         [s.meta for s in samples],
         [s.index for s in samples],
     )
+
+
+class RememberedSamples(Dataset[Sample]):
+    """A dataset's targets and metas, remembered as its batches pass, without their pixels.
+
+    Once the feature cache holds every image's taps and the tuner reads no pixels, an epoch needs
+    nothing else: the trainer iterates this instead of :class:`DetectionDataset` and decodes no
+    image. Each ``image`` is a zero-stride view of zeros in the canvas shape ``[3, S, S]``, so a
+    batch keeps the ``[B, 3, S, S]`` shape that callers read the canvas size from.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.samples: dict[int, Sample] = {}
+
+    def remember(self, images: Tensor, targets: list[Target], metas: list[ImageMeta], indices: list[int]) -> None:
+        """Keeps one batch's labels: ``images`` ``[B, 3, S, S]`` gives only its shape."""
+        blank = images.new_zeros(()).expand(images.shape[1:])
+        for target, meta, index in zip(targets, metas, indices, strict=True):
+            self.samples[index] = Sample(blank, target, meta, index)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.samples) == self.size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]

@@ -4,13 +4,15 @@ The trainer caches both splits: validation images are never augmented, and train
 the same every epoch only with augmentation ``none``; the config refuses other combinations.
 ``memory`` keeps the taps as computed (losses and predictions are then exactly the uncached
 ones); ``disk`` writes them as fp16 safetensors. Both stay within one byte budget: images past it
-are recomputed each epoch rather than cached.
+are recomputed each epoch rather than cached. Once every image of a split is cached and the tuner
+reads no pixels, the trainer stops decoding that split's images (``RememberedSamples``).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -68,6 +70,10 @@ class FeatureCache:
             save_file(stored, str(self._path(index)))
             self._on_disk.add(index)
         self.bytes += size
+
+    def holds(self, indices: Iterable[int]) -> bool:
+        """Whether the taps of every one of ``indices`` are cached."""
+        return all(i in self._memory or i in self._on_disk for i in indices)
 
     @torch.no_grad()
     def taps(

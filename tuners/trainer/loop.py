@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from models import PostprocessConfig, build_backbone
@@ -32,7 +32,7 @@ from models.types import Detections
 from tuners.artifact import WEIGHTS, save_artifact
 from tuners.data.layouts import read_splits
 from tuners.data.records import DatasetError, DetectionData
-from tuners.data.transforms import DetectionDataset, collate
+from tuners.data.transforms import DetectionDataset, RememberedSamples, Sample, collate
 from tuners.errors import TunerError
 from tuners.task_model import build_task_model
 from tuners.trainer.config import TrainConfig
@@ -110,6 +110,8 @@ class Trainer:
         transform = ImageTransform(self.backbone.preprocess)
         self.train_set = DetectionDataset(self.train_data, transform, config.augmentation)
         self.val_set = DetectionDataset(self.val_data, transform, "none")
+        self.remembered = {split: RememberedSamples(len(data.records)) for split, data in
+                           (("train", self.train_data), ("val", self.val_data))}  # fmt: skip
         self.model = build_task_model(
             config.method, config.tuner, self.backbone, self.train_data.classes, config.head
         ).to(self.device)
@@ -124,10 +126,20 @@ class Trainer:
         self.logger = build_logger(config.logger, config.out)
         self.total_steps = config.epochs * math.ceil(len(self.train_set) / config.batch_size)
 
-    def _loader(self, dataset: DetectionDataset, shuffle: bool, epoch: int = 0) -> DataLoader:
+    def _samples(self, split: str) -> Dataset[Sample]:
+        """The split's dataset, or its :class:`RememberedSamples` once the feature cache holds the
+        taps of every image in it and the tuner reads no pixels: later epochs then decode nothing.
+        Both give the same batches in the same order, so losses and predictions do not change."""
+        dataset = self.train_set if split == "train" else self.val_set
+        remembered, first = self.remembered[split], 0 if split == "train" else len(self.train_set)
+        if self.cache is None or self.model.tuner.needs_images or not remembered.complete:
+            return dataset
+        return remembered if self.cache.holds(range(first, first + len(dataset))) else dataset
+
+    def _loader(self, split: str, shuffle: bool, epoch: int = 0) -> DataLoader:
         generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
         return DataLoader(
-            dataset,
+            self._samples(split),
             batch_size=self.config.batch_size,
             shuffle=shuffle,
             collate_fn=collate,
@@ -140,9 +152,10 @@ class Trainer:
         self.model.train()
         sums: dict[str, float] = {}
         start, images_seen = time.perf_counter(), 0
-        loader = self._loader(self.train_set, shuffle=True, epoch=self.epoch)
+        loader = self._loader("train", shuffle=True, epoch=self.epoch)
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", disable=not self.config.progress)
-        for images, targets, _, indices in bar:
+        for images, targets, metas, indices in bar:
+            self.remembered["train"].remember(images, targets, metas, indices)
             lr = lr_at(self.config, self.step, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -182,7 +195,8 @@ class Trainer:
         self.model.eval()
         post = PostprocessConfig(score_thresh=self.config.eval_score_thresh)
         predictions = []
-        for images, _, metas, indices in self._loader(self.val_set, shuffle=False):
+        for images, targets, metas, indices in self._loader("val", shuffle=False):
+            self.remembered["val"].remember(images, targets, metas, indices)
             images = images.to(self.device)
             shared = self._cached_taps(images, [len(self.train_set) + i for i in indices])
             predictions += [d.to("cpu") for d in self.model.predict(self.backbone, images, metas, post, shared)]
