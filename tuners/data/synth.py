@@ -39,6 +39,7 @@ import importlib.util
 import io
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,6 +305,11 @@ def compose(
     return (_photo_style_image(pixels, rng) if task.photo_style else pixels), boxes, labels
 
 
+def _write_png(pixels: np.ndarray, path: Path) -> None:
+    """``[H, W, 3]`` uint8 as PNG at zlib level 3: within 2% of level 6's size, in a quarter of its time."""
+    Image.fromarray(pixels).save(path, format="PNG", optimize=False, compress_level=3)
+
+
 def generate(cfg: SynthConfig, out: Path, sources: Sources | None = None) -> dict[str, DetectionData]:
     """Writes ``out/train``, ``out/val`` (and ``out/test`` when ``cfg.test_images``) in COCO format;
     byte-for-byte identical for a seed. ``images`` counts train + val; the test split comes last, so
@@ -321,20 +327,18 @@ def generate(cfg: SynthConfig, out: Path, sources: Sources | None = None) -> dic
         pool = backgrounds_for(src, task, split)
         folder = out / split / "images"
         folder.mkdir(parents=True, exist_ok=True)
-        records = []
-        for i in range(count):
-            pixels, boxes, labels = compose(src, task, cfg, rng, pool)
-            path = folder / f"{split}_{i:05d}.png"
-            Image.fromarray(pixels).save(path, format="PNG", optimize=False)
-            records.append(
-                ImageRecord(
-                    path,
-                    cfg.size,
-                    cfg.size,
-                    torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
-                    torch.tensor(labels, dtype=torch.int64),
+        records, written = [], []
+        with ThreadPoolExecutor(max_workers=1) as writer:  # zlib releases the GIL: PNGs encode while the next composes
+            for i in range(count):
+                pixels, boxes, labels = compose(src, task, cfg, rng, pool)
+                path = folder / f"{split}_{i:05d}.png"
+                written.append(writer.submit(_write_png, pixels, path))
+                box_tensor = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+                records.append(
+                    ImageRecord(path, cfg.size, cfg.size, box_tensor, torch.tensor(labels, dtype=torch.int64))
                 )
-            )
+        for done in written:
+            done.result()  # raises a failed write
         description = (
             f"synth:{cfg.task} composited from real labelled crops (scikit-learn digits, scikit-image "
             f"LFW) on real photos; seed={cfg.seed}; {split}; not a public benchmark"
