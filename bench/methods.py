@@ -101,6 +101,7 @@ def train_and_test(run: Run, data: Path, out: Path, epochs: int) -> dict[str, An
         "seed": run.seed,
         "augmentation": "none",
         "cache_features": "memory" if TUNERS.get(run.method).kind == "side" else "none",
+        "feature_runtime": "torch",  # one thread per run, as the kept runs and the README table were measured
         "out": folder,
         "progress": False,
     }

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from models import PreprocessSpec, build_backbone
+from models.runtime.onnx import OnnxRuntime
 from tuners.artifact import load_artifact
 from tuners.data.synth import SynthConfig, generate
 from tuners.data.transforms import DetectionDataset
@@ -113,7 +114,8 @@ def test_feature_cache_is_faster_and_keeps_the_loss_trajectory(
     digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     plain = Trainer(_config(digits, tmp_path / "plain", "linear_probe", epochs=3))
-    cached = Trainer(_config(digits, tmp_path / "cached", "linear_probe", epochs=3, cache_features="memory"))
+    options = {"epochs": 3, "cache_features": "memory", "feature_runtime": "torch"}  # exactly the uncached taps
+    cached = Trainer(_config(digits, tmp_path / "cached", "linear_probe", **options))
     plain_losses = [plain.train_epoch()["loss"] for plain.epoch in range(3)]
     runs = [cached.train_epoch()]
 
@@ -136,6 +138,23 @@ def test_feature_cache_is_faster_and_keeps_the_loss_trajectory(
     cache, cached.cache = cached.cache, None
     assert again == cached.evaluate()[0]  # the same metrics as without the cache
     cached.cache = cache
+
+
+def test_cached_taps_come_from_onnx_runtime_on_the_cpu(digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)  # the graph is exported to ./.cache/onnx, where a server started here finds it
+    trainer = Trainer(_config(digits, tmp_path / "run", "cst", cache_features="memory"))
+    assert isinstance(trainer.extractor, OnnxRuntime) and trainer.extractor.provider == "CPUExecutionProvider"
+    assert list((tmp_path / ".cache" / "onnx").glob("*.onnx"))
+    images, names = torch.stack([trainer.train_set[i].image for i in range(4)]), trainer.model.required_taps()
+    with torch.no_grad():
+        eager = trainer.backbone(images, names)
+    onnx = trainer.extractor(images, names)
+    assert all(torch.allclose(onnx[n], eager[n], atol=1e-4) for n in names)
+    losses = [trainer.train_epoch()["loss"] for trainer.epoch in range(2)]
+    assert trainer.cache is not None and trainer.cache.stats()["hits"] == len(trainer.train_set)
+    in_torch = Trainer(_config(digits, tmp_path / "torch", "cst", cache_features="memory", feature_runtime="torch"))
+    assert in_torch.extractor is in_torch.backbone
+    assert [in_torch.train_epoch()["loss"] for in_torch.epoch in range(2)] == pytest.approx(losses, rel=1e-3)
 
 
 def test_resume_continues_exactly(digits: Path, tmp_path: Path):

@@ -57,6 +57,9 @@ class TrainConfig(BaseModel):
     head: dict[str, Any] = Field(default_factory=dict, description="head options, e.g. {name = 'light'}")
     cache_features: Literal["none", "memory", "disk"] = Field("none", description="reuse backbone taps")
     cache_bytes: int = Field(2 << 30, ge=0, description="byte budget of the feature cache")
+    feature_runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="runs the backbone for --cache-features (auto: onnx on the CPU, as the server does)"
+    )
     eval_score_thresh: float = Field(0.05, ge=0, le=1)
     resume: bool = Field(False, description="continue from OUT/state")
     progress: bool = Field(True, description="show a progress bar")

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from models.backbones.base import FrozenBackbone
-
 log = logging.getLogger(__name__)
+
+TapFn = Callable[[Tensor, list[str]], dict[str, Tensor]]
 
 
 class FeatureCache:
@@ -76,10 +76,9 @@ class FeatureCache:
         return all(i in self._memory or i in self._on_disk for i in indices)
 
     @torch.no_grad()
-    def taps(
-        self, backbone: FrozenBackbone, images: Tensor, indices: list[int], names: list[str]
-    ) -> dict[str, Tensor]:
-        """``{tap: [B, C, h, w]}`` for a batch, from the cache where possible, else from ``backbone``."""
+    def taps(self, backbone: TapFn, images: Tensor, indices: list[int], names: list[str]) -> dict[str, Tensor]:
+        """``{tap: [B, C, h, w]}`` for a batch, from the cache where possible, else from ``backbone``
+        (the frozen backbone, or a runtime of it: anything called as ``backbone(images, names)``)."""
         cached = [self._get(i) for i in indices]
         missing = [k for k, c in enumerate(cached) if c is None]
         self.hits += len(indices) - len(missing)
