@@ -2,10 +2,12 @@
 
 The trainer caches both splits: validation images are never augmented, and training images are
 the same every epoch only with augmentation ``none``; the config refuses other combinations.
-``memory`` keeps the taps as computed (losses and predictions are then exactly the uncached
-ones); ``disk`` writes them as fp16 safetensors. Both stay within one byte budget: images past it
-are recomputed each epoch rather than cached. Once every image of a split is cached and the tuner
-reads no pixels, the trainer stops decoding that split's images (``RememberedSamples``).
+``memory`` keeps the taps as computed; ``disk`` writes them as fp16 safetensors. Both stay within
+one byte budget: images past it are recomputed each epoch rather than cached. The taps come from
+what the trainer passes in: on the CPU by default the backbone in ONNX Runtime (within 1e-4 of
+torch), or the torch backbone itself, whose cached taps give exactly the uncached losses and
+predictions. Once every image of a split is cached and the tuner reads no pixels, the trainer
+stops decoding that split's images (``RememberedSamples``).
 """
 
 from __future__ import annotations
