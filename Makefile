@@ -10,8 +10,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install browser test test-slow lint bench bench-gpu bench-methods serve clean
 
-# pip compiles every installed module to bytecode on one core (about 50 s of a 120 s install);
-# compileall does the same on every core afterwards. Like pip, it leaves the few files written
+# pip compiles every installed module to bytecode on one core, a large part of the install;
+# compileall does the same on every core afterwards (README: first start). Like pip, it leaves the few files written
 # for another Python version (torch's py312 test helpers) uncompiled.
 PIP_INSTALL := $(PY) -m pip install -q --no-compile
 COMPILE     := $(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true

@@ -306,7 +306,8 @@ def compose(
 
 
 def _write_png(pixels: np.ndarray, path: Path) -> None:
-    """``[H, W, 3]`` uint8 as PNG at zlib level 3: within 2% of level 6's size, in a quarter of its time."""
+    """``[H, W, 3]`` uint8 as PNG at zlib level 3: files a few percent larger than the default level 6
+    makes (4 to 6% on the demo datasets), written several times faster; the pixels are the same."""
     Image.fromarray(pixels).save(path, format="PNG", optimize=False, compress_level=3)
 
 

@@ -110,8 +110,6 @@ class Trainer:
         transform = ImageTransform(self.backbone.preprocess)
         self.train_set = DetectionDataset(self.train_data, transform, config.augmentation)
         self.val_set = DetectionDataset(self.val_data, transform, "none")
-        self.remembered = {split: RememberedSamples(len(data.records)) for split, data in
-                           (("train", self.train_data), ("val", self.val_data))}  # fmt: skip
         self.model = build_task_model(
             config.method, config.tuner, self.backbone, self.train_data.classes, config.head
         ).to(self.device)
@@ -119,10 +117,16 @@ class Trainer:
             self.model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         self.memory = TrainingMemory(self.model, self.backbone)
-        self.cache, self.extractor = None, None
+        self.cache: FeatureCache | None = None
+        self.extractor: TapFn = self.backbone  # what fills the cache (see _feature_extractor)
+        # labels kept as batches pass, for the epochs that need no pixels (see _samples); empty when none can
+        self.remembered: dict[str, RememberedSamples] = {}
         if config.cache_features != "none":
             self.cache = FeatureCache(config.cache_features, config.cache_bytes, config.out / "feature-cache")
             self.extractor = self._feature_extractor()
+            if not self.model.tuner.needs_images:
+                self.remembered = {"train": RememberedSamples(len(self.train_set)),
+                                   "val": RememberedSamples(len(self.val_set))}  # fmt: skip
         self.epoch, self.step, self.best_ap, self.history = 0, 0, -1.0, []
         self.logger = build_logger(config.logger, config.out)
         self.total_steps = config.epochs * math.ceil(len(self.train_set) / config.batch_size)
@@ -132,10 +136,16 @@ class Trainer:
         taps of every image in it and the tuner reads no pixels: later epochs then decode nothing.
         Both give the same batches in the same order, so losses and predictions do not change."""
         dataset = self.train_set if split == "train" else self.val_set
-        remembered, first = self.remembered[split], 0 if split == "train" else len(self.train_set)
-        if self.cache is None or self.model.tuner.needs_images or not remembered.complete:
+        remembered, first = self.remembered.get(split), 0 if split == "train" else len(self.train_set)
+        if self.cache is None or remembered is None or not remembered.complete:
             return dataset
         return remembered if self.cache.holds(range(first, first + len(dataset))) else dataset
+
+    def _remember(self, split: str, images: torch.Tensor, targets: list, metas: list, indices: list[int]) -> None:
+        """Keeps a batch's labels for :meth:`_samples` until every image of ``split`` has passed once."""
+        remembered = self.remembered.get(split)
+        if remembered is not None and not remembered.complete:
+            remembered.remember(images, targets, metas, indices)
 
     def _loader(self, split: str, shuffle: bool, epoch: int = 0) -> DataLoader:
         generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
@@ -156,7 +166,7 @@ class Trainer:
         loader = self._loader("train", shuffle=True, epoch=self.epoch)
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", disable=not self.config.progress)
         for images, targets, metas, indices in bar:
-            self.remembered["train"].remember(images, targets, metas, indices)
+            self._remember("train", images, targets, metas, indices)
             lr = lr_at(self.config, self.step, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -183,7 +193,7 @@ class Trainer:
     def _cached_taps(self, images: torch.Tensor, keys: list[int]) -> dict[str, torch.Tensor] | None:
         """Taps from the feature cache with ``--cache-features`` (side tuners), else ``None``: the
         model then runs the backbone itself. Keys: training indices, then validation ones after them."""
-        if self.cache is None or self.extractor is None:
+        if self.cache is None:
             return None
         return self.cache.taps(self.extractor, images, keys, self.model.required_taps())
 
@@ -208,7 +218,7 @@ class Trainer:
         post = PostprocessConfig(score_thresh=self.config.eval_score_thresh)
         predictions = []
         for images, targets, metas, indices in self._loader("val", shuffle=False):
-            self.remembered["val"].remember(images, targets, metas, indices)
+            self._remember("val", images, targets, metas, indices)
             images = images.to(self.device)
             shared = self._cached_taps(images, [len(self.train_set) + i for i in indices])
             predictions += [d.to("cpu") for d in self.model.predict(self.backbone, images, metas, post, shared)]
