@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import shutil
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from tuners.trainer.report import median_seconds
 
-__all__ = ["median_seconds", "paired_median_seconds"]
+__all__ = ["median_seconds", "paired_median_seconds", "scratch"]
+
+
+@contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A temporary folder for a benchmark's artifacts, stores, ONNX graphs and server logs (up to a
+    GB). Removed when the run ends; kept, and its path printed, when the run fails, for the logs."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    except BaseException:
+        print(f"kept {work} (server logs inside)", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def paired_median_seconds(

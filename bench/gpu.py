@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from bench.common import scratch
 from models import FrozenBackbone, PreprocessSpec, build_backbone
 from models.postprocess import PostprocessConfig
 from models.runtime import build_runtime
@@ -103,28 +103,28 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench.gpu needs a CUDA device; torch sees none")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    cache = Path(tempfile.mkdtemp(prefix="sidecar-gpu-"))
-    spec = PreprocessSpec(size=320)
-    models = {
-        "mobilenet_v2 (offline ImageNet weights)": build_backbone(
-            "mobilenet_v2", allow_download=False, preprocess=spec
-        ),
-        "resnet50 (RANDOM weights)": build_backbone("resnet50", weights="random", preprocess=spec),
-    }
-    print(f"\n| backbone, batch {args.batch}, 320 px | runtime | images/s | vs torch fp32 |\n|---|---|---|---|")
-    for name, backbone in models.items():
-        figures = throughput(backbone.cuda(), args.batch, args.repeats, cache)
-        for runtime, ips in figures.items():
-            print(f"| {name} | {runtime} | {ips:.0f} | {ips / figures['torch fp32']:.2f} |", flush=True)
-    mobilenet = models["mobilenet_v2 (offline ImageNet weights)"]
-    print(
-        f"\nGPU time in kernels, mobilenet_v2 fp16 + CUDA graphs, batch {args.batch}: "
-        f"{kernel_fraction(mobilenet, args.batch):.2f} of wall time"
-    )
-    times = fan_out(mobilenet, args.repeats)
-    print("\n| K cst tasks, one image, stacked, fp16 | 1 | 2 | 4 | 8 |\n|---|---|---|---|---|")
-    print("| ms (executor, batch 1) | " + " | ".join(f"{times[k] * 1e3:.2f}" for k in (1, 2, 4, 8)) + " |")
-    print(f"\nfan-out 8 / 1: {times[8] / times[1]:.2f}")
+    with scratch("sidecar-gpu-") as cache:
+        spec = PreprocessSpec(size=320)
+        models = {
+            "mobilenet_v2 (offline ImageNet weights)": build_backbone(
+                "mobilenet_v2", allow_download=False, preprocess=spec
+            ),
+            "resnet50 (RANDOM weights)": build_backbone("resnet50", weights="random", preprocess=spec),
+        }
+        print(f"\n| backbone, batch {args.batch}, 320 px | runtime | images/s | vs torch fp32 |\n|---|---|---|---|")
+        for name, backbone in models.items():
+            figures = throughput(backbone.cuda(), args.batch, args.repeats, cache)
+            for runtime, ips in figures.items():
+                print(f"| {name} | {runtime} | {ips:.0f} | {ips / figures['torch fp32']:.2f} |", flush=True)
+        mobilenet = models["mobilenet_v2 (offline ImageNet weights)"]
+        print(
+            f"\nGPU time in kernels, mobilenet_v2 fp16 + CUDA graphs, batch {args.batch}: "
+            f"{kernel_fraction(mobilenet, args.batch):.2f} of wall time"
+        )
+        times = fan_out(mobilenet, args.repeats)
+        print("\n| K cst tasks, one image, stacked, fp16 | 1 | 2 | 4 | 8 |\n|---|---|---|---|---|")
+        print("| ms (executor, batch 1) | " + " | ".join(f"{times[k] * 1e3:.2f}" for k in (1, 2, 4, 8)) + " |")
+        print(f"\nfan-out 8 / 1: {times[8] / times[1]:.2f}")
 
 
 if __name__ == "__main__":

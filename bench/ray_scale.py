@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.common import scratch
 from bench.load import LoadResult, Server, closed_loop, free_port, jpeg
 from bench.serve_load import POST, make_tasks, upload, wait_compiled
 from models import PreprocessSpec, build_backbone
@@ -84,8 +86,8 @@ def on_ray(replicas: int, tasks: list[Path], image: bytes, args: argparse.Namesp
     from server.scale.ray_app import APP, OFFLINE_ENV, build_app
 
     os.environ.update(OFFLINE_ENV)
-    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="sdb-", dir="/tmp"),
-             log_to_driver=False, namespace="sidecar-bench")  # fmt: skip
+    ray_dir = tempfile.mkdtemp(prefix="sdb-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=ray_dir, log_to_driver=False, namespace="sidecar-bench")
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -100,6 +102,7 @@ def on_ray(replicas: int, tasks: list[Path], image: bytes, args: argparse.Namesp
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def single_process(tasks: list[Path], image: bytes, args: argparse.Namespace, work: Path) -> dict:
@@ -119,23 +122,25 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="sidecar-ray-bench-"))
-    backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
-    tasks, image = make_tasks(backbone, args.tasks, "cst", work / "artifacts"), jpeg()
-    runs = {
-        "one process": single_process(tasks, image, args, work),
-        "Ray, 1 replica": on_ray(1, tasks, image, args, work),
-        "Ray, 2 replicas": on_ray(2, tasks, image, args, work),
-    }
-    print(f"\n| server | load (C={args.clients}) | req/s | p50 ms | p99 ms | cold loads per task | PUT p50 ms |")
-    print("|---|---|---|---|---|---|---|")
-    for name, run in runs.items():
-        for label, (r, cold) in run["loads"].items():
-            timed = f"{r.rps:.1f} | {r.quantile(0.5) * 1e3:.0f} | {r.quantile(0.99) * 1e3:.0f}" if r else "- | - | -"
-            print(f"| {name} | {label} | {timed} | {cold:.2f} | {run['put_ms']:.0f} |")
-    for label in ("single task", f"fan-out K={K}"):
-        one, two = runs["Ray, 1 replica"]["loads"][label][0].rps, runs["Ray, 2 replicas"]["loads"][label][0].rps
-        print(f"- {label}: 2 replicas / 1 replica = {two / one:.2f} (at most 2.0, and less on 2 cores)")
+    with scratch("sidecar-ray-bench-") as work:
+        backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
+        tasks, image = make_tasks(backbone, args.tasks, "cst", work / "artifacts"), jpeg()
+        runs = {
+            "one process": single_process(tasks, image, args, work),
+            "Ray, 1 replica": on_ray(1, tasks, image, args, work),
+            "Ray, 2 replicas": on_ray(2, tasks, image, args, work),
+        }
+        print(f"\n| server | load (C={args.clients}) | req/s | p50 ms | p99 ms | cold loads per task | PUT p50 ms |")
+        print("|---|---|---|---|---|---|---|")
+        for name, run in runs.items():
+            for label, (r, cold) in run["loads"].items():
+                timed = (
+                    f"{r.rps:.1f} | {r.quantile(0.5) * 1e3:.0f} | {r.quantile(0.99) * 1e3:.0f}" if r else "- | - | -"
+                )
+                print(f"| {name} | {label} | {timed} | {cold:.2f} | {run['put_ms']:.0f} |")
+        for label in ("single task", f"fan-out K={K}"):
+            one, two = runs["Ray, 1 replica"]["loads"][label][0].rps, runs["Ray, 2 replicas"]["loads"][label][0].rps
+            print(f"- {label}: 2 replicas / 1 replica = {two / one:.2f} (at most 2.0, and less on 2 cores)")
 
 
 if __name__ == "__main__":

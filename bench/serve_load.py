@@ -28,13 +28,13 @@ import argparse
 import json
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import torch
 
+from bench.common import scratch
 from bench.load import LoadResult, Server, closed_loop, histogram_count, histogram_quantile, jpeg
 from models import FrozenBackbone, PreprocessSpec, build_backbone
 from models.runtime import build_runtime
@@ -178,27 +178,27 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    work = Path(tempfile.mkdtemp(prefix="sidecar-load-"))
-    backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
-    tasks = make_tasks(backbone, args.tasks, "cst", work / "artifacts")
-    b1_ms, ips8 = backbone_only(backbone, work / "onnx")
-    print(f"backbone alone (ORT, stage taps): {b1_ms:.2f} ms at batch 1, {ips8:.1f} images/s at batch 8")
-    image = jpeg()
-    runs = {"this checkout": run_server(work / "store", tasks, image, args, None)}
-    if args.compare_to is not None:
-        runs[str(args.compare_to)] = run_server(work / "store-old", tasks, image, args, args.compare_to)
-    for name, run in runs.items():
-        report(name, run, b1_ms, ips8, args.clients, args.tasks)
-    if args.json:
-        figures = {
-            name: {
-                label: {"rps": r.rps, "p50": r.quantile(0.5), "p99": r.quantile(0.99)}
-                for label, r in run["loads"].items()
+    with scratch("sidecar-load-") as work:
+        backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
+        tasks = make_tasks(backbone, args.tasks, "cst", work / "artifacts")
+        b1_ms, ips8 = backbone_only(backbone, work / "onnx")
+        print(f"backbone alone (ORT, stage taps): {b1_ms:.2f} ms at batch 1, {ips8:.1f} images/s at batch 8")
+        image = jpeg()
+        runs = {"this checkout": run_server(work / "store", tasks, image, args, None)}
+        if args.compare_to is not None:
+            runs[str(args.compare_to)] = run_server(work / "store-old", tasks, image, args, args.compare_to)
+        for name, run in runs.items():
+            report(name, run, b1_ms, ips8, args.clients, args.tasks)
+        if args.json:
+            figures = {
+                name: {
+                    label: {"rps": r.rps, "p50": r.quantile(0.5), "p99": r.quantile(0.99)}
+                    for label, r in run["loads"].items()
+                }
+                | {"cold_ms": run["cold_ms"]}
+                for name, run in runs.items()
             }
-            | {"cold_ms": run["cold_ms"]}
-            for name, run in runs.items()
-        }
-        args.json.write_text(json.dumps({"backbone_ms": b1_ms, "backbone_ips8": ips8, "runs": figures}, indent=2))
+            args.json.write_text(json.dumps({"backbone_ms": b1_ms, "backbone_ips8": ips8, "runs": figures}, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ Run: ``.venv/bin/python -m bench.soak`` (10,000 cycles, about 6 minutes on 2 cor
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from bench.common import scratch
 from bench.load import Server, histogram_count, jpeg
 from bench.serve_load import make_tasks, upload
 from models import PreprocessSpec, build_backbone
@@ -39,36 +39,37 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=10_000)
     parser.add_argument("--every", type=int, default=500, help="cycles between RSS samples")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="sidecar-soak-"))
-    backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
-    tasks = make_tasks(backbone, 10, "cst", work / "artifacts")
-    budget = 3 * 2 * (tasks[0] / WEIGHTS).stat().st_size  # three tasks (a compiled one counts twice)
-    flags = ["--device-cache-bytes", str(budget), "--host-cache-bytes", "0"]
-    image, ids = jpeg(), [f"t{i}" for i in range(len(tasks))]
-    samples: list[tuple[int, float]] = []
-    with Server(work / "store", flags) as server, httpx.Client(base_url=server.url, timeout=60) as http:
-        for task_id, folder in zip(ids, tasks):
-            upload(server.url, task_id, folder)
-        start = time.perf_counter()
-        print("| cycles | RSS MiB | cold loads | seconds |\n|---|---|---|---|", flush=True)
-        for cycle in range(args.cycles + 1):
-            if cycle % args.every == 0:
-                loads = histogram_count(http.get("/metrics").text, "sidecar_cold_load_seconds")
-                samples.append((cycle, rss_mib(server.process.pid)))
-                print(
-                    f"| {cycle} | {samples[-1][1]:.1f} | {loads:.0f} | {time.perf_counter() - start:.0f} |", flush=True
-                )
-            names = f"{ids[cycle % 10]},{ids[(cycle + 5) % 10]}" if cycle % 10 == 9 else ids[cycle % 10]
-            response = http.post("/v1/detect", params={"tasks": names, "score_threshold": "0.3"}, content=image,
-                                 headers={"content-type": "image/jpeg"})  # fmt: skip
-            response.raise_for_status()
-    cycles, rss = np.array([c for c, _ in samples[1:]]), np.array([r for _, r in samples[1:]])
-    slope = np.polyfit(cycles, rss, 1)[0] * 1000
-    residual = np.std(rss - np.polyval(np.polyfit(cycles, rss, 1), cycles))
-    print(
-        f"\nRSS growth: {slope:+.3f} MiB per 1,000 cycles (least squares over samples {cycles[0]}..{cycles[-1]}; "
-        f"residual std {residual:.2f} MiB; first sample {samples[0][1]:.1f} MiB, last {samples[-1][1]:.1f} MiB)"
-    )
+    with scratch("sidecar-soak-") as work:
+        backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
+        tasks = make_tasks(backbone, 10, "cst", work / "artifacts")
+        budget = 3 * 2 * (tasks[0] / WEIGHTS).stat().st_size  # three tasks (a compiled one counts twice)
+        flags = ["--device-cache-bytes", str(budget), "--host-cache-bytes", "0"]
+        image, ids = jpeg(), [f"t{i}" for i in range(len(tasks))]
+        samples: list[tuple[int, float]] = []
+        with Server(work / "store", flags) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+            for task_id, folder in zip(ids, tasks):
+                upload(server.url, task_id, folder)
+            start = time.perf_counter()
+            print("| cycles | RSS MiB | cold loads | seconds |\n|---|---|---|---|", flush=True)
+            for cycle in range(args.cycles + 1):
+                if cycle % args.every == 0:
+                    loads = histogram_count(http.get("/metrics").text, "sidecar_cold_load_seconds")
+                    samples.append((cycle, rss_mib(server.process.pid)))
+                    print(
+                        f"| {cycle} | {samples[-1][1]:.1f} | {loads:.0f} | {time.perf_counter() - start:.0f} |",
+                        flush=True,
+                    )
+                names = f"{ids[cycle % 10]},{ids[(cycle + 5) % 10]}" if cycle % 10 == 9 else ids[cycle % 10]
+                response = http.post("/v1/detect", params={"tasks": names, "score_threshold": "0.3"}, content=image,
+                                     headers={"content-type": "image/jpeg"})  # fmt: skip
+                response.raise_for_status()
+        cycles, rss = np.array([c for c, _ in samples[1:]]), np.array([r for _, r in samples[1:]])
+        slope = np.polyfit(cycles, rss, 1)[0] * 1000
+        residual = np.std(rss - np.polyval(np.polyfit(cycles, rss, 1), cycles))
+        print(
+            f"\nRSS growth: {slope:+.3f} MiB per 1,000 cycles (least squares over samples {cycles[0]}..{cycles[-1]}; "
+            f"residual std {residual:.2f} MiB; first sample {samples[0][1]:.1f} MiB, last {samples[-1][1]:.1f} MiB)"
+        )
 
 
 if __name__ == "__main__":
