@@ -1,4 +1,4 @@
-"""Dynamic batching with backpressure.
+"""Dynamic batching with backpressure, and a two-stage pipeline behind it.
 
 Requests wait in a bounded queue; when it is full, :meth:`Batcher.submit` raises ``Overloaded``
 (503 with Retry-After) at once. One collector task takes the first waiting request and every
@@ -7,8 +7,13 @@ the last batch ran. If none was queued behind the first, the server is idle and 
 once. If others were, and ``window_s`` is set, it gathers more for up to ``window_s``. The
 default window is 0, as Triton's ``max_queue_delay_microseconds``: on a CPU a batch of 8 costs
 per image what 8 batches of one do, so waiting only idles the executor (``docs/BENCHMARKS.md``).
-The executor runs on a single worker thread, so no GPU or CPU-heavy work runs on the event loop;
-requests that arrive while it runs form the next batch.
+
+A batch runs in two stages, each on a worker thread of its own, so no GPU or CPU-heavy work runs
+on the event loop: :meth:`Executor.prepare` (the shared backbone pass) and
+:meth:`Executor.finish` (every task's tuner and head, and postprocessing). While one batch is in
+its second stage, the next is gathered and runs its first, as in a pipelined ensemble: the cores
+the heads leave idle (small graphs, NMS, Python) go to the next backbone pass. At most one batch
+waits for or runs its second stage, so the queue, not the pipeline, holds the backlog.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from server.exceptions import Overloaded
-from server.executor import BatchResult, Executor, WorkItem
+from server.executor import Executor, Prepared, WorkItem
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -38,8 +43,10 @@ class Batcher:
         self.engine, self.metrics = engine, metrics
         self.max_batch, self.window_s = max_batch, window_s
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._first = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-backbone")
+        self._second = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-tasks")
         self._task: asyncio.Task | None = None
+        self._finishing: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._collect(), name="batcher")
@@ -48,7 +55,9 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        await asyncio.gather(*self._finishing, return_exceptions=True)
+        self._first.shutdown(wait=True)
+        self._second.shutdown(wait=True)
 
     async def submit(self, item: WorkItem) -> tuple[dict, int]:
         """Queues one image; returns (task id -> detections, backbone passes of its batch)."""
@@ -82,6 +91,7 @@ class Batcher:
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
+        slot = asyncio.Semaphore(1)  # one batch in its second stage while the next runs its first
         while True:
             batch = await self._gather()
             self.metrics.queue_depth.set(self.queue.qsize())
@@ -89,15 +99,30 @@ class Batcher:
             for p in batch:
                 self.metrics.stage_seconds.labels(stage="queue").observe(now - p.queued_at)
             try:
-                result: BatchResult = await loop.run_in_executor(
-                    self._executor, self.engine.run, [p.item for p in batch]
-                )
+                prepared = await loop.run_in_executor(self._first, self.engine.prepare, [p.item for p in batch])
             except Exception as e:  # noqa: BLE001  (delivered to each waiting request)
-                log.exception("engine failed on a batch of %d", len(batch))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+                self._fail(batch, e)
                 continue
-            for p, detections in zip(batch, result.detections):
-                if not p.future.done():
-                    p.future.set_result((detections, result.backbone_passes))
+            await slot.acquire()
+            finishing = asyncio.create_task(self._finish(batch, prepared, slot))
+            self._finishing.add(finishing)
+            finishing.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, batch: list[_Pending], prepared: Prepared, slot: asyncio.Semaphore) -> None:
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._second, self.engine.finish, prepared)
+        except Exception as e:  # noqa: BLE001  (as in _collect)
+            self._fail(batch, e)
+            return
+        finally:
+            slot.release()
+        for p, detections in zip(batch, result.detections):
+            if not p.future.done():
+                p.future.set_result((detections, result.backbone_passes))
+
+    @staticmethod
+    def _fail(batch: list[_Pending], error: Exception) -> None:
+        log.error("engine failed on a batch of %d", len(batch), exc_info=error)
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(error)

@@ -1,9 +1,10 @@
 """The Engine service: one call per detect request, no HTTP.
 
 ``Engine.detect(image bytes, task ids, options)`` decodes the image onto the canvas with limits (off
-the event loop and the executor's thread), leases every task from the tuner cache (cold ones load
+the event loop and the executor's threads), leases every task from the tuner cache (cold ones load
 together, off the request path), queues the work in the batcher (which runs the
-:class:`~server.executor.Executor` on its own thread), releases the leases and records metrics.
+:class:`~server.executor.Executor`'s two stages on two threads of its own), releases the leases and
+records metrics.
 FastAPI routes and the Ray Serve replicas wrap the same object.
 """
 
@@ -128,7 +129,7 @@ class Engine:
     def _decode(self, data: bytes, keyed: bool) -> tuple[Tensor, ImageMeta, str]:
         """The image's float ``[3, S, S]`` canvas, its meta, and its feature-cache key when ``keyed``.
         Decoding, resizing, normalising and hashing are CPU work, so they run here, on a thread of
-        their own per request: off the event loop and off the executor's thread."""
+        their own per request: off the event loop and off the executor's threads."""
         limits, transform = self.limits, self.executor.transform
         image, meta = load_image(data, transform, limits.max_image_bytes, limits.max_image_pixels)
         return transform.canvas(image), meta, content_hash(data) if keyed else ""

@@ -6,7 +6,10 @@ answers); each side task's tuner and head run once on the rows that asked for it
 ONNX Runtime when the task has a compiled graph, else in torch); inline tasks run grouped by
 task, each on its own backbone pass. Every side result of the batch is then postprocessed in one
 call (:func:`models.postprocess.finish`). Boxes come back in original-image pixels.
-Runs on the batcher's worker thread, never on the event loop.
+
+A batch runs in two stages, :meth:`Executor.prepare` (canvases and the shared pass) and
+:meth:`Executor.finish` (tasks and postprocess), so that the batcher can run one batch's tasks
+while the next batch's backbone pass runs, on two threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -81,6 +84,18 @@ class RowTaps:
 
 
 @dataclass
+class Prepared:
+    """A batch after its first stage: canvases ``[B, 3, S, S]`` on the device, each row's resize
+    record, the shared taps of the rows that have side tasks, and the images the backbone ran on."""
+
+    items: list[WorkItem]
+    canvases: Tensor
+    metas: list[ImageMeta]
+    side_rows: dict[int, RowTaps]
+    passes: int
+
+
+@dataclass
 class BatchResult:
     detections: list[dict[str, Detections | TaskFailure]]  # per item: task id -> detections (original pixels)
     backbone_passes: int  # images that went through the shared backbone pass in this batch
@@ -145,15 +160,31 @@ class Executor:
         self.transform = ImageTransform(backbone.preprocess)
         self.backbone_image_passes = 0  # the counter behind invariant 4
         # Inline tuners swap per-task tensors into the shared backbone for their own pass
-        # (functional_call), so every forward on it, the upload dry-run included, holds this lock.
+        # (functional_call), so every forward on it holds this lock: the shared pass, inline
+        # predictions and the upload dry-run. The two stages of a batch may run on two threads.
         self.lock = threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
     def run(self, items: list[WorkItem]) -> BatchResult:
-        with self.lock, torch.inference_mode():
-            return self._run(items)
+        """Both stages of a batch, one after the other (the batcher runs them on two threads)."""
+        return self.finish(self.prepare(items))
+
+    def prepare(self, items: list[WorkItem]) -> Prepared:
+        """Stage 1: the canvases and the shared backbone pass (or the feature cache's taps)."""
+        with torch.inference_mode():
+            start = time.perf_counter()
+            ready = [(i.image, i.meta) if i.meta is not None else self.transform.one(i.image) for i in items]
+            canvases = torch.stack([canvas for canvas, _ in ready]).to(self.device)
+            self.metrics.stage_seconds.labels(stage="preprocess").observe(time.perf_counter() - start)
+            side_rows, passes = self._shared_taps(items, canvases)
+        return Prepared(items, canvases, [meta for _, meta in ready], side_rows, passes)
+
+    def finish(self, prepared: Prepared) -> BatchResult:
+        """Stage 2: every task's tuner and head on its rows, then one postprocess for the batch."""
+        with torch.inference_mode():
+            return self._finish(prepared)
 
     def dry_run(self, model: TaskModel) -> None:
         """Upload check: one forward pass of ``model`` (already on this device) on a blank canvas.
@@ -172,13 +203,8 @@ class Executor:
         if bad:
             raise ArtifactError([f"dry-run forward gives NaN or Inf in {', '.join(bad)}"])
 
-    def _run(self, items: list[WorkItem]) -> BatchResult:
-        start = time.perf_counter()
-        ready = [(i.image, i.meta) if i.meta is not None else self.transform.one(i.image) for i in items]
-        canvases = torch.stack([canvas for canvas, _ in ready]).to(self.device)
-        metas = [meta for _, meta in ready]
-        self.metrics.stage_seconds.labels(stage="preprocess").observe(time.perf_counter() - start)
-        side_rows, passes = self._shared_taps(items, canvases)
+    def _finish(self, prepared: Prepared) -> BatchResult:
+        items, canvases, metas, side_rows = prepared.items, prepared.canvases, prepared.metas, prepared.side_rows
         start = time.perf_counter()
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         for row, item in enumerate(items):
@@ -211,7 +237,7 @@ class Executor:
             det.boxes = ImageTransform.boxes_to_original(det.boxes, metas[r])
             results[r][task_id] = det.to("cpu")
         self.metrics.stage_seconds.labels(stage="tuner_head").observe(time.perf_counter() - start)
-        return BatchResult(results, passes)
+        return BatchResult(results, prepared.passes)
 
     def _side_outputs(
         self,
@@ -301,7 +327,8 @@ class Executor:
             by_post[items[r].post].append(r)
         for post, same in by_post.items():
             try:
-                found = model.predict(self.backbone, canvases[same], [metas[r] for r in same], post)
+                with self.lock:
+                    found = model.predict(self.backbone, canvases[same], [metas[r] for r in same], post)
                 if not all(torch.isfinite(d.boxes).all() and torch.isfinite(d.scores).all() for d in found):
                     raise FloatingPointError("its detections hold NaN or Inf")
             except Exception as e:  # noqa: BLE001  (as in guarded)
@@ -334,7 +361,8 @@ class Executor:
                 missing.append(row)
         if missing:
             start = time.perf_counter()
-            computed = self.runtime(canvases if len(missing) == len(items) else canvases[missing], taps)
+            with self.lock:
+                computed = self.runtime(canvases if len(missing) == len(items) else canvases[missing], taps)
             self.metrics.stage_seconds.labels(stage="backbone").observe(time.perf_counter() - start)
             self.backbone_image_passes += len(missing)
             self.metrics.backbone_image_passes.inc(len(missing))

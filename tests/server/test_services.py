@@ -21,7 +21,7 @@ from server.api.routes import tasks as task_routes
 from server.batcher import Batcher
 from server.config import Settings
 from server.exceptions import TooManyTasks, UnknownTask
-from server.executor import BatchResult, Executor, RowTaps, WorkItem
+from server.executor import BatchResult, Executor, Prepared, RowTaps, WorkItem
 from server.imaging import decode_image
 from server.metrics import Metrics
 from server.services import build_services
@@ -243,8 +243,11 @@ def test_a_task_reads_its_rows_of_the_batch_taps_without_a_copy():
 
 def test_an_idle_batcher_does_not_wait_out_its_window():
     class Instant:
-        def run(self, items: list[WorkItem]) -> BatchResult:
-            return BatchResult([{} for _ in items], len(items))
+        def prepare(self, items: list[WorkItem]) -> Prepared:
+            return Prepared(items, torch.zeros(0), [], {}, len(items))
+
+        def finish(self, prepared: Prepared) -> BatchResult:
+            return BatchResult([{} for _ in prepared.items], prepared.passes)
 
     async def run() -> float:
         batcher = Batcher(Instant(), Metrics(), max_batch=8, window_s=2.0, max_queue=8)  # type: ignore[arg-type]
@@ -263,10 +266,13 @@ def test_a_loaded_batcher_batches_what_queued_while_the_last_batch_ran():
     sizes: list[int] = []
 
     class Slow:
-        def run(self, items: list[WorkItem]) -> BatchResult:
+        def prepare(self, items: list[WorkItem]) -> Prepared:
             sizes.append(len(items))
             time.sleep(0.05)
-            return BatchResult([{} for _ in items], len(items))
+            return Prepared(items, torch.zeros(0), [], {}, len(items))
+
+        def finish(self, prepared: Prepared) -> BatchResult:
+            return BatchResult([{} for _ in prepared.items], prepared.passes)
 
     async def run() -> None:
         batcher = Batcher(Slow(), Metrics(), max_batch=8, window_s=0.0, max_queue=16)  # type: ignore[arg-type]
