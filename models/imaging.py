@@ -54,8 +54,8 @@ def decode_reduced(data: bytes, longest: int, max_pixels: int | None = None) -> 
     Other formats, and JPEGs smaller than four times the target, decode in full.
 
     Returns:
-        the image, uint8 ``[3, h, w]`` RGB, upright, at full or reduced scale; and the upright
-        ``(H, W)`` of the full image, which boxes map back to.
+        the image, uint8 ``[3, h, w]`` RGB (a channels-last view, see :func:`_pixels`), upright, at
+        full or reduced scale; and the upright ``(H, W)`` of the full image, which boxes map back to.
 
     Raises:
         ImageDecodeError: as :func:`decode`.
@@ -67,7 +67,7 @@ def decode_reduced(data: bytes, longest: int, max_pixels: int | None = None) -> 
         if image.format in ("JPEG", "MPO"):
             scale = REDUCED_MARGIN * longest / max(width, height)
             image.draft(None, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
-    return _pixels(image), (size[1], size[0])
+    return _pixels(image, contiguous=False), (size[1], size[0])
 
 
 def _open(data: bytes, max_pixels: int | None) -> Image.Image:
@@ -86,12 +86,19 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     return image
 
 
-def _pixels(image: Image.Image) -> torch.Tensor:
-    """Decodes the pixels of an opened image: uint8 ``[3, H, W]`` RGB, EXIF orientation applied."""
+def _pixels(image: Image.Image, contiguous: bool = True) -> torch.Tensor:
+    """Decodes the pixels of an opened image: uint8 ``[3, H, W]`` RGB, EXIF orientation applied.
+
+    With ``contiguous=False`` the tensor is a ``[3, H, W]`` view of the decoded ``[H, W, 3]`` pixels
+    (channels-last strides), one copy fewer: torchvision's antialiased uint8 resize works in that
+    layout, so it is faster on it and gives the same bytes (``tests/models/test_imaging.py``).
+    """
     with _decode_errors():
         image.load()
-    rgb = ImageOps.exif_transpose(image).convert("RGB")
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+    ImageOps.exif_transpose(image, in_place=True)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    chw = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+    return chw.contiguous() if contiguous else chw
 
 
 @contextmanager

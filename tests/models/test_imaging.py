@@ -53,6 +53,26 @@ def test_other_formats_and_small_jpegs_decode_in_full(size: tuple[int, int], fmt
     assert full_size == (size[1], size[0]) and torch.equal(reduced, decode(data))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("size", "orientation"), [((512, 512), 1), ((640, 480), 6), ((37, 1200), 3), ((1200, 900), 8)]
+)
+def test_the_channels_last_decode_resizes_to_the_same_bytes(
+    size: tuple[int, int], orientation: int, threads: int
+) -> None:
+    """The request path resizes a channels-last view of the decoded pixels; the bytes are those of a
+    contiguous image, so tasks see what they were trained on, whatever the thread count."""
+    data, previous = encoded(size, orientation=orientation), torch.get_num_threads()
+    reduced, full_size = decode_reduced(data, 640)  # no DCT scaling: the same pixels as decode
+    assert not reduced.is_contiguous() and torch.equal(reduced, decode(data)) and decode(data).is_contiguous()
+    transform = ImageTransform(PreprocessSpec(size=320))
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(transform.resize(reduced, full_size)[0], transform.resize(reduced.contiguous())[0])
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_the_reduced_path_refuses_what_decode_refuses() -> None:
     with pytest.raises(ImageDecodeError) as e:
         decode_reduced(encoded((1600, 1200)), 320, max_pixels=1_000_000)
