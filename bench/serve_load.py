@@ -15,7 +15,12 @@ does, so untrained heads do not flood NMS). Closed loops of C clients send a JPE
   drawing uniformly, so most requests load their task from the store.
 
 Every figure is also printed as a ratio: throughput against the backbone alone (ORT, batch 8,
-images/s), the cost of one more fan-out task against one backbone pass (batch 1).
+images/s), the cost of one more fan-out task against one backbone pass (batch 1). The backbone
+alone is measured in this process just before and just after each server's throughput load (the
+server idle), and the ratios use the mean of the two. This machine's speed drifts by a fifth
+within minutes: measured once at the start of each run, as before, the same server's 47.2 and
+47.8 req/s in two runs were 0.42 and 0.59 of the backbone alone (``docs/BENCHMARKS.md``, fifth
+stop).
 ``--compare-to DIR`` runs the same loads against the server in another checkout (a git worktree
 of an older commit), with that checkout's defaults.
 
@@ -55,23 +60,30 @@ def make_tasks(backbone: FrozenBackbone, n: int, method: str, out: Path) -> list
     return folders
 
 
-def backbone_only(backbone: FrozenBackbone, cache: Path, repeats: int = 30) -> tuple[float, float]:
-    """(ms per batch-1 pass, images/s at batch 8): ONNX Runtime, the taps ``cst`` reads."""
-    runtime = build_runtime(backbone, "onnx", "cpu", taps=list(backbone.stage_taps), cache_dir=cache)
-    taps = list(backbone.stage_taps)
+class BackboneAlone:
+    """The backbone alone in ONNX Runtime, with the taps ``cst`` reads: :meth:`measure` gives (ms per
+    batch-1 pass, images/s at batch 8). The server loads are bracketed by measurements of it, so a
+    ratio does not take a drift of the machine between the two for the server's doing."""
 
-    def median(batch: int) -> float:
+    def __init__(self, backbone: FrozenBackbone, cache: Path, repeats: int = 30) -> None:
+        self.taps, self.repeats = list(backbone.stage_taps), repeats
+        self.runtime = build_runtime(backbone, "onnx", "cpu", taps=self.taps, cache_dir=cache)
+        self.runs: list[tuple[float, float]] = []
+
+    def measure(self) -> tuple[float, float]:
+        self.runs.append((self._median(1) * 1e3, 8 / self._median(8)))
+        return self.runs[-1]
+
+    def _median(self, batch: int) -> float:
         x = torch.randn(batch, 3, 320, 320)
         for _ in range(3):
-            runtime(x, taps)
+            self.runtime(x, self.taps)
         times = []
-        for _ in range(repeats):
+        for _ in range(self.repeats):
             start = time.perf_counter()
-            runtime(x, taps)
+            self.runtime(x, self.taps)
             times.append(time.perf_counter() - start)
         return statistics.median(times)
-
-    return median(1) * 1e3, 8 / median(8)
 
 
 def upload(url: str, task_id: str, folder: Path) -> None:
@@ -106,14 +118,26 @@ def uniform(ids: list[str], image: bytes):  # noqa: ANN201
 
 
 def hot_loads(
-    url: str, ids: list[str], image: bytes, clients: int, seconds: float, only_throughput: bool = False
+    url: str,
+    ids: list[str],
+    image: bytes,
+    clients: int,
+    seconds: float,
+    only_throughput: bool = False,
+    alone: BackboneAlone | None = None,
 ) -> dict[str, LoadResult]:
+    """The loads on a server whose tasks are resident; ``alone`` is measured just before and just
+    after the throughput load (one task, ``clients`` clients)."""
     out = {}
     with httpx.Client(base_url=url, timeout=120) as http:
         for task_id in ids:  # warm: each task resident (and compiled) before timing
             detect([task_id], image)(http, random.Random(0))
     wait_compiled(url)
+    if alone is not None:
+        alone.measure()
     out[f"one task, C={clients}"] = closed_loop(url, clients, seconds, detect(ids[:1], image))
+    if alone is not None:
+        alone.measure()
     if only_throughput:
         return out
     out["one task, C=1"] = closed_loop(url, 1, seconds, detect(ids[:1], image))
@@ -125,12 +149,15 @@ def hot_loads(
     return out
 
 
-def run_server(store: Path, tasks: list[Path], image: bytes, args: argparse.Namespace, cwd: Path | None) -> dict:
+def run_server(
+    store: Path, tasks: list[Path], image: bytes, args: argparse.Namespace, cwd: Path | None, alone: BackboneAlone
+) -> dict:
     ids = [f"t{i}" for i in range(len(tasks))]
     with Server(store, cwd=cwd) as server:
         for task_id, folder in zip(ids, tasks):
             upload(server.url, task_id, folder)
-        results = hot_loads(server.url, ids, image, args.clients, args.seconds)
+        results = hot_loads(server.url, ids, image, args.clients, args.seconds, alone=alone)
+        around = alone.runs[-2:]
     if cwd is None:  # the default batch window (none) against a 5 ms one, this checkout only
         with Server(store.with_name(store.name + "-window"), ["--batch-window-ms", "5"]) as server:
             upload(server.url, ids[0], tasks[0])
@@ -144,12 +171,20 @@ def run_server(store: Path, tasks: list[Path], image: bytes, args: argparse.Name
         results["cold loads"] = closed_loop(server.url, args.clients, args.seconds, uniform(cold_ids, image))
         metrics = httpx.get(f"{server.url}/metrics").text
     cold = {q: histogram_quantile(metrics, "sidecar_cold_load_seconds", q) * 1e3 for q in (0.5, 0.99)}
-    return {"loads": results, "cold_ms": cold, "cold_count": histogram_count(metrics, "sidecar_cold_load_seconds")}
+    count = histogram_count(metrics, "sidecar_cold_load_seconds")
+    return {"loads": results, "cold_ms": cold, "cold_count": count, "alone": around}
 
 
-def report(name: str, run: dict, b1_ms: float, ips8: float, clients: int, n: int) -> None:
+def report(name: str, run: dict, clients: int, n: int) -> None:
     loads: dict[str, LoadResult] = run["loads"]
+    (b1_before, ips8_before), (b1_after, ips8_after) = run["alone"]
+    b1_ms, ips8 = (b1_before + b1_after) / 2, (ips8_before + ips8_after) / 2
     print(f"\n### {name}\n")
+    print(
+        f"backbone alone (ORT, stage taps), just before and just after the one-task C={clients} load: "
+        f"{b1_before:.2f} and {b1_after:.2f} ms at batch 1, {ips8_before:.1f} and {ips8_after:.1f} images/s "
+        f"at batch 8; the ratios below use the means, {b1_ms:.2f} ms and {ips8:.1f} images/s\n"
+    )
     print("| load | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
     for label, r in loads.items():
         print(f"| {label} | {r.rps:.1f} | {r.quantile(0.5) * 1e3:.1f} | {r.quantile(0.99) * 1e3:.1f} | {r.errors} |")
@@ -181,24 +216,22 @@ def main() -> None:
     with scratch("sidecar-load-") as work:
         backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
         tasks = make_tasks(backbone, args.tasks, "cst", work / "artifacts")
-        b1_ms, ips8 = backbone_only(backbone, work / "onnx")
-        print(f"backbone alone (ORT, stage taps): {b1_ms:.2f} ms at batch 1, {ips8:.1f} images/s at batch 8")
-        image = jpeg()
-        runs = {"this checkout": run_server(work / "store", tasks, image, args, None)}
+        alone, image = BackboneAlone(backbone, work / "onnx"), jpeg()
+        runs = {"this checkout": run_server(work / "store", tasks, image, args, None, alone)}
         if args.compare_to is not None:
-            runs[str(args.compare_to)] = run_server(work / "store-old", tasks, image, args, args.compare_to)
+            runs[str(args.compare_to)] = run_server(work / "store-old", tasks, image, args, args.compare_to, alone)
         for name, run in runs.items():
-            report(name, run, b1_ms, ips8, args.clients, args.tasks)
+            report(name, run, args.clients, args.tasks)
         if args.json:
             figures = {
                 name: {
                     label: {"rps": r.rps, "p50": r.quantile(0.5), "p99": r.quantile(0.99)}
                     for label, r in run["loads"].items()
                 }
-                | {"cold_ms": run["cold_ms"]}
+                | {"cold_ms": run["cold_ms"], "backbone_alone_ms_ips8": run["alone"]}
                 for name, run in runs.items()
             }
-            args.json.write_text(json.dumps({"backbone_ms": b1_ms, "backbone_ips8": ips8, "runs": figures}, indent=2))
+            args.json.write_text(json.dumps({"runs": figures}, indent=2))
 
 
 if __name__ == "__main__":
