@@ -4,27 +4,32 @@ The server runs in a subprocess on loopback with its default settings (ONNX Runt
 compiled task graphs), the real offline mobilenet_v2 at 320 px, and N untrained ``cst`` tasks
 (timing does not depend on the weights; requests use ``score_threshold=0.3``, as the demo page
 does, so untrained heads do not flood NMS). Closed loops of C clients send a JPEG photo
-(scikit-image's astronaut, 512 x 512):
+(scikit-image's astronaut, 512 x 512), each load for ``--seconds``.
 
-- one task: C=1 (latency) and C=clients (throughput), and C=clients with the same photo at
-  4032 x 3024 (a phone camera's 12 MP), where decoding and resizing weigh more than the backbone;
-- N tasks, each request naming one drawn uniformly;
-- fan-out: one request naming K = 1, 2, 4, 8 tasks (C=1);
-- one task at C=clients again on a server with a 5 ms batch window (the default has none);
-- cold loads under load: a server whose budget holds 4 of 20 tasks (no host tier), C=clients
-  drawing uniformly, so most requests load their task from the store.
+The loads behind the engine issue's ratios run in ``--rounds`` rounds, and each ratio is computed
+within a round, then the median over rounds is printed with every round's value. A round is: the
+backbone alone; one task at C=clients; the backbone alone again; N tasks, each request naming one
+drawn uniformly; one request naming K = 1 and then K = 8 tasks (C=1). This machine's speed drifts
+by a fifth within minutes, so a ratio of loads minutes apart measures the drift as much as the
+server: measured once at the start of a run, as before, the same server's 47.2 and 47.8 req/s in
+two runs were 0.42 and 0.59 of the backbone alone (``docs/BENCHMARKS.md``, fifth stop).
 
-Every figure is also printed as a ratio: throughput against the backbone alone (ORT, batch 8,
-images/s), the cost of one more fan-out task against one backbone pass (batch 1). The backbone
-alone is measured in this process just before and just after each server's throughput load (the
-server idle), and the ratios use the mean of the two. This machine's speed drifts by a fifth
-within minutes: measured once at the start of each run, as before, the same server's 47.2 and
-47.8 req/s in two runs were 0.42 and 0.59 of the backbone alone (``docs/BENCHMARKS.md``, fifth
-stop).
+- throughput: one task at C=clients against the backbone alone (ORT, batch 8, images/s, the mean
+  of the measurements just before and just after it, taken in this process with the server idle);
+- N tasks uniformly against one task;
+- fan-out: p50 latency at K=8 against K=1; one more task: their difference over 7, in ms and in
+  backbone passes (batch 1, the mean of the round's two measurements).
+
+Once each: one task at C=1 (latency), one task at C=clients with the same photo at 4032 x 3024
+(a phone camera's 12 MP, where decoding and resizing weigh more than the backbone), fan-out
+K = 2 and 4; one task at C=clients on a server with a 5 ms batch window (the default has none);
+cold loads under load: a server whose budget holds 4 of 20 tasks (no host tier), C=clients drawing
+uniformly, so most requests load their task from the store.
+
 ``--compare-to DIR`` runs the same loads against the server in another checkout (a git worktree
 of an older commit), with that checkout's defaults.
 
-Run: ``.venv/bin/python -m bench.serve_load`` (about 4 minutes on 2 cores).
+Run: ``.venv/bin/python -m bench.serve_load`` (about 5 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import json
 import random
 import statistics
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import httpx
@@ -117,85 +123,101 @@ def uniform(ids: list[str], image: bytes):  # noqa: ANN201
     )
 
 
-def hot_loads(
-    url: str,
-    ids: list[str],
-    image: bytes,
-    clients: int,
-    seconds: float,
-    only_throughput: bool = False,
-    alone: BackboneAlone | None = None,
-) -> dict[str, LoadResult]:
-    """The loads on a server whose tasks are resident; ``alone`` is measured just before and just
-    after the throughput load (one task, ``clients`` clients)."""
-    out = {}
+def merged(results: list[LoadResult]) -> LoadResult:
+    """The rounds of one load as one result: their requests, seconds, latencies and errors together."""
+    latencies = [t for r in results for t in r.latencies]
+    return LoadResult(sum(r.requests for r in results), sum(r.seconds for r in results), latencies,
+                      sum(r.errors for r in results))  # fmt: skip
+
+
+def warm(url: str, ids: list[str], image: bytes) -> None:
+    """Each task resident (and compiled) before anything is timed."""
     with httpx.Client(base_url=url, timeout=120) as http:
-        for task_id in ids:  # warm: each task resident (and compiled) before timing
+        for task_id in ids:
             detect([task_id], image)(http, random.Random(0))
     wait_compiled(url)
-    if alone is not None:
-        alone.measure()
-    out[f"one task, C={clients}"] = closed_loop(url, clients, seconds, detect(ids[:1], image))
-    if alone is not None:
-        alone.measure()
-    if only_throughput:
-        return out
-    out["one task, C=1"] = closed_loop(url, 1, seconds, detect(ids[:1], image))
-    phone = jpeg(size=PHONE)
-    out[f"one task, 12 MP photo, C={clients}"] = closed_loop(url, clients, seconds, detect(ids[:1], phone))
-    out[f"{len(ids)} tasks uniformly, C={clients}"] = closed_loop(url, clients, seconds, uniform(ids, image))
-    for k in (1, 2, 4, 8):
-        out[f"fan-out K={k}, C=1"] = closed_loop(url, 1, seconds, detect(ids[:k], image))
-    return out
+
+
+def target_rounds(
+    url: str, ids: list[str], image: bytes, args: argparse.Namespace, alone: BackboneAlone
+) -> tuple[dict[str, list[LoadResult]], dict[str, list[float]]]:
+    """The loads behind the issue's ratios, in ``args.rounds`` rounds, each ratio from loads of one
+    round: the backbone alone, one task at C=clients, the backbone alone again, N tasks uniformly,
+    then K=1 and K=8 fan-out at C=1. Returns each load's rounds and each ratio's rounds."""
+    c, n, seconds = args.clients, len(ids), args.seconds
+    loads: dict[str, list[LoadResult]] = defaultdict(list)
+    ratios: dict[str, list[float]] = defaultdict(list)
+    for _ in range(args.rounds):
+        (b1_before, ips8_before), one = alone.measure(), closed_loop(url, c, seconds, detect(ids[:1], image))
+        b1_after, ips8_after = alone.measure()
+        many = closed_loop(url, c, seconds, uniform(ids, image))
+        fan1, fan8 = (closed_loop(url, 1, seconds, detect(ids[:k], image)) for k in (1, 8))
+        for label, r in ((f"one task, C={c}", one), (f"{n} tasks uniformly, C={c}", many),
+                         ("fan-out K=1, C=1", fan1), ("fan-out K=8, C=1", fan8)):  # fmt: skip
+            loads[label].append(r)
+        pass_ms, p50 = (b1_before + b1_after) / 2, {k: r.quantile(0.5) * 1e3 for k, r in ((1, fan1), (8, fan8))}
+        ratios["throughput"].append(one.rps / ((ips8_before + ips8_after) / 2))
+        ratios["many"].append(many.rps / one.rps)
+        ratios["fan-out"].append(p50[8] / p50[1])
+        ratios["one more task"].append((p50[8] - p50[1]) / 7 / pass_ms)
+        ratios["one more task ms"].append((p50[8] - p50[1]) / 7)
+    return loads, ratios
 
 
 def run_server(
     store: Path, tasks: list[Path], image: bytes, args: argparse.Namespace, cwd: Path | None, alone: BackboneAlone
 ) -> dict:
-    ids = [f"t{i}" for i in range(len(tasks))]
+    ids, c, seconds = [f"t{i}" for i in range(len(tasks))], args.clients, args.seconds
     with Server(store, cwd=cwd) as server:
         for task_id, folder in zip(ids, tasks):
             upload(server.url, task_id, folder)
-        results = hot_loads(server.url, ids, image, args.clients, args.seconds, alone=alone)
-        around = alone.runs[-2:]
+        warm(server.url, ids, image)
+        rounds, ratios = target_rounds(server.url, ids, image, args, alone)
+        results = {label: merged(runs) for label, runs in rounds.items()}
+        results["one task, C=1"] = closed_loop(server.url, 1, seconds, detect(ids[:1], image))
+        phone = closed_loop(server.url, c, seconds, detect(ids[:1], jpeg(size=PHONE)))
+        results[f"one task, 12 MP photo, C={c}"] = phone
+        for k in (2, 4):
+            results[f"fan-out K={k}, C=1"] = closed_loop(server.url, 1, seconds, detect(ids[:k], image))
     if cwd is None:  # the default batch window (none) against a 5 ms one, this checkout only
         with Server(store.with_name(store.name + "-window"), ["--batch-window-ms", "5"]) as server:
             upload(server.url, ids[0], tasks[0])
-            window = hot_loads(server.url, ids[:1], image, args.clients, args.seconds, only_throughput=True)
-        results[f"one task, C={args.clients}, 5 ms batch window"] = window[f"one task, C={args.clients}"]
+            warm(server.url, ids[:1], image)
+            window = merged([closed_loop(server.url, c, seconds, detect(ids[:1], image)) for _ in range(args.rounds)])
+        results[f"one task, C={c}, 5 ms batch window"] = window
     cold_ids, budget = ids[:20], 4 * 2 * (tasks[0] / WEIGHTS).stat().st_size  # 4 compiled cst tasks
     flags = ["--device-cache-bytes", str(budget), "--host-cache-bytes", "0"]
     with Server(store.with_name(store.name + "-cold"), flags, cwd=cwd) as server:
         for task_id, folder in zip(cold_ids, tasks):
             upload(server.url, task_id, folder)
-        results["cold loads"] = closed_loop(server.url, args.clients, args.seconds, uniform(cold_ids, image))
+        results["cold loads"] = closed_loop(server.url, c, seconds, uniform(cold_ids, image))
         metrics = httpx.get(f"{server.url}/metrics").text
     cold = {q: histogram_quantile(metrics, "sidecar_cold_load_seconds", q) * 1e3 for q in (0.5, 0.99)}
     count = histogram_count(metrics, "sidecar_cold_load_seconds")
-    return {"loads": results, "cold_ms": cold, "cold_count": count, "alone": around}
+    return {"loads": results, "ratios": ratios, "cold_ms": cold, "cold_count": count, "alone": alone.runs}
 
 
 def report(name: str, run: dict, clients: int, n: int) -> None:
     loads: dict[str, LoadResult] = run["loads"]
-    (b1_before, ips8_before), (b1_after, ips8_after) = run["alone"]
-    b1_ms, ips8 = (b1_before + b1_after) / 2, (ips8_before + ips8_after) / 2
+    ratios: dict[str, list[float]] = run["ratios"]
     print(f"\n### {name}\n")
-    print(
-        f"backbone alone (ORT, stage taps), just before and just after the one-task C={clients} load: "
-        f"{b1_before:.2f} and {b1_after:.2f} ms at batch 1, {ips8_before:.1f} and {ips8_after:.1f} images/s "
-        f"at batch 8; the ratios below use the means, {b1_ms:.2f} ms and {ips8:.1f} images/s\n"
-    )
     print("| load | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
     for label, r in loads.items():
         print(f"| {label} | {r.rps:.1f} | {r.quantile(0.5) * 1e3:.1f} | {r.quantile(0.99) * 1e3:.1f} | {r.errors} |")
-    fan = {k: loads[f"fan-out K={k}, C=1"].quantile(0.5) * 1e3 for k in (1, 2, 4, 8)}
+    alone = ", ".join(f"{ips8:.1f}" for _, ips8 in run["alone"])
+    print(f"\nBackbone alone (ORT, stage taps, batch 8) around the throughput loads, images/s: {alone}")
+    print(f"Ratios: the median of {len(ratios['throughput'])} rounds [each round's figure]\n")
+
+    def line(label: str, key: str, unit: str = "") -> None:
+        each = ", ".join(f"{v:.2f}" for v in ratios[key])
+        print(f"- {label}: {statistics.median(ratios[key]):.2f}{unit} [{each}]")
+
+    line("fan-out 8 / 1 task (p50 latency)", "fan-out")
+    line("one more task at K=8, ms", "one more task ms", " ms")
+    line("one more task at K=8, backbone passes (batch 1)", "one more task")
+    line(f"throughput, one task, C={clients}, of the backbone alone", "throughput")
+    line(f"{n} tasks uniformly / one task", "many")
     one = loads[f"one task, C={clients}"].rps
-    print(f"\n- fan-out 8 / 1 task (p50 latency): {fan[8] / fan[1]:.2f}")
-    print(
-        f"- one more task at K=8: {(fan[8] - fan[1]) / 7:.2f} ms = {(fan[8] - fan[1]) / 7 / b1_ms:.2f} backbone passes"
-    )
-    print(f"- throughput, one task, C={clients}: {one:.1f} req/s = {one / ips8:.2f} of the backbone alone")
-    print(f"- {n} tasks uniformly / one task: {loads[f'{n} tasks uniformly, C={clients}'].rps / one:.2f}")
     print(f"- 12 MP photo / 512 px photo, one task: {loads[f'one task, 12 MP photo, C={clients}'].rps / one:.2f}")
     window = loads.get(f"one task, C={clients}, 5 ms batch window")
     if window is not None:
@@ -208,7 +230,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per load")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the loads behind the target ratios")
     parser.add_argument("--compare-to", type=Path, default=None, help="another checkout whose server to load too")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -217,9 +240,13 @@ def main() -> None:
         backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
         tasks = make_tasks(backbone, args.tasks, "cst", work / "artifacts")
         alone, image = BackboneAlone(backbone, work / "onnx"), jpeg()
-        runs = {"this checkout": run_server(work / "store", tasks, image, args, None, alone)}
+        checkouts = {"this checkout": (work / "store", None)}
         if args.compare_to is not None:
-            runs[str(args.compare_to)] = run_server(work / "store-old", tasks, image, args, args.compare_to, alone)
+            checkouts[str(args.compare_to)] = (work / "store-old", args.compare_to)
+        runs = {}
+        for name, (store, cwd) in checkouts.items():
+            alone.runs = []
+            runs[name] = run_server(store, tasks, image, args, cwd, alone)
         for name, run in runs.items():
             report(name, run, args.clients, args.tasks)
         if args.json:
@@ -228,7 +255,7 @@ def main() -> None:
                     label: {"rps": r.rps, "p50": r.quantile(0.5), "p99": r.quantile(0.99)}
                     for label, r in run["loads"].items()
                 }
-                | {"cold_ms": run["cold_ms"], "backbone_alone_ms_ips8": run["alone"]}
+                | {"cold_ms": run["cold_ms"], "ratios": run["ratios"], "backbone_alone_ms_ips8": run["alone"]}
                 for name, run in runs.items()
             }
             args.json.write_text(json.dumps({"runs": figures}, indent=2))
