@@ -91,6 +91,16 @@ def open_store(settings: Settings) -> VersionedStore:
     return TaskStore(settings.store_dir, settings.keep_versions)
 
 
+def warm_batches(max_batch: int) -> list[int]:
+    """Batch sizes the runtime runs once before serving: the powers of two below ``max_batch``, and it.
+
+    On CUDA each one captures its CUDA-graph bucket at start, so no capture runs while the engine's
+    second stage and the tuner cache's threads launch work; everywhere, the first batch of each
+    size meets a warm runtime.
+    """
+    return [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
+
+
 def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     """Runtime (warmed up), store (recovered), caches, executor, batcher and the two services."""
     device = resolve_device(settings.device)
@@ -124,7 +134,8 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
         backbone, runtime, metrics, features, StackCache() if stack else None, settings.threads, settings.dtype
     )
     canvas = backbone.preprocess.canvas
-    runtime(torch.zeros(1, 3, canvas, canvas), default_taps)  # warm-up
+    for size in warm_batches(settings.max_batch_size):
+        runtime(torch.zeros(size, 3, canvas, canvas), default_taps)
     batcher = Batcher(executor, metrics, settings.max_batch_size, settings.batch_window_ms / 1e3, settings.max_queue)
     limits = Limits(settings.max_request_bytes, settings.max_image_pixels, settings.max_tasks_per_request)
     engine = Engine(executor, batcher, cache, metrics, limits, runtime_name, settings.quarantine_after_failures)

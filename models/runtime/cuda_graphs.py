@@ -37,7 +37,9 @@ class CudaGraphRuntime:
                 self.eager(static_in, taps)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # "thread_local": other threads (the engine's second stage, the tuner cache's loads) may go on
+        # allocating and synchronising on their own streams while this thread captures on its own.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self.eager(static_in, taps)
         return graph, static_in, static_out
 

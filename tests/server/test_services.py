@@ -24,7 +24,7 @@ from server.exceptions import TooManyTasks, UnknownTask
 from server.executor import BatchResult, Executor, Prepared, RowTaps, WorkItem
 from server.imaging import decode_image
 from server.metrics import Metrics
-from server.services import build_services
+from server.services import build_services, warm_batches
 from server.stacks import StackCache
 from tests.server.conftest import make_artifact, settings
 from tuners.artifact import MANIFEST, WEIGHTS, load_artifact
@@ -328,3 +328,29 @@ def test_cold_loads_reuse_model_objects_and_serve_exactly_what_a_fresh_load_does
 
     asyncio.run(run())
     cache.close()
+
+
+def test_the_runtime_runs_every_batch_bucket_before_serving(tmp_path: Path, backbone, monkeypatch):
+    """On CUDA each size captures a CUDA-graph bucket; no capture may start beside the engine's two
+    stages once serving, so every bucket up to the largest batch is run at start."""
+    import server.services as module
+
+    sizes: list[int] = []
+    real = module.build_runtime
+
+    class Recording:
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def __call__(self, images: torch.Tensor, taps: list[str]) -> dict[str, torch.Tensor]:
+            sizes.append(int(images.shape[0]))
+            return self.inner(images, taps)  # type: ignore[operator]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(module, "build_runtime", lambda *a, **k: Recording(real(*a, **k)))
+    services = build_services(settings(tmp_path / "store", max_batch_size=6), backbone)
+    asyncio.run(services.stop())
+    assert sizes == [1, 2, 4, 6] == warm_batches(6)
+    assert warm_batches(1) == [1] and warm_batches(8) == [1, 2, 4, 8] and warm_batches(9) == [1, 2, 4, 8, 9]
