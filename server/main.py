@@ -8,6 +8,7 @@ through the typed dependencies of ``server.deps``.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import typing
@@ -27,7 +28,7 @@ from server.api.routes import detect, health, tasks
 from server.config import Settings
 from server.errors import install_handlers
 from server.middleware import RequestContext
-from server.services import build_services, load_backbone
+from server.services import build_services, freeze_heap, load_backbone
 from tuners.commands import UsageError, add_common
 from tuners.commands import run as run_command
 
@@ -66,6 +67,7 @@ def create_app(
         else:
             built = build_services(settings, backbone or load_backbone(settings))
         built.start()
+        freeze_heap()
         app.state.services, app.state.metrics = built, built.metrics
         app.state.ready = True
         log_management(settings)
@@ -75,6 +77,7 @@ def create_app(
         finally:
             app.state.ready = False
             await built.stop()
+            gc.unfreeze()  # for a process that serves again (tests); a server exits here
 
     app = FastAPI(
         title="Sidecar",

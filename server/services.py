@@ -6,6 +6,7 @@ The FastAPI app's lifespan and the Ray Serve replicas both call :func:`build_ser
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,20 @@ def open_store(settings: Settings) -> VersionedStore:
     if settings.store_url:
         return ObjectTaskStore(settings.store_url, settings.store_dir, settings.keep_versions)
     return TaskStore(settings.store_dir, settings.keep_versions)
+
+
+def freeze_heap() -> None:
+    """Takes every object alive now (the backbone, the libraries' modules and state) out of the garbage
+    collector's scans (:func:`gc.freeze`); call once the process's services are built.
+
+    A full (oldest-generation) collection otherwise walks all of them and holds the GIL meanwhile. On
+    a loaded 2-core server (20 tasks, 4 resident, 4 clients), each one stalled every thread for 210
+    to 270 ms, and the slowest cold load of each run waited that long; frozen, the same collections
+    took 7 to 11 ms (timed once with ``gc.callbacks``, six runs of 6 s, 2026-11-27). Objects are still
+    freed when their last reference goes; only cycles among them are no longer collected.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def warm_batches(max_batch: int) -> list[int]:

@@ -24,7 +24,7 @@ from ray import serve
 from models.postprocess import PostprocessConfig
 from server.config import Settings
 from server.schemas import BackboneInfo, DetectResponse, TaskInfo, TaskList, TaskVersions
-from server.services import Services, build_services, load_backbone
+from server.services import Services, build_services, freeze_heap, load_backbone
 
 log = logging.getLogger(__name__)
 SYNC_S = 2.0  # the backstop: how often a replica compares its view of the store with the writer's
@@ -34,7 +34,9 @@ def _services(settings: Settings) -> Services:
     import torch
 
     torch.set_num_threads(settings.threads or 1)  # Ray gives fractional-CPU replicas one thread anyway
-    return build_services(settings, load_backbone(settings))
+    services = build_services(settings, load_backbone(settings))
+    freeze_heap()  # a replica is a process of its own
+    return services
 
 
 class EngineReplica:
