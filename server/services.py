@@ -99,7 +99,7 @@ def freeze_heap() -> None:
     A full (oldest-generation) collection otherwise walks all of them and holds the GIL meanwhile. On
     a loaded 2-core server (20 tasks, 4 resident, 4 clients), each one stalled every thread for 210
     to 270 ms, and the slowest cold load of each run waited that long; frozen, the same collections
-    took 7 to 11 ms (timed once with ``gc.callbacks``, six runs of 6 s, 2026-11-27). Objects are still
+    took 7 to 11 ms (timed with ``gc.callbacks``, three 6 s runs each way, 2026-11-27). Objects are still
     freed when their last reference goes; only cycles among them are no longer collected.
     """
     gc.collect()
