@@ -14,16 +14,14 @@ Run: ``.venv/bin/python -m bench.ab_throughput /path/to/old-worktree --rounds 4`
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 from pathlib import Path
 
-import httpx
 import torch
 
 from bench.common import scratch
 from bench.load import Server, closed_loop, jpeg
-from bench.serve_load import BackboneAlone, detect, make_tasks, upload, wait_compiled
+from bench.serve_load import BackboneAlone, detect, make_tasks, upload, warm
 from models import PreprocessSpec, build_backbone
 
 
@@ -31,10 +29,7 @@ def load(store: Path, cwd: Path | None, task: Path, image: bytes, clients: int, 
     """(req/s at C=clients, p50 ms at C=1) of one fresh server of the checkout at ``cwd``."""
     with Server(store, cwd=cwd) as server:
         upload(server.url, "t0", task)
-        with httpx.Client(base_url=server.url, timeout=60) as http:
-            for _ in range(5):
-                detect(["t0"], image)(http, random.Random(0))
-        wait_compiled(server.url)
+        warm(server.url, ["t0"], image)
         closed_loop(server.url, clients, 2, detect(["t0"], image))  # warm-up, not counted
         loaded = closed_loop(server.url, clients, seconds, detect(["t0"], image))
         alone = closed_loop(server.url, 1, seconds / 2, detect(["t0"], image))

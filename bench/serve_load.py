@@ -167,7 +167,7 @@ def target_rounds(
 def run_server(
     store: Path, tasks: list[Path], image: bytes, args: argparse.Namespace, cwd: Path | None, alone: BackboneAlone
 ) -> dict:
-    ids, c, seconds = [f"t{i}" for i in range(len(tasks))], args.clients, args.seconds
+    ids, c, seconds, first = [f"t{i}" for i in range(len(tasks))], args.clients, args.seconds, len(alone.runs)
     with Server(store, cwd=cwd) as server:
         for task_id, folder in zip(ids, tasks):
             upload(server.url, task_id, folder)
@@ -194,7 +194,7 @@ def run_server(
         metrics = httpx.get(f"{server.url}/metrics").text
     cold = {q: histogram_quantile(metrics, "sidecar_cold_load_seconds", q) * 1e3 for q in (0.5, 0.99)}
     count = histogram_count(metrics, "sidecar_cold_load_seconds")
-    return {"loads": results, "ratios": ratios, "cold_ms": cold, "cold_count": count, "alone": alone.runs}
+    return {"loads": results, "ratios": ratios, "cold_ms": cold, "cold_count": count, "alone": alone.runs[first:]}
 
 
 def report(name: str, run: dict, clients: int, n: int) -> None:
@@ -245,7 +245,6 @@ def main() -> None:
             checkouts[str(args.compare_to)] = (work / "store-old", args.compare_to)
         runs = {}
         for name, (store, cwd) in checkouts.items():
-            alone.runs = []
             runs[name] = run_server(store, tasks, image, args, cwd, alone)
         for name, run in runs.items():
             report(name, run, args.clients, args.tasks)

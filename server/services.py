@@ -96,11 +96,10 @@ def freeze_heap() -> None:
     """Takes every object alive now (the backbone, the libraries' modules and state) out of the garbage
     collector's scans (:func:`gc.freeze`); call once the process's services are built.
 
-    A full (oldest-generation) collection otherwise walks all of them and holds the GIL meanwhile. On
-    a loaded 2-core server (20 tasks, 4 resident, 4 clients), each one stalled every thread for 210
-    to 270 ms, and the slowest cold load of each run waited that long; frozen, the same collections
-    took 7 to 11 ms (timed with ``gc.callbacks``, three 6 s runs each way, 2026-11-27). Objects are still
-    freed when their last reference goes; only cycles among them are no longer collected.
+    A full (oldest-generation) collection otherwise walks all of them and holds the GIL meanwhile,
+    stalling every thread: on a loaded server it was the slowest cold load of a run, and the tail of
+    the requests queued behind it (``docs/BENCHMARKS.md``, eighth stop). Objects are still freed
+    when their last reference goes; only cycles among them are no longer collected.
     """
     gc.collect()
     gc.freeze()
