@@ -5,6 +5,7 @@ Reference: Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -82,6 +83,28 @@ def level_points(
         points.append(torch.stack([xs.flatten(), ys.flatten()], 1).float().add(0.5).mul(s))
         point_strides.append(torch.full((h * w,), float(s), device=device))
     return torch.cat(points), torch.cat(point_strides)
+
+
+@functools.lru_cache(maxsize=64)
+def _inference_points(
+    shapes: tuple[tuple[int, int], ...], strides: tuple[int, ...], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    with torch.inference_mode():
+        return level_points(list(shapes), strides, device)
+
+
+def serving_points(
+    shapes: list[tuple[int, int]], strides: tuple[int, ...], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """:func:`level_points`, made once per (shapes, strides, device) when no gradient is recorded.
+
+    A served batch decodes every task's outputs at the same few canvas shapes, so the grids are
+    built once instead of once per task and batch. The cached tensors are inference tensors, read
+    only; with gradients on (training) they are built fresh, since autograd cannot save them.
+    """
+    if torch.is_grad_enabled():
+        return level_points(shapes, strides, device)
+    return _inference_points(tuple(tuple(s) for s in shapes), tuple(strides), device)
 
 
 def _size_ranges(point_strides: Tensor, strides: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -170,7 +193,7 @@ class AnchorFreeHead(DetectionHead):
 
     def candidates(self, outputs: HeadOutputs, configs: list[PostprocessConfig]) -> list[Candidates]:
         cls_logits = outputs.tensors["cls_logits"]
-        points, point_strides = level_points(outputs.level_shapes, self.strides, cls_logits.device)
+        points, point_strides = serving_points(outputs.level_shapes, self.strides, cls_logits.device)
         scores_all = torch.sqrt(cls_logits.sigmoid() * outputs.tensors["bbox_ctrness"].sigmoid())
         results = []
         for scores, reg, config in zip(scores_all, outputs.tensors["bbox_regression"], configs):

@@ -76,3 +76,23 @@ def test_nms_keeps_best_of_overlapping_same_class() -> None:
     boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10]])
     det = nms_and_clip(boxes, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 0, 1]), (64, 64), PostprocessConfig())
     assert det.scores.tolist() == pytest.approx([0.9, 0.7])
+
+
+def test_serving_points_are_built_once_per_shape_and_fresh_under_autograd() -> None:
+    from models.heads.base import level_points, serving_points
+
+    shapes, strides, cpu = [(5, 7), (3, 4), (2, 2)], (8, 16, 32), torch.device("cpu")
+    points, point_strides = level_points(shapes, strides, cpu)
+    with torch.inference_mode():
+        first = serving_points(shapes, strides, cpu)
+        again = serving_points([tuple(s) for s in shapes], strides, cpu)
+        other = serving_points([(6, 7), (3, 4), (2, 2)], strides, cpu)
+    assert torch.equal(first[0], points) and torch.equal(first[1], point_strides)
+    assert again[0] is first[0] and other[0] is not first[0] and other[0].shape[0] == 42 + 12 + 4
+    with torch.no_grad():
+        assert serving_points(shapes, strides, cpu)[0] is first[0]
+    fresh = serving_points(shapes, strides, cpu)  # gradients on: autograd must be able to save them
+    assert fresh[0] is not first[0] and not fresh[0].is_inference()
+    reg = torch.ones(points.shape[0], 4, requires_grad=True)
+    (fresh[0].repeat(1, 2) + reg * fresh[1][:, None]).sum().backward()
+    assert reg.grad is not None and torch.equal(reg.grad[:, 0], point_strides)
