@@ -1,15 +1,16 @@
 """Load on a real ``server-serve`` over HTTP, against the backbone alone measured in the same run.
 
 The server runs in a subprocess on loopback with its default settings (ONNX Runtime on the CPU,
-compiled task graphs), the real offline mobilenet_v2 at 320 px, and N untrained ``cst`` tasks
-(timing does not depend on the weights; requests use ``score_threshold=0.3``, as the demo page
-does, so untrained heads do not flood NMS). Closed loops of C clients send a JPEG photo
-(scikit-image's astronaut, 512 x 512), each load for ``--seconds``.
+compiled task graphs), the real offline mobilenet_v2 at 320 px, N untrained ``cst`` tasks and 8
+untrained ``linear_probe`` tasks (timing does not depend on the weights; requests use
+``score_threshold=0.3``, as the demo page does, so untrained heads do not flood NMS). Closed loops
+of C clients send a JPEG photo (scikit-image's astronaut, 512 x 512), each load for ``--seconds``.
 
 The loads behind the engine issue's ratios run in ``--rounds`` rounds, and each ratio is computed
 within a round, then the median over rounds is printed with every round's value. A round is: the
 backbone alone; one task at C=clients; the backbone alone again; N tasks, each request naming one
-drawn uniformly; one request naming K = 1 and then K = 8 tasks (C=1). This machine's speed drifts
+drawn uniformly; one request naming K = 1 and then K = 8 ``cst`` tasks (C=1), then the same with
+``linear_probe`` tasks, the other method the issue's "one more task" target names. This machine's speed drifts
 by a fifth within minutes, so a ratio of loads minutes apart measures the drift as much as the
 server: measured once at the start of a run, as before, the same server's 47.2 and 47.8 req/s in
 two runs were 0.42 and 0.59 of the backbone alone (``docs/BENCHMARKS.md``, fifth stop).
@@ -18,7 +19,8 @@ two runs were 0.42 and 0.59 of the backbone alone (``docs/BENCHMARKS.md``, fifth
   of the measurements just before and just after it, taken in this process with the server idle);
 - N tasks uniformly against one task;
 - fan-out: p50 latency at K=8 against K=1; one more task: their difference over 7, in ms and in
-  backbone passes (batch 1, the mean of the round's two measurements).
+  backbone passes (batch 1, the mean of the round's two measurements); for ``cst`` and for
+  ``linear_probe``.
 
 Once each: one task at C=1 (latency), one task at C=clients with the same photo at 4032 x 3024
 (a phone camera's 12 MP, where decoding and resizing weigh more than the backbone), fan-out
@@ -29,7 +31,7 @@ uniformly, so most requests load their task from the store.
 ``--compare-to DIR`` runs the same loads against the server in another checkout (a git worktree
 of an older commit), with that checkout's defaults.
 
-Run: ``.venv/bin/python -m bench.serve_load`` (about 5 minutes on 2 cores).
+Run: ``.venv/bin/python -m bench.serve_load`` (about 6 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -139,11 +141,12 @@ def warm(url: str, ids: list[str], image: bytes) -> None:
 
 
 def target_rounds(
-    url: str, ids: list[str], image: bytes, args: argparse.Namespace, alone: BackboneAlone
+    url: str, ids: list[str], probes: list[str], image: bytes, args: argparse.Namespace, alone: BackboneAlone
 ) -> tuple[dict[str, list[LoadResult]], dict[str, list[float]]]:
     """The loads behind the issue's ratios, in ``args.rounds`` rounds, each ratio from loads of one
     round: the backbone alone, one task at C=clients, the backbone alone again, N tasks uniformly,
-    then K=1 and K=8 fan-out at C=1. Returns each load's rounds and each ratio's rounds."""
+    then K=1 and K=8 fan-out at C=1 over the ``cst`` tasks ``ids`` and over the ``linear_probe``
+    tasks ``probes``. Returns each load's rounds and each ratio's rounds."""
     c, n, seconds = args.clients, len(ids), args.seconds
     loads: dict[str, list[LoadResult]] = defaultdict(list)
     ratios: dict[str, list[float]] = defaultdict(list)
@@ -151,34 +154,45 @@ def target_rounds(
         (b1_before, ips8_before), one = alone.measure(), closed_loop(url, c, seconds, detect(ids[:1], image))
         b1_after, ips8_after = alone.measure()
         many = closed_loop(url, c, seconds, uniform(ids, image))
-        fan1, fan8 = (closed_loop(url, 1, seconds, detect(ids[:k], image)) for k in (1, 8))
-        for label, r in ((f"one task, C={c}", one), (f"{n} tasks uniformly, C={c}", many),
-                         ("fan-out K=1, C=1", fan1), ("fan-out K=8, C=1", fan8)):  # fmt: skip
+        for label, r in ((f"one task, C={c}", one), (f"{n} tasks uniformly, C={c}", many)):
             loads[label].append(r)
-        pass_ms, p50 = (b1_before + b1_after) / 2, {k: r.quantile(0.5) * 1e3 for k, r in ((1, fan1), (8, fan8))}
         ratios["throughput"].append(one.rps / ((ips8_before + ips8_after) / 2))
         ratios["many"].append(many.rps / one.rps)
-        ratios["fan-out"].append(p50[8] / p50[1])
-        ratios["one more task"].append((p50[8] - p50[1]) / 7 / pass_ms)
-        ratios["one more task ms"].append((p50[8] - p50[1]) / 7)
+        for method, tasks in (("cst", ids), ("linear_probe", probes)):
+            fan = {k: closed_loop(url, 1, seconds, detect(tasks[:k], image)) for k in (1, 8)}
+            for k, r in fan.items():
+                loads[f"fan-out K={k}, {method}, C=1"].append(r)
+            p50, pass_ms = {k: r.quantile(0.5) * 1e3 for k, r in fan.items()}, (b1_before + b1_after) / 2
+            ratios[f"fan-out {method}"].append(p50[8] / p50[1])
+            ratios[f"one more {method} task"].append((p50[8] - p50[1]) / 7 / pass_ms)
+            ratios[f"one more {method} task ms"].append((p50[8] - p50[1]) / 7)
     return loads, ratios
 
 
 def run_server(
-    store: Path, tasks: list[Path], image: bytes, args: argparse.Namespace, cwd: Path | None, alone: BackboneAlone
+    store: Path,
+    tasks: list[Path],
+    probes: list[Path],
+    image: bytes,
+    args: argparse.Namespace,
+    cwd: Path | None,
+    alone: BackboneAlone,
 ) -> dict:
+    """Every load on a server of checkout ``cwd`` (None: this one) with ``cst`` tasks ``tasks`` and
+    ``linear_probe`` tasks ``probes``, then the batch-window and cold-load servers."""
     ids, c, seconds, first = [f"t{i}" for i in range(len(tasks))], args.clients, args.seconds, len(alone.runs)
+    probe_ids = [f"lp{i}" for i in range(len(probes))]
     with Server(store, cwd=cwd) as server:
-        for task_id, folder in zip(ids, tasks):
+        for task_id, folder in zip(ids + probe_ids, tasks + probes):
             upload(server.url, task_id, folder)
-        warm(server.url, ids, image)
-        rounds, ratios = target_rounds(server.url, ids, image, args, alone)
+        warm(server.url, ids + probe_ids, image)
+        rounds, ratios = target_rounds(server.url, ids, probe_ids, image, args, alone)
         results = {label: merged(runs) for label, runs in rounds.items()}
         results["one task, C=1"] = closed_loop(server.url, 1, seconds, detect(ids[:1], image))
         phone = closed_loop(server.url, c, seconds, detect(ids[:1], jpeg(size=PHONE)))
         results[f"one task, 12 MP photo, C={c}"] = phone
         for k in (2, 4):
-            results[f"fan-out K={k}, C=1"] = closed_loop(server.url, 1, seconds, detect(ids[:k], image))
+            results[f"fan-out K={k}, cst, C=1"] = closed_loop(server.url, 1, seconds, detect(ids[:k], image))
     if cwd is None:  # the default batch window (none) against a 5 ms one, this checkout only
         with Server(store.with_name(store.name + "-window"), ["--batch-window-ms", "5"]) as server:
             upload(server.url, ids[0], tasks[0])
@@ -212,9 +226,10 @@ def report(name: str, run: dict, clients: int, n: int) -> None:
         each = ", ".join(f"{v:.2f}" for v in ratios[key])
         print(f"- {label}: {statistics.median(ratios[key]):.2f}{unit} [{each}]")
 
-    line("fan-out 8 / 1 task (p50 latency)", "fan-out")
-    line("one more task at K=8, ms", "one more task ms", " ms")
-    line("one more task at K=8, backbone passes (batch 1)", "one more task")
+    for method in ("cst", "linear_probe"):
+        line(f"fan-out 8 / 1 {method} task (p50 latency)", f"fan-out {method}")
+        line(f"one more {method} task at K=8, ms", f"one more {method} task ms", " ms")
+        line(f"one more {method} task at K=8, backbone passes (batch 1)", f"one more {method} task")
     line(f"throughput, one task, C={clients}, of the backbone alone", "throughput")
     line(f"{n} tasks uniformly / one task", "many")
     one = loads[f"one task, C={clients}"].rps
@@ -239,13 +254,14 @@ def main() -> None:
     with scratch("sidecar-load-") as work:
         backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
         tasks = make_tasks(backbone, args.tasks, "cst", work / "artifacts")
+        probes = make_tasks(backbone, 8, "linear_probe", work / "artifacts")
         alone, image = BackboneAlone(backbone, work / "onnx"), jpeg()
         checkouts = {"this checkout": (work / "store", None)}
         if args.compare_to is not None:
             checkouts[str(args.compare_to)] = (work / "store-old", args.compare_to)
         runs = {}
         for name, (store, cwd) in checkouts.items():
-            runs[name] = run_server(store, tasks, image, args, cwd, alone)
+            runs[name] = run_server(store, tasks, probes, image, args, cwd, alone)
         for name, run in runs.items():
             report(name, run, args.clients, args.tasks)
         if args.json:
