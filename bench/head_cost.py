@@ -1,7 +1,9 @@
-"""Cost of each head per task, as a fraction of one mobilenet_v2 pass (same run, same input); and
-each side method's arithmetic (tuner + default light head, multiply-accumulates counted by
-``torch.utils.flop_counter``) as a fraction of the pass's, which no engine can go under on a
-machine whose cores are already busy: the floor under "one more task" in the fan-out figures.
+"""Cost of each head per task, as a fraction of one mobilenet_v2 pass (same run, same input); each
+side method's arithmetic (tuner + default light head, multiply-accumulates counted by
+``torch.utils.flop_counter``) as a fraction of the pass's; and the time of ``linear_probe`` and
+``cst`` compiled graphs as the server runs them (ONNX Runtime, one thread each, 8 distinct tasks on
+2 worker threads) against the ONNX Runtime pass at batch 1: the floor under "one more task" in the
+fan-out figures, before any of the engine's own per-task work (decoding, NMS, the response).
 
 Usage: .venv/bin/python -m bench.head_cost [--size 320] [--threads 2]
 """
@@ -9,12 +11,15 @@ Usage: .venv/bin/python -m bench.head_cost [--size 320] [--threads 2]
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from bench.common import median_seconds
+from bench.common import median_seconds, paired_median_seconds, scratch
 from models import build_backbone, build_head
+from models.runtime import build_runtime
 from tuners import TUNERS, build_task_model
+from tuners.compiled import CompiledTask
 
 
 def macs(fn) -> int:  # noqa: ANN001  (any callable)
@@ -42,6 +47,30 @@ def side_task_arithmetic(backbone, x: torch.Tensor) -> None:  # noqa: ANN001  (a
             maps = backbone(x, model.required_taps())
         n = macs(lambda m=model, t=maps: m.head_outputs(t, x if m.tuner.needs_images else None))
         print(f"| {method} | {n / 1e9:.3f} | {n / base:.3f} |")
+
+
+def compiled_graphs(backbone, x: torch.Tensor, repeats: int) -> None:  # noqa: ANN001  (a FrozenBackbone)
+    """Prints one compiled graph alone, and 8 graphs of distinct tasks on 2 worker threads (per graph),
+    each timed alternately with the ONNX Runtime backbone pass (batch 1, 2 threads)."""
+    taps = list(backbone.stage_taps)
+    with scratch("sidecar-head-cost-") as work, ThreadPoolExecutor(2) as pool, torch.inference_mode():
+        runtime = build_runtime(backbone, "onnx", "cpu", taps=taps, cache_dir=work)
+        maps = runtime(x, taps)
+        print("\n| method | one graph, ms | of the ORT pass | 8 graphs on 2 threads, ms per graph | of the ORT pass |")
+        print("|---|---|---|---|---|")
+        for method in ("linear_probe", "cst"):
+            graphs = []
+            for i in range(8):
+                torch.manual_seed(i)
+                model = build_task_model(method, {}, backbone, [f"c{j}" for j in range(10)]).eval()
+                graphs.append(CompiledTask(model, backbone, work / f"{method}{i}.onnx", "cpu", threads=1))
+            one, pass_one = paired_median_seconds(lambda g=graphs[0]: g(maps), lambda: runtime(x, taps), repeats)
+            eight, pass_eight = paired_median_seconds(
+                lambda g=graphs: list(pool.map(lambda graph: graph(maps), g)), lambda: runtime(x, taps), repeats
+            )
+            print(f"| {method} | {one * 1e3:.2f} | {one / pass_one:.3f} | {eight / 8 * 1e3:.2f} | "
+                  f"{eight / 8 / pass_eight:.3f} |")  # fmt: skip
+        print(f"ONNX Runtime backbone pass, batch 1, 2 threads: {pass_eight * 1e3:.2f} ms (last median)")
 
 
 def main() -> None:
@@ -73,6 +102,7 @@ def main() -> None:
         t = median_seconds(lambda head=head: head(maps), args.repeats)
         print(f"| {name} | {options or 'default'} | {params / 1e6:.2f}M | {t * 1e3:.2f} | {t / base:.3f} |")
     side_task_arithmetic(backbone, x)
+    compiled_graphs(backbone, x, args.repeats)
 
 
 if __name__ == "__main__":
