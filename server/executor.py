@@ -15,6 +15,7 @@ while the next batch's backbone pass runs, on two threads, never on the event lo
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -118,8 +119,15 @@ def guarded(run: Callable[[], HeadOutputs]) -> Outcome:
     except Exception as e:  # noqa: BLE001  (user weights may fail in any way; one task's failure stays its own)
         log.exception("a task failed on a batch")
         return TaskFailure(f"{type(e).__name__}: {e}")
-    bad = [k for k, v in out.tensors.items() if not torch.isfinite(v).all()]
+    bad = [k for k, v in out.tensors.items() if not all_finite(v)]
     return TaskFailure(f"its head produced NaN or Inf in {', '.join(bad)}") if bad else out
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every element of ``x`` is finite, from one float64 sum: NaN and Inf carry through a
+    sum (Inf - Inf is NaN) and float64 cannot overflow on float32 or float16 values. About a fifth
+    of the cost of ``isfinite().all()``, which is paid for every task of every batch."""
+    return math.isfinite(x.sum(dtype=torch.float64))
 
 
 def _slices(n: int, chunks: int) -> list[slice]:

@@ -4,6 +4,7 @@ after repeated failures; SIGTERM lets in-flight requests finish and exits 0."""
 from __future__ import annotations
 
 import io
+import math
 import signal
 import threading
 import time
@@ -16,7 +17,7 @@ from PIL import Image
 
 from clients import SidecarClient, SidecarError
 from models.runtime import build_runtime
-from server.executor import Executor, TaskFailure, WorkItem
+from server.executor import Executor, TaskFailure, WorkItem, all_finite
 from server.imaging import decode_image
 from server.main import create_app
 from server.metrics import Metrics
@@ -48,6 +49,18 @@ def test_a_failing_task_fails_alone_in_its_batch(tmp_path: Path, backbone, artif
     alone = executor.run([WorkItem(image, "x", {"good": good, "inline": inline})]).detections[0]
     for name in ("good", "inline"):
         assert torch.equal(out[name].labels, alone[name].labels) and len(out[name]) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_finds_every_nan_and_inf_and_nothing_else(dtype: torch.dtype) -> None:
+    big = torch.finfo(dtype).max
+    assert all_finite(torch.full((3, 2100, 10), big, dtype=dtype))  # a float64 sum does not overflow
+    assert all_finite(torch.tensor([big, -big, 0.0], dtype=dtype)) and all_finite(torch.zeros(0, dtype=dtype))
+    for bad in (math.nan, math.inf, -math.inf):
+        x = torch.randn(2, 2100, 4).to(dtype)
+        x[1, 1234, 2] = bad
+        assert not all_finite(x)
+    assert not all_finite(torch.tensor([math.inf, -math.inf], dtype=dtype))  # cancelling infinities
 
 
 def test_a_task_failing_at_inference_gets_task_failed_and_is_quarantined(
