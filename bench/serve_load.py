@@ -10,9 +10,9 @@ The loads behind the engine issue's ratios run in ``--rounds`` rounds, and each 
 within a round, then the median over rounds is printed with every round's value. A round is: the
 backbone alone; one task at C=clients; the backbone alone again; N tasks, each request naming one
 drawn uniformly; one request naming K = 1 and then K = 8 ``cst`` tasks (C=1), then the same with
-``linear_probe`` tasks, the other method the issue's "one more task" target names. This machine's speed drifts
-by a fifth within minutes, so a ratio of loads minutes apart measures the drift as much as the
-server: measured once at the start of a run, as before, the same server's 47.2 and 47.8 req/s in
+``linear_probe`` tasks, the other method the issue's "one more task" target names. This machine's
+speed drifts by a fifth within minutes, so a ratio of loads minutes apart measures the drift as
+much as the server: measured once at the start of a run, as before, the same server's 47.2 and 47.8 req/s in
 two runs were 0.42 and 0.59 of the backbone alone (``docs/BENCHMARKS.md``, fifth stop).
 
 - throughput: one task at C=clients against the backbone alone (ORT, batch 8, images/s, the mean
@@ -158,11 +158,12 @@ def target_rounds(
             loads[label].append(r)
         ratios["throughput"].append(one.rps / ((ips8_before + ips8_after) / 2))
         ratios["many"].append(many.rps / one.rps)
+        pass_ms = (b1_before + b1_after) / 2
         for method, tasks in (("cst", ids), ("linear_probe", probes)):
             fan = {k: closed_loop(url, 1, seconds, detect(tasks[:k], image)) for k in (1, 8)}
             for k, r in fan.items():
                 loads[f"fan-out K={k}, {method}, C=1"].append(r)
-            p50, pass_ms = {k: r.quantile(0.5) * 1e3 for k, r in fan.items()}, (b1_before + b1_after) / 2
+            p50 = {k: r.quantile(0.5) * 1e3 for k, r in fan.items()}
             ratios[f"fan-out {method}"].append(p50[8] / p50[1])
             ratios[f"one more {method} task"].append((p50[8] - p50[1]) / 7 / pass_ms)
             ratios[f"one more {method} task ms"].append((p50[8] - p50[1]) / 7)

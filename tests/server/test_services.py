@@ -360,8 +360,8 @@ def test_the_runtime_runs_every_batch_bucket_before_serving(tmp_path: Path, back
 
 
 def test_a_serving_process_takes_its_startup_heap_out_of_full_collections(tmp_path: Path, backbone):
-    """A full collection walking the backbone and the libraries' objects held the GIL for 210 to 270 ms
-    on a loaded server; frozen after start-up (gc.freeze), it does not walk them."""
+    """A full collection walking the backbone and the libraries' objects holds the GIL and stalls every
+    thread of a loaded server; frozen after start-up (gc.freeze), it does not walk them."""
     with LiveServer(create_app(settings(tmp_path / "store"), backbone=backbone)) as live:
         assert httpx.get(f"{live.url}/readyz").status_code == 200
         frozen = gc.get_freeze_count()
