@@ -77,7 +77,7 @@ def finish(
         sets = [candidates[i] for i in members]
         boxes = torch.cat([clip_boxes_to_image(c.boxes, canvas) for c in sets])
         scores, labels = torch.cat([c.scores for c in sets]), torch.cat([c.labels for c in sets])
-        owner = torch.cat([torch.full((len(c.scores),), j, dtype=torch.long) for j, c in enumerate(sets)])
+        owner = torch.cat([torch.full_like(c.labels, j, dtype=torch.long) for j, c in enumerate(sets)])  # their device
         span = int(labels.max()) + 1 if labels.numel() else 1
         keep = batched_nms(boxes.double(), scores.double(), labels + owner * span, thresh)
         kept_owner = owner[keep]
