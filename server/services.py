@@ -16,7 +16,7 @@ import torch
 from models import build_backbone
 from models.backbones.base import FrozenBackbone
 from models.runtime import build_runtime
-from models.runtime.torch import default_runtime, resolve_device
+from models.runtime.torch import default_runtime, resolve_device, set_float32_precision
 from models.transform import PreprocessSpec
 from server.batcher import Batcher
 from server.config import Settings
@@ -118,6 +118,8 @@ def warm_batches(max_batch: int) -> list[int]:
 def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     """Runtime (warmed up), store (recovered), caches, executor, batcher and the two services."""
     device = resolve_device(settings.device)
+    if device.type == "cuda":
+        set_float32_precision(settings.dtype)
     backbone = backbone.to(device)
     runtime_name = default_runtime(device) if settings.runtime == "auto" else settings.runtime
     metrics = Metrics()

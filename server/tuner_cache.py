@@ -47,10 +47,10 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def to_host(model: torch.nn.Module) -> None:
-    """Moves ``model`` to host memory, page-locked when a GPU will read it back (non-blocking copies)."""
+def to_host(model: torch.nn.Module, pin: bool) -> None:
+    """Moves ``model`` to host memory, page-locked when ``pin`` (a GPU reads it back with non-blocking copies)."""
     model.to("cpu")
-    if torch.cuda.is_available():
+    if pin:
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.pin_memory()
 
@@ -334,7 +334,7 @@ class TunerCache:
             del entries[victim.key]
             self.metrics.cache_events.labels(tier=tier, event="eviction").inc()
             if tier == "device" and self.budgets["host"] >= victim.nbytes and not victim.stale:
-                to_host(victim.model)
+                to_host(victim.model, pin=self.device.type == "cuda")
                 self._make_room("host", victim.nbytes)
                 self.tiers["host"][victim.key] = victim
             else:

@@ -170,8 +170,9 @@ class OnnxRuntime:
             return found[1]
 
     def __call__(self, images: Tensor, taps: Collection[str]) -> dict[str, Tensor]:
-        """``[B, 3, S, S]`` canvas batch -> ``{tap: [B, C, h, w]}`` float32 on the CPU."""
+        """``[B, 3, S, S]`` canvas batch -> ``{tap: [B, C, h, w]}`` float32 on this runtime's device
+        (CUDA under the CUDA provider, where side tasks read them; the CPU otherwise)."""
         session = self.prepare(taps)
         names = self._sessions[frozenset(taps)][0]
         arrays = session.run(names, {"images": to_numpy(images)})
-        return {t: torch.from_numpy(a) for t, a in zip(names, arrays)}
+        return {t: torch.from_numpy(a).to(self.device) for t, a in zip(names, arrays)}

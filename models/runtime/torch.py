@@ -61,9 +61,29 @@ class TorchRuntime:
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
+        # No cast cache: a pass casts each weight once anyway, and CUDA graphs capture this call
+        # (torch.cuda.make_graphed_callables refuses autocast's cache for the same reason).
+        enabled = self.dtype != torch.float32
+        autocast = torch.autocast(self.device.type, self.dtype, enabled=enabled, cache_enabled=False)
+        with torch.inference_mode(), autocast:
             out = self.backbone(images, taps)
         return {k: v.float() for k, v in out.items()}
+
+
+def set_float32_precision(dtype: str) -> None:
+    """What float32 means on CUDA, for this process: IEEE float32 when serving ``fp32``, TF32 otherwise.
+
+    torch runs cuDNN's float32 convolutions in TF32 by default (a 10-bit mantissa: mobilenet_v2's
+    taps moved by 1.2e-3 to 2.7e-3 relative to IEEE float32 on an H200, docs/BENCHMARKS.md), and
+    cuDNN picks its algorithm by batch shape, so a task's scores could move with what it is batched
+    with by more than invariant 3's 1e-4. Under ``fp16``/``bf16`` autocast the
+    server has been asked for reduced precision, and what stays float32 may use TF32 too.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    # torch's own flags: setting its newer per-operator ``fp32_precision`` instead makes any later
+    # read of these raise, and other libraries still read them
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = dtype != "fp32"
 
 
 def default_runtime(device: torch.device) -> str:

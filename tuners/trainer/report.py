@@ -76,14 +76,21 @@ def peak_rss_bytes() -> int:
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 30, warmup: int = 3) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs, after ``warmup`` runs, under ``inference_mode``."""
+    """Median wall time of ``fn`` over ``repeats`` runs, after ``warmup`` runs, under ``inference_mode``.
+
+    When the process uses CUDA, each run ends with a synchronisation: kernels run after their launch
+    returns, so without it the clock would stop before the work does.
+    """
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
+        sync()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
