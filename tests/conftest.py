@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from models import FrozenBackbone, PreprocessSpec, build_backbone
+from models.runtime.torch import set_float32_precision
 
 torch.set_num_threads(2)
+
+# The CUDA path, as torchvision tests it: the same tests on both devices, CUDA's skipped without a
+# GPU. `make bench-gpu`'s machine runs them with `pytest -k cuda` (docs/BENCHMARKS.md, GPU section).
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=needs_cuda)])
+def device(request: pytest.FixtureRequest) -> str:
+    """Each device in turn; CUDA in IEEE float32, as the server runs ``--dtype fp32`` (invariant 3)."""
+    if request.param == "cuda":
+        set_float32_precision("fp32")
+    return request.param
+
+
+def on_device(backbone: FrozenBackbone, device: str) -> FrozenBackbone:
+    """``backbone`` itself for the CPU; a copy on CUDA, so session fixtures stay on the CPU."""
+    return backbone if device == "cpu" else copy.deepcopy(backbone).to(device)
 
 
 @pytest.fixture(scope="session")

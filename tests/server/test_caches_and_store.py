@@ -24,6 +24,7 @@ from server.imaging import decode_image
 from server.metrics import Metrics
 from server.store import TaskStore
 from server.tuner_cache import TunerCache, model_bytes
+from tests.conftest import on_device
 from tuners.artifact import MANIFEST, WEIGHTS, load_artifact
 
 
@@ -74,6 +75,33 @@ def test_evicted_models_are_freed_over_many_cycles(tmp_path: Path, backbone, art
     gc.collect()
     alive = {id(m) for m in (r() for r in refs) if m is not None}
     assert len(alive) == 1  # only the resident model object is alive (evicted ones are reused or freed)
+    cache.close()
+
+
+def test_host_tier_parks_evicted_models_and_returns_them_unchanged(tmp_path: Path, backbone, artifacts, device):
+    """Evicted from the device tier, a model waits in host memory (page-locked on CUDA, so it comes
+    back with a non-blocking copy), and it returns as the same object with the same tensors."""
+    backbone, store = on_device(backbone, device), TaskStore(tmp_path)
+    for task_id in ("a", "b"):
+        _publish(store, task_id, artifacts["side1"])
+    size = model_bytes(load_artifact(artifacts["side1"], backbone)[0])
+    cache = TunerCache(store, backbone, torch.device(device), {"device": size, "host": size}, Metrics())
+
+    async def run() -> None:
+        lease = await cache.acquire("a")
+        model, weights = lease.model, {k: v.clone() for k, v in lease.model.state_dict().items()}
+        cache.release(lease)
+        cache.release(await cache.acquire("b"))  # a moves to the host tier
+        assert cache.residency("a") == "host"
+        parked = [*model.parameters(), *model.buffers()]
+        assert all(t.device.type == "cpu" and t.is_pinned() == (device == "cuda") for t in parked)
+        lease = await cache.acquire("a")
+        assert lease.model is model and cache.residency("a") == "device" and cache.residency("b") == "host"
+        for k, v in model.state_dict().items():
+            assert v.device.type == device and torch.equal(v, weights[k]), k
+        cache.release(lease)
+
+    asyncio.run(run())
     cache.close()
 
 
@@ -172,16 +200,16 @@ def test_sigkill_during_publish_leaves_no_partial_task(tmp_path: Path, artifacts
     assert not any(p.name.startswith(".") for p in root.iterdir())
 
 
-def test_task_results_do_not_depend_on_the_batch(backbone, artifacts, photos):
+def test_task_results_do_not_depend_on_the_batch(backbone, artifacts, photos, device):
     """Alone, in a fan-out, or in a mixed batch with other images and tasks: the same detections.
 
     Within 1e-4: scores (in [0, 1]) absolutely, boxes relatively. Boxes are in original pixels (up to
     640 here), where a float32 ulp is 6e-5 px, and CPU kernels sum in another order for another
     batch size; measured on the CPU, the worst box differs by 4e-7 of the image side.
     """
-    metrics = Metrics()
-    engine = Executor(backbone, build_runtime(backbone, "torch", "cpu"), metrics)
-    models = {t: load_artifact(artifacts[t], backbone)[0] for t in ("side0", "side4", "inline0", "inline1")}
+    backbone, metrics = on_device(backbone, device), Metrics()
+    engine = Executor(backbone, build_runtime(backbone, "torch", device), metrics)
+    models = {t: load_artifact(artifacts[t], backbone)[0].to(device) for t in ("side0", "side4", "inline0", "inline1")}
     images = [decode_image(p, 1 << 24, 1 << 26) for p in photos]
     post = PostprocessConfig()
     alone = {

@@ -29,6 +29,7 @@ from server.main import create_app
 from server.metrics import Metrics
 from server.services import build_services, warm_batches
 from server.stacks import StackCache
+from tests.conftest import on_device
 from tests.server.conftest import LiveServer, make_artifact, settings
 from tuners.artifact import MANIFEST, WEIGHTS, load_artifact
 from tuners.compiled import CompiledTask
@@ -40,9 +41,9 @@ def _files(artifact: Path) -> tuple[bytes, bytes]:
     return (artifact / WEIGHTS).read_bytes(), (artifact / MANIFEST).read_bytes()
 
 
-def test_engine_and_tasks_serve_without_http(tmp_path: Path, backbone, artifacts, photo_bytes):
+def test_engine_and_tasks_serve_without_http(tmp_path: Path, backbone, artifacts, photo_bytes, device):
     async def run() -> None:
-        services = build_services(settings(tmp_path / "store"), backbone)
+        services = build_services(settings(tmp_path / "store", device=device), on_device(backbone, device))
         services.start()
         try:
             tasks, engine = services.tasks, services.engine
@@ -103,8 +104,10 @@ def test_every_request_dependency_runs_on_the_event_loop():
 
 
 def _models(backbone, tmp_path: Path, methods: list[str], seed: int = 0) -> dict[str, object]:  # noqa: ANN001
+    """Seeded artifacts of ``methods``, loaded on ``backbone``'s device."""
+    device = next(backbone.parameters()).device
     return {
-        f"{m}-{i}": load_artifact(make_artifact(backbone, tmp_path, m, seed + i), backbone)[0]
+        f"{m}-{i}": load_artifact(make_artifact(backbone, tmp_path, m, seed + i), backbone)[0].to(device)
         for i, m in enumerate(methods)
     }
 
@@ -124,11 +127,12 @@ def _assert_same(a, b, atol: float) -> None:  # noqa: ANN001
         free.remove(j)
 
 
-def test_stacked_tasks_equal_tasks_run_one_by_one(tmp_path: Path, backbone, photos):
+def test_stacked_tasks_equal_tasks_run_one_by_one(tmp_path: Path, backbone, photos, device):
+    backbone = on_device(backbone, device)
     methods = [m for m in SIDE for _ in range(2)] + ["cst"]  # pairs of each method, and a third cst
     models = _models(backbone, tmp_path, methods)
     images = [decode_image(p, 1 << 24, 1 << 26) for p in photos[:2]]
-    runtime = build_runtime(backbone, "torch", "cpu")
+    runtime = build_runtime(backbone, "torch", device)
     plain, stacks = Executor(backbone, runtime, Metrics()), StackCache()
     stacked = Executor(backbone, runtime, Metrics(), stacks=stacks)
     items = [WorkItem(img, str(i), dict(models)) for i, img in enumerate(images)]
@@ -140,10 +144,11 @@ def test_stacked_tasks_equal_tasks_run_one_by_one(tmp_path: Path, backbone, phot
             _assert_same(alone, together.detections[i][task], 1e-4)
 
 
-def test_stack_is_rebuilt_when_its_tasks_change_and_never_serves_old_weights(tmp_path: Path, backbone, photos):
+def test_stack_is_rebuilt_when_its_tasks_change_and_never_serves_old_weights(tmp_path: Path, backbone, photos, device):
+    backbone = on_device(backbone, device)
     a, b, a2 = _models(backbone, tmp_path, ["cst", "cst", "cst"], seed=10).values()
     stacks = StackCache(max_stacks=2)
-    executor = Executor(backbone, build_runtime(backbone, "torch", "cpu"), Metrics(), stacks=stacks)
+    executor = Executor(backbone, build_runtime(backbone, "torch", device), Metrics(), stacks=stacks)
     image = decode_image(photos[0], 1 << 24, 1 << 26)
     first = executor.run([WorkItem(image, "x", {"a": a, "b": b})]).detections[0]["a"]
     executor.run([WorkItem(image, "x", {"a": a, "b": b})])
@@ -151,7 +156,7 @@ def test_stack_is_rebuilt_when_its_tasks_change_and_never_serves_old_weights(tmp
     del a  # evicted: its stack must never be found again under a reused id
     replaced = executor.run([WorkItem(image, "x", {"a": a2, "b": b})]).detections[0]["a"]  # a new version of a
     assert stacks.builds == 2
-    alone = Executor(backbone, build_runtime(backbone, "torch", "cpu"), Metrics()).run(
+    alone = Executor(backbone, build_runtime(backbone, "torch", device), Metrics()).run(
         [WorkItem(image, "x", {"a": a2})]
     )
     _assert_same(alone.detections[0]["a"], replaced, 1e-4)

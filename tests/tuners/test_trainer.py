@@ -80,8 +80,10 @@ def _config(data: Path, out: Path, method: str, **overrides: object):
 
 
 @pytest.mark.parametrize("method", ["cst", "lora"])
-def test_one_epoch_smoke_writes_a_loadable_artifact_and_a_full_report(digits: Path, tmp_path: Path, method: str):
-    assert main(_args(digits, tmp_path / method, method)) == 0
+def test_one_epoch_smoke_writes_a_loadable_artifact_and_a_full_report(
+    digits: Path, tmp_path: Path, method: str, device: str
+):
+    assert main(_args(digits, tmp_path / method, method, "--device", device)) == 0
     report = json.loads((tmp_path / method / "report.json").read_text())
     assert REPORT_FIELDS <= set(report), REPORT_FIELDS - set(report)
     assert report["trainable_params"] > 0 and report["artifact_bytes"] > 0 and report["peak_memory_bytes"] > 0
