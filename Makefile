@@ -61,9 +61,13 @@ bench: $(STAMP)
 	$(PY) -m bench.fan_out
 	$(PY) -m bench.serve_load
 
-# GPU figures (needs CUDA): backbone throughput, kernel time, fan-out; a few minutes.
+# GPU figures (needs CUDA), about four minutes: the CUDA tests, then precision, backbone throughput,
+# kernel time and fan-out through the executor, then a CUDA server over HTTP.
 bench-gpu: $(STAMP)
+	$(PY) -m pytest -q -k cuda tests/models/test_runtime_cuda.py tests/models/test_runtime.py \
+	  tests/server/test_services.py tests/server/test_caches_and_store.py tests/tuners/test_trainer.py
 	$(PY) -m bench.gpu
+	$(PY) -m bench.gpu_serve
 
 # Sweeps every method's learning rate on the synth digits-clutter task, reports each at its best val rate on
 # the held-out test split, with seeds and a data-efficiency curve (about three hours on 2 CPU cores; resumable).
