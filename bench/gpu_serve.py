@@ -18,6 +18,7 @@ Run: ``.venv/bin/python -m bench.gpu_serve`` (about two minutes).
 from __future__ import annotations
 
 import argparse
+import traceback
 from pathlib import Path
 
 import torch
@@ -85,16 +86,32 @@ def main() -> None:
         tasks = make_tasks(backbone, args.tasks, "cst", work / "artifacts")
         probes = make_tasks(backbone, 8, "linear_probe", work / "artifacts")
         backbone.cuda()
-        for dtype in ("fp32", "fp16"):
-            loads, ratios = run_server(work / f"store-{dtype}", dtype, tasks, probes, backbone, args.seconds)
-            print(f"\n### server-serve --device cuda --dtype {dtype}, {torch.cuda.get_device_name()}\n")
-            print("| load | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
-            for label, r in loads.items():
-                p50, p99 = r.quantile(0.5) * 1e3, r.quantile(0.99) * 1e3
-                print(f"| {label} | {r.rps:.1f} | {p50:.1f} | {p99:.1f} | {r.errors} |")
-            print()
-            for label, value in ratios.items():
-                print(f"- {label}: {value:.3f}", flush=True)
+        failed = []
+        for dtype in ("fp32", "fp16"):  # a failed server is reported with its log, and the next one still runs
+            store = work / f"store-{dtype}"
+            try:
+                loads, ratios = run_server(store, dtype, tasks, probes, backbone, args.seconds)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+                log = store.with_suffix(".log")
+                tail = log.read_text(errors="replace").splitlines()[-60:] if log.is_file() else []
+                print(f"server log ({log}), last {len(tail)} lines:", *tail, sep="\n", flush=True)
+                failed.append(dtype)
+                continue
+            report(dtype, loads, ratios)
+    if failed:
+        raise SystemExit(f"bench.gpu_serve: the {', '.join(failed)} server failed")
+
+
+def report(dtype: str, loads: dict[str, LoadResult], ratios: dict[str, float]) -> None:
+    print(f"\n### server-serve --device cuda --dtype {dtype}, {torch.cuda.get_device_name()}\n")
+    print("| load | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
+    for label, r in loads.items():
+        p50, p99 = r.quantile(0.5) * 1e3, r.quantile(0.99) * 1e3
+        print(f"| {label} | {r.rps:.1f} | {p50:.1f} | {p99:.1f} | {r.errors} |")
+    print()
+    for label, value in ratios.items():
+        print(f"- {label}: {value:.3f}", flush=True)
 
 
 if __name__ == "__main__":
