@@ -1,5 +1,5 @@
-"""The serving path names the device of every tensor it makes, so what passes on the CPU also runs on
-CUDA. A factory call without ``device=`` makes a CPU tensor beside CUDA ones: the first GPU run of
+"""The serving and training paths name the device of every tensor they make, so what passes on the
+CPU also runs on CUDA. A factory call without ``device=`` makes a CPU tensor beside CUDA ones: the first GPU run of
 ``make bench-gpu`` failed every request on one, in ``models.postprocess.finish`` (docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from server.metrics import Metrics
 from server.stacks import StackCache
 from tests.conftest import small_backbone
 from tuners import TaskModel, build_task_model, list_tuners
+from tuners.data.synth import SynthConfig, generate
 from tuners.errors import TunerError
+from tuners.trainer.config import build_config
+from tuners.trainer.loop import Trainer
 
 ROOT = Path(__file__).parents[2]
 PACKAGES = ("models", "server", "tuners")
@@ -30,6 +33,7 @@ FACTORIES = {
     torch.arange, torch.as_tensor, torch.empty, torch.eye, torch.full, torch.linspace, torch.ones,
     torch.rand, torch.randint, torch.randn, torch.randperm, torch.tensor, torch.zeros,
 }  # fmt: skip
+CPU_BY_DESIGN = "models/transform.py"  # preprocessing: canvases are made where images are decoded
 
 
 class DevicelessFactories(TorchFunctionMode):
@@ -80,3 +84,16 @@ def test_the_serving_path_names_the_device_of_every_tensor_it_makes(backbone, ph
         failed = {t: d for row in result.detections for t, d in row.items() if not isinstance(d, Detections)}
         assert not failed and all(len(d) for row in result.detections for d in row.values()), failed
     assert covered == set(list_tuners())
+
+
+@pytest.mark.parametrize("method", ["cst", "lora", "dyn_adapter"])
+def test_training_names_the_device_of_every_tensor_it_makes(tmp_path: Path, method: str):
+    """A training epoch and an evaluation of a side, an inline and an early-exit method. Only the
+    data pipeline makes tensors on the CPU, by design: the loop moves each batch to the device."""
+    generate(SynthConfig(task="digits", images=8, size=64, min_scale=12, max_scale=24, val_fraction=0.25), tmp_path)
+    values = {"method": method, "data": tmp_path, "epochs": 1, "image_size": 64, "batch_size": 4}
+    trainer = Trainer(build_config({**values, "augmentation": "none", "out": tmp_path / "out", "progress": False}))
+    with DevicelessFactories() as mode:
+        trainer.train_epoch()
+        trainer.evaluate()
+    assert not {f for f in mode.found if not f.startswith(CPU_BY_DESIGN)}, sorted(mode.found)
