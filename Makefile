@@ -61,8 +61,8 @@ bench: $(STAMP)
 	$(PY) -m bench.fan_out
 	$(PY) -m bench.serve_load
 
-# GPU figures (needs CUDA), about four minutes: the CUDA tests, then precision, backbone throughput,
-# kernel time and fan-out through the executor, then a CUDA server over HTTP.
+# GPU figures (needs CUDA): the CUDA tests, then precision, backbone throughput, kernel time and
+# fan-out through the executor, then a CUDA server over HTTP.
 bench-gpu: $(STAMP)
 	$(PY) -m pytest -q -k cuda tests/models/test_runtime_cuda.py tests/models/test_runtime.py \
 	  tests/server/test_services.py tests/server/test_caches_and_store.py tests/tuners/test_trainer.py

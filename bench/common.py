@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from models import FrozenBackbone
+from tuners import TaskModel, build_task_model
 from tuners.trainer.report import median_seconds
 
-__all__ = ["median_seconds", "paired_median_seconds", "scratch"]
+__all__ = ["median_seconds", "paired_median_seconds", "scratch", "untrained_tasks"]
 
 
 @contextmanager
@@ -45,3 +47,14 @@ def paired_median_seconds(
                 if i >= warmup:
                     out.append(time.perf_counter() - start)
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+def untrained_tasks(backbone: FrozenBackbone, method: str, n: int) -> list[TaskModel]:
+    """``n`` untrained ``method`` tasks of 10 classes, seeded 0..n-1 (distinct weights), in eval mode on
+    the backbone's device. Timing does not depend on the weights."""
+    device = next(backbone.parameters()).device
+    models = []
+    for i in range(n):
+        torch.manual_seed(i)
+        models.append(build_task_model(method, {}, backbone, [f"c{j}" for j in range(10)]).to(device).eval())
+    return models

@@ -1,4 +1,4 @@
-"""GPU figures of the engine, in one run of a minute or two (``make bench-gpu``); needs CUDA.
+"""GPU figures of the engine, in one run (``make bench-gpu``); needs CUDA.
 
 1. Precision: every tap of the real mobilenet_v2 at 320 px on a real photo, as relative L2 error
    against the CPU's float32, for IEEE float32 (what ``--dtype fp32`` serves), TF32 (torch's
@@ -32,19 +32,17 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
-from bench.common import median_seconds, scratch
+from bench.common import median_seconds, scratch, untrained_tasks
 from models import FrozenBackbone, PreprocessSpec, build_backbone
 from models.postprocess import PostprocessConfig
 from models.runtime import build_runtime
-from models.runtime.torch import set_float32_precision
+from models.runtime.torch import DTYPES, set_float32_precision
 from models.transform import ImageMeta, ImageTransform
 from server.executor import Executor, WorkItem
 from server.imaging import decode_image
 from server.metrics import Metrics
 from server.stacks import StackCache
-from tuners import build_task_model
 from tuners.data.synth import photo
-from tuners.task_model import TaskModel
 
 # (label, runtime, dtype, CUDA graphs); "fp32 TF32" is fp32 under TF32 convolutions
 RUNTIMES = [
@@ -58,13 +56,12 @@ RUNTIMES = [
 ]
 
 
-def precision(label: str, dtype: str) -> str:
+def precision(label: str, dtype: str) -> None:
     """Sets this process's float32 precision as the server would for ``dtype``, then TF32 on when
-    ``label`` says so (torch's default for convolutions); returns ``dtype``."""
+    ``label`` says so (torch's default for convolutions)."""
     set_float32_precision(dtype)
     if "TF32" in label:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-    return dtype
 
 
 def photo_canvas(backbone: FrozenBackbone) -> tuple[Tensor, ImageMeta]:
@@ -81,7 +78,8 @@ def tap_errors(backbone: FrozenBackbone) -> None:
         ref = {t: v.double() for t, v in backbone.cpu()(x, taps).items()}
     print(f"\n| precision, mobilenet_v2 @ 320, astronaut | {' | '.join(taps)} |\n|---|{'---|' * len(taps)}")
     for label, dtype in (("fp32 (IEEE)", "fp32"), ("fp32 TF32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16")):
-        runtime = build_runtime(backbone, "torch", "cuda", dtype=precision(label, dtype))
+        precision(label, dtype)
+        runtime = build_runtime(backbone, "torch", "cuda", dtype=dtype)
         with torch.inference_mode():
             out = runtime(x, taps)
         errors = [float((out[t].double().cpu() - ref[t]).norm() / ref[t].norm()) for t in taps]
@@ -98,7 +96,7 @@ def throughput(backbone: FrozenBackbone, batch: int, repeats: int, cache: Path) 
             print(f"  {label}: not available (this onnxruntime has no CUDA provider: {ort.get_available_providers()})")
             continue
         try:
-            dtype = precision(label, dtype)
+            precision(label, dtype)
             runtime = build_runtime(
                 backbone, kind, "cuda", dtype=dtype, taps=taps, cache_dir=cache, cuda_graphs=graphs
             )
@@ -131,23 +129,14 @@ def kernel_fraction(backbone: FrozenBackbone, batch: int, graphs: bool, passes: 
     return kernels / wall
 
 
-def side_tasks(backbone: FrozenBackbone, method: str, k: int = 8) -> dict[str, TaskModel]:
-    """``k`` untrained tasks of ``method`` with distinct seeded weights, on the backbone's device."""
-    tasks = {}
-    for i in range(k):
-        torch.manual_seed(i)
-        model = build_task_model(method, {}, backbone, [f"c{j}" for j in range(10)])
-        tasks[f"{method}{i}"] = model.to(next(backbone.parameters()).device).eval()
-    return tasks
-
-
 def fan_out(backbone: FrozenBackbone, method: str, dtype: str, stacked: bool, repeats: int) -> dict[int, float]:
     """Section 4: seconds per request of K = 1, 2, 4, 8 tasks on one image, through the executor."""
     set_float32_precision(dtype)
     runtime = build_runtime(backbone, "torch", "cuda", dtype=dtype, cuda_graphs=True)
     executor = Executor(backbone, runtime, Metrics(), stacks=StackCache() if stacked else None, dtype=dtype)
     canvas, meta = photo_canvas(backbone)
-    tasks, post = list(side_tasks(backbone, method).items()), PostprocessConfig(score_thresh=0.3)
+    tasks = [(f"{method}{i}", m) for i, m in enumerate(untrained_tasks(backbone, method, 8))]
+    post = PostprocessConfig(score_thresh=0.3)
 
     def request(k: int) -> Callable[[], object]:
         return lambda: executor.run([WorkItem(canvas, "x", dict(tasks[:k]), post, meta=meta)])
@@ -162,13 +151,12 @@ def fan_out(backbone: FrozenBackbone, method: str, dtype: str, stacked: bool, re
 def invariance(backbone: FrozenBackbone, label: str, dtype: str) -> tuple[float, float]:
     """Section 5: (largest |stacked - alone| over 8 ``cst`` tasks' head outputs, largest |row in a
     batch of 8 - alone| over the taps) under ``label``'s precision."""
-    dtype = precision(label, dtype)
+    precision(label, dtype)
     runtime = build_runtime(backbone, "torch", "cuda", dtype=dtype)
-    models = list(side_tasks(backbone, "cst").values())
+    models = untrained_tasks(backbone, "cst", 8)
     x = torch.cat([photo_canvas(backbone)[0][None], torch.randn(7, 3, 320, 320)]).cuda()
     taps = sorted(models[0].required_taps())
-    autocast = torch.autocast("cuda", {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, torch.float32),
-                              enabled=dtype != "fp32")  # fmt: skip
+    autocast = torch.autocast("cuda", DTYPES[dtype], enabled=dtype != "fp32")
     with torch.inference_mode():
         batch, alone = runtime(x, taps), runtime(x[:1], taps)
         rows = max(float((batch[t][:1] - alone[t]).abs().max()) for t in taps)

@@ -12,7 +12,7 @@ per precision, ``--dtype fp32`` (the default, IEEE float32) and ``fp16``:
   graphs, input already on the GPU), measured just before and just after, with the server idle;
 - N tasks uniformly against one task, C=4.
 
-Run: ``.venv/bin/python -m bench.gpu_serve`` (about two minutes).
+Run: ``.venv/bin/python -m bench.gpu_serve``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from bench.common import median_seconds, paired_median_seconds, scratch
+from bench.common import median_seconds, paired_median_seconds, scratch, untrained_tasks
 from models import build_backbone, build_head
 from models.runtime import build_runtime
 from tuners import TUNERS, build_task_model
@@ -59,11 +59,10 @@ def compiled_graphs(backbone, x: torch.Tensor, repeats: int) -> None:  # noqa: A
         print("\n| method | one graph, ms | of the ORT pass | 8 graphs on 2 threads, ms per graph | of the ORT pass |")
         print("|---|---|---|---|---|")
         for method in ("linear_probe", "cst"):
-            graphs = []
-            for i in range(8):
-                torch.manual_seed(i)
-                model = build_task_model(method, {}, backbone, [f"c{j}" for j in range(10)]).eval()
-                graphs.append(CompiledTask(model, backbone, work / f"{method}{i}.onnx", "cpu", threads=1))
+            graphs = [
+                CompiledTask(model, backbone, work / f"{method}{i}.onnx", "cpu", threads=1)
+                for i, model in enumerate(untrained_tasks(backbone, method, 8))
+            ]
             one, pass_one = paired_median_seconds(lambda g=graphs[0]: g(maps), lambda: runtime(x, taps), repeats)
             eight, pass_eight = paired_median_seconds(
                 lambda g=graphs: list(pool.map(lambda graph: graph(maps), g)), lambda: runtime(x, taps), repeats

@@ -47,11 +47,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.common import scratch
+from bench.common import scratch, untrained_tasks
 from bench.load import LoadResult, Server, closed_loop, histogram_count, histogram_quantile, jpeg
 from models import FrozenBackbone, PreprocessSpec, build_backbone
 from models.runtime import build_runtime
-from tuners import build_task_model
 from tuners.artifact import MANIFEST, WEIGHTS, save_artifact
 
 POST = {"score_threshold": "0.3"}
@@ -59,13 +58,10 @@ PHONE = (4032, 3024)  # a 12 MP phone camera's photo
 
 
 def make_tasks(backbone: FrozenBackbone, n: int, method: str, out: Path) -> list[Path]:
-    """``n`` untrained tasks with distinct weights, 10 classes each."""
-    folders = []
-    for i in range(n):
-        torch.manual_seed(i)
-        model = build_task_model(method, {}, backbone, [f"c{j}" for j in range(10)]).eval()
-        folders.append(save_artifact(model, backbone, out / f"{method}{i}"))
-    return folders
+    """:func:`untrained_tasks`, saved as artifacts ``out/{method}{i}``."""
+    return [
+        save_artifact(m, backbone, out / f"{method}{i}") for i, m in enumerate(untrained_tasks(backbone, method, n))
+    ]
 
 
 class BackboneAlone:

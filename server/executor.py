@@ -30,7 +30,7 @@ from torch import Tensor
 from models.backbones.base import FrozenBackbone
 from models.heads import HeadOutputs
 from models.postprocess import Candidates, PostprocessConfig, finish
-from models.runtime.torch import BackboneRuntime
+from models.runtime.torch import DTYPES, BackboneRuntime
 from models.transform import ImageMeta, ImageTransform
 from models.types import Detections
 from server.feature_cache import FeatureCache
@@ -160,9 +160,7 @@ class Executor:
         self.stacks = stacks
         self.device = next(iter(backbone.parameters())).device
         # Side heads run under fp16/bf16 autocast on CUDA when asked; decoding and NMS stay float32.
-        self.autocast = (
-            {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype) if self.device.type == "cuda" else None
-        )
+        self.autocast = DTYPES[dtype] if self.device.type == "cuda" and dtype != "fp32" else None
         self._workers = task_workers or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="task-graph")
         self.transform = ImageTransform(backbone.preprocess)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from models.backbones.base import FrozenBackbone
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class BackboneRuntime(Protocol):
@@ -46,12 +46,12 @@ class TorchRuntime:
     def __init__(
         self, backbone: FrozenBackbone, device: str = "auto", dtype: str = "fp32", channels_last: bool = False
     ) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.device = resolve_device(device)
         if dtype != "fp32" and self.device.type != "cuda":
             raise ValueError(f"dtype {dtype} needs a CUDA device; the CPU runs fp32")
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         self.channels_last = channels_last
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone = backbone.to(self.device, memory_format=memory_format)
@@ -76,11 +76,11 @@ def set_float32_precision(dtype: str) -> None:
     torch runs cuDNN's float32 convolutions in TF32 by default (a 10-bit mantissa: mobilenet_v2's
     taps moved by 1.2e-3 to 2.7e-3 relative to IEEE float32 on an H200, docs/BENCHMARKS.md), and
     cuDNN picks its algorithm by batch shape, so a task's scores could move with what it is batched
-    with by more than invariant 3's 1e-4. Under ``fp16``/``bf16`` autocast the
-    server has been asked for reduced precision, and what stays float32 may use TF32 too.
+    with by more than invariant 3's 1e-4. Under ``fp16``/``bf16`` autocast the server has been asked
+    for reduced precision, and what stays float32 may use TF32 too.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     # torch's own flags: setting its newer per-operator ``fp32_precision`` instead makes any later
     # read of these raise, and other libraries still read them
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = dtype != "fp32"

@@ -46,9 +46,10 @@ class DevicelessFactories(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         if func in FACTORIES and "device" not in kwargs:
-            caller = Path(sys._getframe(1).f_code.co_filename)
+            frame = sys._getframe(1)  # the caller of the factory
+            caller = Path(frame.f_code.co_filename)
             if caller.is_relative_to(ROOT) and caller.relative_to(ROOT).parts[0] in PACKAGES:
-                self.found.add(f"{caller.relative_to(ROOT)}:{sys._getframe(1).f_lineno}")
+                self.found.add(f"{caller.relative_to(ROOT)}:{frame.f_lineno}")
         return func(*args, **kwargs)
 
 
