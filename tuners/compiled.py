@@ -20,29 +20,33 @@ from torch import Tensor, nn
 from models.backbones.base import FrozenBackbone
 from models.heads import HeadOutputs
 from models.runtime.onnx import OPSET, export_atomic, make_session, to_numpy
+from tuners.fold import fold_calibration
 from tuners.task_model import TaskModel
 
 IMAGES = "images"
+GRAPH_VERSION = 2  # 2: calibrations folded into the head's laterals (tuners.fold)
 
 
 class _TaskGraph(nn.Module):
-    """``(images?, *taps) -> head tensors`` in ``outputs`` order, for export."""
+    """``(images?, *taps) -> head tensors`` in ``outputs`` order, for export; calibrations folded
+    into the head where that is cheaper (:func:`tuners.fold.fold_calibration`)."""
 
     def __init__(self, model: TaskModel, taps: list[str], outputs: list[str]) -> None:
         super().__init__()
         self.model, self.tap_names, self.outputs = model, taps, outputs
+        self.folded = fold_calibration(model)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         images = inputs[0] if self.model.tuner.needs_images else None
         taps = dict(zip(self.tap_names, inputs[1:] if images is not None else inputs))
-        out = self.model.head_outputs(taps, images)
+        out = self.folded(taps, images) if self.folded is not None else self.model.head_outputs(taps, images)
         return tuple(out.tensors[k] for k in self.outputs)
 
 
 def graph_key(manifest: dict[str, Any], backbone: FrozenBackbone) -> str:
     """Names one compiled graph: the task's weights and architecture, the backbone and the canvas."""
     what = {k: manifest.get(k) for k in ("method", "config", "head", "labels", "weights_sha256")}
-    what.update(fingerprint=backbone.fingerprint, canvas=backbone.preprocess.canvas, opset=OPSET)
+    what.update(fingerprint=backbone.fingerprint, canvas=backbone.preprocess.canvas, opset=OPSET, graph=GRAPH_VERSION)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -55,6 +59,9 @@ class CompiledTask:
         path: the ``.onnx`` file; reused when it exists (it is named by :func:`graph_key`).
         device: ``cpu``, ``cuda`` or ``auto`` for the session.
         threads: intra-op threads (0: one per core).
+
+    Attributes:
+        folded_levels: levels whose calibration the export folded into the head (:mod:`tuners.fold`).
     """
 
     def __init__(self, model: TaskModel, backbone: FrozenBackbone, path: Path, device: str = "cpu", threads: int = 0):
@@ -74,7 +81,9 @@ class CompiledTask:
         self.outputs, self.level_shapes = sorted(reference.tensors), reference.level_shapes
         inputs = ([IMAGES] if self.needs_images else []) + self.taps
         args = tuple(([images] if self.needs_images else []) + [taps[t] for t in self.taps])
-        export_atomic(_TaskGraph(graph, self.taps, self.outputs), args, path, inputs, self.outputs)
+        task_graph = _TaskGraph(graph, self.taps, self.outputs)
+        self.folded_levels = sum(task_graph.folded.folded) if task_graph.folded is not None else 0
+        export_atomic(task_graph, args, path, inputs, self.outputs)
         self.session = make_session(path, device, threads)
         self.provider = self.session.get_providers()[0]
         self.inputs = [i.name for i in self.session.get_inputs()]  # the exporter drops inputs the task never reads

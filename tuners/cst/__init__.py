@@ -72,10 +72,27 @@ class CSTTuner(Tuner):
         mu = torch.sigmoid(self.beta[i] / 0.1)
         return mu * c + (1 - mu) * u
 
-    def forward(self, taps: dict[str, Tensor], images: Tensor | None = None) -> list[Tensor]:
+    def side_maps(self, taps: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """``(c_i, s_i)`` for c3..c5: each tap ``[B, C_i, h, w]`` and the side map ``[B, w_i, h, w]``
+        that calibrates it."""
         s = self.body[0](self.lateral[0](taps[self.stages[0]]))
-        out = []
+        pairs = []
         for i, stage in enumerate(self.stages[1:], start=1):
             s = self.body[i](self.lateral[i](taps[stage]) + self.down[i - 1](s))
-            out.append(self._calibrate(i - 1, taps[stage], self.up[i - 1](s)))
-        return out
+            pairs.append((taps[stage], s))
+        return pairs
+
+    def calibrate(self, i: int, c: Tensor, s: Tensor) -> Tensor:
+        """Output ``i``: tap ``c`` calibrated by side map ``s`` (``[B, C_i, h, w]``)."""
+        return self._calibrate(i, c, self.up[i](s))
+
+    def calibration_affine(self, i: int) -> tuple[Tensor, Tensor] | None:
+        """Output ``i`` as ``F = c + M s + m`` (per position): ``(M [C_i, w_i], m [C_i])`` under ``mtc``;
+        None under the nonlinear ``max`` and ``gate``. Compiled graphs fold it into the head (:mod:`tuners.fold`)."""
+        if self.config.calibration != "mtc":
+            return None
+        lam, up = torch.tanh(self.beta[i]).flatten(), self.up[i]
+        return lam[:, None] * up.weight.flatten(1), lam * up.bias
+
+    def forward(self, taps: dict[str, Tensor], images: Tensor | None = None) -> list[Tensor]:
+        return [self.calibrate(i, c, s) for i, (c, s) in enumerate(self.side_maps(taps))]
