@@ -3,7 +3,8 @@ side method's arithmetic (tuner + default light head, multiply-accumulates count
 ``torch.utils.flop_counter``) as a fraction of the pass's; and the time of ``linear_probe`` and
 ``cst`` compiled graphs as the server runs them (ONNX Runtime, one thread each, 8 distinct tasks on
 2 worker threads) against the ONNX Runtime pass at batch 1: the floor under "one more task" in the
-fan-out figures, before any of the engine's own per-task work (decoding, NMS, the response).
+fan-out figures, before any of the engine's own per-task work (decoding, NMS, the response). A
+third row exports ``cst`` without folding its calibration into the head (``tuners.fold``).
 
 Usage: .venv/bin/python -m bench.head_cost [--size 320] [--threads 2]
 """
@@ -49,6 +50,10 @@ def side_task_arithmetic(backbone, x: torch.Tensor) -> None:  # noqa: ANN001  (a
         print(f"| {method} | {n / 1e9:.3f} | {n / base:.3f} |")
 
 
+# cst's graph as exported before its calibration was folded into the head (tuners.fold), for the saving.
+UNFOLDED = (("cst, calibration not folded", "cst", False),)
+
+
 def compiled_graphs(backbone, x: torch.Tensor, repeats: int) -> None:  # noqa: ANN001  (a FrozenBackbone)
     """Prints one compiled graph alone, and 8 graphs of distinct tasks on 2 worker threads (per graph),
     each timed alternately with the ONNX Runtime backbone pass (batch 1, 2 threads)."""
@@ -58,16 +63,16 @@ def compiled_graphs(backbone, x: torch.Tensor, repeats: int) -> None:  # noqa: A
         maps = runtime(x, taps)
         print("\n| method | one graph, ms | of the ORT pass | 8 graphs on 2 threads, ms per graph | of the ORT pass |")
         print("|---|---|---|---|---|")
-        for method in ("linear_probe", "cst"):
+        for label, method, fold in (("linear_probe", "linear_probe", True), ("cst", "cst", True), *UNFOLDED):
             graphs = [
-                CompiledTask(model, backbone, work / f"{method}{i}.onnx", "cpu", threads=1)
+                CompiledTask(model, backbone, work / f"{label}{i}.onnx", "cpu", threads=1, fold=fold)
                 for i, model in enumerate(untrained_tasks(backbone, method, 8))
             ]
             one, pass_one = paired_median_seconds(lambda g=graphs[0]: g(maps), lambda: runtime(x, taps), repeats)
             eight, pass_eight = paired_median_seconds(
                 lambda g=graphs: list(pool.map(lambda graph: graph(maps), g)), lambda: runtime(x, taps), repeats
             )
-            print(f"| {method} | {one * 1e3:.2f} | {one / pass_one:.3f} | {eight / 8 * 1e3:.2f} | "
+            print(f"| {label} | {one * 1e3:.2f} | {one / pass_one:.3f} | {eight / 8 * 1e3:.2f} | "
                   f"{eight / 8 / pass_eight:.3f} |")  # fmt: skip
         print(f"ONNX Runtime backbone pass, batch 1, 2 threads: {pass_eight * 1e3:.2f} ms (last median)")
 

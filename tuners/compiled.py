@@ -31,10 +31,10 @@ class _TaskGraph(nn.Module):
     """``(images?, *taps) -> head tensors`` in ``outputs`` order, for export; calibrations folded
     into the head where that is cheaper (:func:`tuners.fold.fold_calibration`)."""
 
-    def __init__(self, model: TaskModel, taps: list[str], outputs: list[str]) -> None:
+    def __init__(self, model: TaskModel, taps: list[str], outputs: list[str], fold: bool = True) -> None:
         super().__init__()
         self.model, self.tap_names, self.outputs = model, taps, outputs
-        self.folded = fold_calibration(model)
+        self.folded = fold_calibration(model) if fold else None
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         images = inputs[0] if self.model.tuner.needs_images else None
@@ -59,12 +59,22 @@ class CompiledTask:
         path: the ``.onnx`` file; reused when it exists (it is named by :func:`graph_key`).
         device: ``cpu``, ``cuda`` or ``auto`` for the session.
         threads: intra-op threads (0: one per core).
+        fold: fold affine calibrations into the head where cheaper (:mod:`tuners.fold`); off only
+            to measure what folding saves (``bench.head_cost``).
 
     Attributes:
         folded_levels: levels whose calibration the export folded into the head (:mod:`tuners.fold`).
     """
 
-    def __init__(self, model: TaskModel, backbone: FrozenBackbone, path: Path, device: str = "cpu", threads: int = 0):
+    def __init__(
+        self,
+        model: TaskModel,
+        backbone: FrozenBackbone,
+        path: Path,
+        device: str = "cpu",
+        threads: int = 0,
+        fold: bool = True,
+    ) -> None:
         if model.kind != "side":
             raise ValueError(f"only side tasks compile; {model.method} is {model.kind}")
         canvas = backbone.preprocess.canvas
@@ -81,7 +91,7 @@ class CompiledTask:
         self.outputs, self.level_shapes = sorted(reference.tensors), reference.level_shapes
         inputs = ([IMAGES] if self.needs_images else []) + self.taps
         args = tuple(([images] if self.needs_images else []) + [taps[t] for t in self.taps])
-        task_graph = _TaskGraph(graph, self.taps, self.outputs)
+        task_graph = _TaskGraph(graph, self.taps, self.outputs, fold)
         self.folded_levels = sum(task_graph.folded.folded) if task_graph.folded is not None else 0
         export_atomic(task_graph, args, path, inputs, self.outputs)
         self.session = make_session(path, device, threads)
