@@ -3,8 +3,9 @@ side method's arithmetic (tuner + default light head, multiply-accumulates count
 ``torch.utils.flop_counter``) as a fraction of the pass's; and the time of ``linear_probe`` and
 ``cst`` compiled graphs as the server runs them (ONNX Runtime, one thread each, 8 distinct tasks on
 2 worker threads) against the ONNX Runtime pass at batch 1: the floor under "one more task" in the
-fan-out figures, before any of the engine's own per-task work (decoding, NMS, the response). A
-third row exports ``cst`` without folding its calibration into the head (``tuners.fold``).
+fan-out figures, before any of the engine's own per-task work (decoding, NMS, the response); and
+``cst``'s graphs against the same tasks exported without folding their calibration into the head
+(``tuners.fold``), the two timed alternately.
 
 Usage: .venv/bin/python -m bench.head_cost [--size 320] [--threads 2]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -50,10 +52,6 @@ def side_task_arithmetic(backbone, x: torch.Tensor) -> None:  # noqa: ANN001  (a
         print(f"| {method} | {n / 1e9:.3f} | {n / base:.3f} |")
 
 
-# cst's graph as exported before its calibration was folded into the head (tuners.fold), for the saving.
-UNFOLDED = (("cst, calibration not folded", "cst", False),)
-
-
 def compiled_graphs(backbone, x: torch.Tensor, repeats: int) -> None:  # noqa: ANN001  (a FrozenBackbone)
     """Prints one compiled graph alone, and 8 graphs of distinct tasks on 2 worker threads (per graph),
     each timed alternately with the ONNX Runtime backbone pass (batch 1, 2 threads)."""
@@ -63,18 +61,39 @@ def compiled_graphs(backbone, x: torch.Tensor, repeats: int) -> None:  # noqa: A
         maps = runtime(x, taps)
         print("\n| method | one graph, ms | of the ORT pass | 8 graphs on 2 threads, ms per graph | of the ORT pass |")
         print("|---|---|---|---|---|")
-        for label, method, fold in (("linear_probe", "linear_probe", True), ("cst", "cst", True), *UNFOLDED):
-            graphs = [
-                CompiledTask(model, backbone, work / f"{label}{i}.onnx", "cpu", threads=1, fold=fold)
-                for i, model in enumerate(untrained_tasks(backbone, method, 8))
-            ]
+        for method in ("linear_probe", "cst"):
+            graphs = graph_set(backbone, method, work)
             one, pass_one = paired_median_seconds(lambda g=graphs[0]: g(maps), lambda: runtime(x, taps), repeats)
             eight, pass_eight = paired_median_seconds(
                 lambda g=graphs: list(pool.map(lambda graph: graph(maps), g)), lambda: runtime(x, taps), repeats
             )
-            print(f"| {label} | {one * 1e3:.2f} | {one / pass_one:.3f} | {eight / 8 * 1e3:.2f} | "
+            print(f"| {method} | {one * 1e3:.2f} | {one / pass_one:.3f} | {eight / 8 * 1e3:.2f} | "
                   f"{eight / 8 / pass_eight:.3f} |")  # fmt: skip
         print(f"ONNX Runtime backbone pass, batch 1, 2 threads: {pass_eight * 1e3:.2f} ms (last median)")
+        fold_saving(backbone, maps, pool, work, repeats)
+
+
+def graph_set(backbone, method: str, work: Path, fold: bool = True) -> list[CompiledTask]:  # noqa: ANN001
+    """8 distinct untrained tasks of ``method``, compiled as the server compiles them (one thread each)."""
+    return [
+        CompiledTask(model, backbone, work / f"{method}-{fold}-{i}.onnx", "cpu", threads=1, fold=fold)
+        for i, model in enumerate(untrained_tasks(backbone, method, 8))
+    ]
+
+
+def fold_saving(backbone, maps: dict, pool: ThreadPoolExecutor, work: Path, repeats: int) -> None:  # noqa: ANN001
+    """Prints ``cst``'s graphs against the same tasks exported without folding their calibration into
+    the head (``tuners.fold``), the two timed alternately: one graph, and 8 on 2 worker threads."""
+    folded, unfolded = graph_set(backbone, "cst", work), graph_set(backbone, "cst", work, fold=False)
+
+    def every(graphs: list[CompiledTask]) -> list:
+        return list(pool.map(lambda graph: graph(maps), graphs))
+
+    one, one_plain = paired_median_seconds(lambda: folded[0](maps), lambda: unfolded[0](maps), repeats)
+    eight, eight_plain = paired_median_seconds(lambda: every(folded), lambda: every(unfolded), repeats)
+    print(f"cst, calibration folded / not folded (alternated): one graph {one * 1e3:.2f} / {one_plain * 1e3:.2f} ms "
+          f"= {one / one_plain:.3f}; 8 graphs on 2 threads {eight / 8 * 1e3:.2f} / {eight_plain / 8 * 1e3:.2f} ms "
+          f"per graph = {eight / eight_plain:.3f}")  # fmt: skip
 
 
 def main() -> None:
