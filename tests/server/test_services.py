@@ -192,23 +192,64 @@ def test_uploaded_tasks_compile_in_the_background_and_serve_the_same(tmp_path: P
             for s in (services, compiled_services):
                 await s.tasks.publish("t", *_files(artifacts["side1"]))
                 await s.engine.detect(photo_bytes, ["t"], post)  # its second use (the upload was the first)
-            deadline = time.time() + 30
-            while not (await compiled_services.tasks.get("t")).compiled:
-                assert time.time() < deadline, "the task never compiled"
-                await asyncio.sleep(0.05)
+            await _until_compiled(compiled_services, "t")
             assert not (await services.tasks.get("t")).compiled
             a = (await services.engine.detect(photo_bytes, ["t"], post)).results[0].detections
             b = (await compiled_services.engine.detect(photo_bytes, ["t"], post)).results[0].detections
-            assert len(a) == len(b) > 0
-            for x in a:  # as sets: the random test task scores many boxes alike, so ties may swap places
-                assert any(
-                    x.label == y.label
-                    and x.score == pytest.approx(y.score, abs=2e-3)
-                    and x.box == pytest.approx(y.box, abs=0.05)
-                    for y in b
-                ), x
+            _same_answers(a, b)
         finally:
             for s in (services, compiled_services):
+                await s.stop()
+
+    asyncio.run(run())
+
+
+def _same_answers(a: list, b: list) -> None:
+    """Same API detections within the compiled graphs' tolerance, as sets: the random test tasks
+    score many boxes alike, so ties may swap places."""
+    assert len(a) == len(b) > 0
+    for x in a:
+        assert any(
+            x.label == y.label
+            and x.score == pytest.approx(y.score, abs=2e-3)
+            and x.box == pytest.approx(y.box, abs=0.05)
+            for y in b
+        ), x
+
+
+async def _until_compiled(services, task_id: str) -> None:  # noqa: ANN001
+    deadline = time.time() + 30
+    while not (await services.tasks.get(task_id)).compiled:
+        assert time.time() < deadline, "the task never compiled"
+        await asyncio.sleep(0.05)
+
+
+def test_a_new_version_of_a_compiled_task_serves_its_own_weights(tmp_path: Path, backbone, artifacts, photo_bytes):
+    """Invariant 6 on the compiled path: once an upload answers, no request gets the old version's graph."""
+
+    async def run() -> None:
+        services = build_services(settings(tmp_path / "store"), backbone)
+        reference = build_services(settings(tmp_path / "ref", task_runtime="torch"), backbone)
+        for s in (services, reference):
+            s.start()
+        try:
+            post = PostprocessConfig()
+            await services.tasks.publish("t", *_files(artifacts["side1"]))  # cst
+            old = (await services.engine.detect(photo_bytes, ["t"], post)).results[0].detections
+            await _until_compiled(services, "t")
+            for s in (services, reference):
+                await s.tasks.publish("t", *_files(artifacts["side7"]))  # cst too, other weights
+            want = (await reference.engine.detect(photo_bytes, ["t"], post)).results[0]
+            first = (await services.engine.detect(photo_bytes, ["t"], post)).results[0]
+            assert first.version == 2
+            _same_answers(want.detections, first.detections)
+            await _until_compiled(services, "t")  # v1's graph went with v1; this is v2's
+            compiled = (await services.engine.detect(photo_bytes, ["t"], post)).results[0]
+            _same_answers(want.detections, compiled.detections)
+            with pytest.raises(AssertionError):
+                _same_answers(old, compiled.detections)
+        finally:
+            for s in (services, reference):
                 await s.stop()
 
     asyncio.run(run())
