@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from PIL import Image
@@ -113,6 +114,30 @@ def closed_loop(
     for t in threads:
         t.join()
     return LoadResult(len(latencies), time.perf_counter() - start, latencies, errors[0])
+
+
+Request = Callable[[httpx.Client, random.Random], httpx.Response]
+Kind = TypeVar("Kind")
+
+
+def alternating(url: str, seconds: float, requests: dict[Kind, Request]) -> dict[Kind, LoadResult]:
+    """One client sending ``requests`` in turn, one after another, for ``seconds``; each kind's own result.
+
+    For a ratio of two kinds' latencies: taken in turn, the two see the same machine, where two
+    loads one after the other see its speed drift between them. Each kind's ``seconds`` is the time
+    spent on its own requests, so its ``rps`` is what a closed loop of one client would give.
+    """
+    latencies: dict[Kind, list[float]] = {name: [] for name in requests}
+    errors = dict.fromkeys(requests, 0)
+    rng, deadline = random.Random(0), time.perf_counter() + seconds
+    with httpx.Client(base_url=url, timeout=60) as http:
+        while time.perf_counter() < deadline:
+            for name, request in requests.items():
+                start = time.perf_counter()
+                ok = request(http, rng).status_code == 200
+                latencies[name].append(time.perf_counter() - start) if ok else None
+                errors[name] += not ok
+    return {name: LoadResult(len(t), sum(t), t, errors[name]) for name, t in latencies.items()}
 
 
 def histogram_quantile(metrics: str, name: str, q: float) -> float:

@@ -9,8 +9,10 @@ of C clients send a JPEG photo (scikit-image's astronaut, 512 x 512), each load 
 The loads behind the engine issue's ratios run in ``--rounds`` rounds, and each ratio is computed
 within a round, then the median over rounds is printed with every round's value. A round is: the
 backbone alone; one task at C=clients; the backbone alone again; N tasks, each request naming one
-drawn uniformly; one request naming K = 1 and then K = 8 ``cst`` tasks (C=1), then the same with
-``linear_probe`` tasks, the other method the issue's "one more task" target names. This machine's
+drawn uniformly; one client sending, in turn, a request naming K = 1 and one naming K = 8 ``cst``
+tasks (for twice ``--seconds``), then the same with ``linear_probe`` tasks, the other method the
+issue's "one more task" target names. Taken in turn, K = 1 and K = 8 see the same machine; as two
+loads one after the other, their ratio moved by up to a quarter between rounds. This machine's
 speed drifts by a fifth within minutes, so a ratio of loads minutes apart measures the drift as
 much as the server: measured once at the start of a run, as before, the same server's 47.2 and 47.8 req/s in
 two runs were 0.42 and 0.59 of the backbone alone (``docs/BENCHMARKS.md``, fifth stop).
@@ -48,7 +50,7 @@ import httpx
 import torch
 
 from bench.common import scratch, untrained_tasks
-from bench.load import LoadResult, Server, closed_loop, histogram_count, histogram_quantile, jpeg
+from bench.load import LoadResult, Server, alternating, closed_loop, histogram_count, histogram_quantile, jpeg
 from models import FrozenBackbone, PreprocessSpec, build_backbone
 from models.runtime import build_runtime
 from tuners.artifact import MANIFEST, WEIGHTS, save_artifact
@@ -142,8 +144,8 @@ def target_rounds(
 ) -> tuple[dict[str, list[LoadResult]], dict[str, list[float]]]:
     """The loads behind the issue's ratios, in ``args.rounds`` rounds, each ratio from loads of one
     round: the backbone alone, one task at C=clients, the backbone alone again, N tasks uniformly,
-    then K=1 and K=8 fan-out at C=1 over the ``cst`` tasks ``ids`` and over the ``linear_probe``
-    tasks ``probes``. Returns each load's rounds and each ratio's rounds."""
+    then K=1 and K=8 fan-out at C=1, in turn, over the ``cst`` tasks ``ids`` and over the
+    ``linear_probe`` tasks ``probes``. Returns each load's rounds and each ratio's rounds."""
     c, n, seconds = args.clients, len(ids), args.seconds
     loads: dict[str, list[LoadResult]] = defaultdict(list)
     ratios: dict[str, list[float]] = defaultdict(list)
@@ -157,7 +159,7 @@ def target_rounds(
         ratios["many"].append(many.rps / one.rps)
         pass_ms = (b1_before + b1_after) / 2
         for method, tasks in (("cst", ids), ("linear_probe", probes)):
-            fan = {k: closed_loop(url, 1, seconds, detect(tasks[:k], image)) for k in (1, 8)}
+            fan = alternating(url, 2 * seconds, {k: detect(tasks[:k], image) for k in (1, 8)})
             for k, r in fan.items():
                 loads[f"fan-out K={k}, {method}, C=1"].append(r)
             p50 = {k: r.quantile(0.5) * 1e3 for k, r in fan.items()}
