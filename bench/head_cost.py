@@ -4,8 +4,8 @@ side method's arithmetic (tuner + default light head, multiply-accumulates count
 ``cst`` compiled graphs as the server runs them (ONNX Runtime, one thread each, 8 distinct tasks on
 2 worker threads) against the ONNX Runtime pass at batch 1: the floor under "one more task" in the
 fan-out figures, before any of the engine's own per-task work (decoding, NMS, the response); and
-``cst``'s graphs against the same tasks exported without folding their calibration into the head
-(``tuners.fold``), the two timed alternately.
+the graphs of ``cst`` and ``side_tuning`` against the same tasks exported without folding their
+calibration into the head (``tuners.fold``), the two timed alternately.
 
 Usage: .venv/bin/python -m bench.head_cost [--size 320] [--threads 2]
 """
@@ -70,7 +70,7 @@ def compiled_graphs(backbone, x: torch.Tensor, repeats: int) -> None:  # noqa: A
             print(f"| {method} | {one * 1e3:.2f} | {one / pass_one:.3f} | {eight / 8 * 1e3:.2f} | "
                   f"{eight / 8 / pass_eight:.3f} |")  # fmt: skip
         print(f"ONNX Runtime backbone pass, batch 1, 2 threads: {pass_eight * 1e3:.2f} ms (last median)")
-        fold_saving(backbone, maps, pool, work, repeats)
+        fold_saving(backbone, maps, x, pool, work, repeats)
 
 
 def graph_set(backbone, method: str, work: Path, fold: bool = True) -> list[CompiledTask]:  # noqa: ANN001
@@ -81,19 +81,25 @@ def graph_set(backbone, method: str, work: Path, fold: bool = True) -> list[Comp
     ]
 
 
-def fold_saving(backbone, maps: dict, pool: ThreadPoolExecutor, work: Path, repeats: int) -> None:  # noqa: ANN001
-    """Prints ``cst``'s graphs against the same tasks exported without folding their calibration into
-    the head (``tuners.fold``), the two timed alternately: one graph, and 8 on 2 worker threads."""
-    folded, unfolded = graph_set(backbone, "cst", work), graph_set(backbone, "cst", work, fold=False)
+def fold_saving(
+    backbone, maps: dict, images: torch.Tensor, pool: ThreadPoolExecutor, work: Path, repeats: int
+) -> None:  # noqa: ANN001
+    """Prints the graphs of ``cst`` and ``side_tuning`` (which reads ``images``) against the same tasks
+    exported without folding their calibration into the head (``tuners.fold``), the two timed
+    alternately: one graph, and 8 on 2 worker threads."""
+    for method in ("cst", "side_tuning"):
+        folded, unfolded = graph_set(backbone, method, work), graph_set(backbone, method, work, fold=False)
 
-    def every(graphs: list[CompiledTask]) -> list:
-        return list(pool.map(lambda graph: graph(maps), graphs))
+        def every(graphs: list[CompiledTask]) -> list:
+            return list(pool.map(lambda graph: graph(maps, images), graphs))
 
-    one, one_plain = paired_median_seconds(lambda: folded[0](maps), lambda: unfolded[0](maps), repeats)
-    eight, eight_plain = paired_median_seconds(lambda: every(folded), lambda: every(unfolded), repeats)
-    print(f"cst, calibration folded / not folded (alternated): one graph {one * 1e3:.2f} / {one_plain * 1e3:.2f} ms "
-          f"= {one / one_plain:.3f}; 8 graphs on 2 threads {eight / 8 * 1e3:.2f} / {eight_plain / 8 * 1e3:.2f} ms "
-          f"per graph = {eight / eight_plain:.3f}")  # fmt: skip
+        one, one_plain = paired_median_seconds(
+            lambda f=folded[0]: f(maps, images), lambda u=unfolded[0]: u(maps, images), repeats
+        )
+        eight, eight_plain = paired_median_seconds(lambda f=folded: every(f), lambda u=unfolded: every(u), repeats)
+        print(f"{method}, calibration folded / not folded (alternated): one graph {one * 1e3:.2f} / "
+              f"{one_plain * 1e3:.2f} ms = {one / one_plain:.3f}; 8 graphs on 2 threads {eight / 8 * 1e3:.2f} / "
+              f"{eight_plain / 8 * 1e3:.2f} ms per graph = {eight / eight_plain:.3f}")  # fmt: skip
 
 
 def main() -> None:

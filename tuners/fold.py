@@ -1,14 +1,15 @@
 """Export-time folding of a side tuner's affine calibration into the light head's 1x1 laterals.
 
 A ``cst`` task (calibration ``mtc``) hands the head ``F_i = c_i + M_i s_i + m_i`` at every position:
-the frozen tap plus a 1x1 up-projection of its side map, scaled per channel. The light head's first
-use of ``F_i`` is a 1x1 lateral with BatchNorm, also affine, so in eval mode
+the frozen tap plus a 1x1 up-projection of its side map, scaled per channel; a ``side_tuning`` task
+hands it ``d_i c_i + M_i s_i + m_i``, an alpha blend. The light head's first use of ``F_i`` is a 1x1
+lateral with BatchNorm, also affine, so in eval mode
 
-    lateral(F_i) = S W c_i + S W M_i s_i + S (W m_i - mean) + beta     (S = gamma / sqrt(var + eps))
+    lateral(F_i) = S W (d_i c_i) + S W M_i s_i + S (W m_i - mean) + beta     (S = gamma / sqrt(var + eps))
 
 is one 1x1 convolution over the channels of ``[c_i ; s_i]``. Where the tap is wider than the
 lateral's output (mobilenet_v2's c5: 1280 channels against 96), that convolution costs less than
-the up-projection and the lateral together, and the 1280-channel sum is never formed. As BatchNorm
+the projection and the lateral together, and the 1280-channel sum is never formed. As BatchNorm
 folding in an ONNX export, only the exported graph changes: the torch model is untouched, and the
 folded graph agrees with it up to float rounding (``tests/tuners/test_fold.py``).
 """
@@ -29,7 +30,7 @@ class FoldedGraph(nn.Module):
     """``model.head_outputs`` with the calibration of each level in ``folded`` done by the head's lateral.
 
     Args:
-        tuner: a tuner with ``side_maps``, ``calibrate`` and ``calibration_affine`` (``cst``).
+        tuner: a tuner with ``side_maps``, ``calibrate`` and ``calibration_affine`` (``cst``, ``side_tuning``).
         head: a copy of the task's head whose folded laterals take ``[c_i ; s_i]``.
         folded: per tuner output, whether its calibration is folded.
     """
@@ -39,7 +40,7 @@ class FoldedGraph(nn.Module):
         self.tuner, self.head, self.folded = tuner, head, folded
 
     def forward(self, taps: dict[str, Tensor], images: Tensor | None = None) -> HeadOutputs:
-        pairs = self.tuner.side_maps(taps)
+        pairs = self.tuner.side_maps(taps, images)
         maps = [
             torch.cat([c, s], dim=1) if fold else self.tuner.calibrate(i, c, s)
             for i, ((c, s), fold) in enumerate(zip(pairs, self.folded))
@@ -52,7 +53,8 @@ def fold_calibration(model: TaskModel) -> FoldedGraph | None:
 
     A level folds when the tuner's calibration of it is affine, the light head's neck feeds it
     straight to a 1x1 conv + BatchNorm lateral, and the tap has more channels than that lateral's
-    output. Other tuners and heads, and the nonlinear ``max`` and ``gate`` calibrations, keep their graph.
+    output. Other tuners and heads, and ``cst``'s nonlinear ``max`` and ``gate`` calibrations, keep
+    their graph.
     """
     tuner, neck = model.tuner, getattr(model.head, "neck", None)
     if not hasattr(tuner, "calibration_affine") or not isinstance(neck, LightFPN) or not _direct(neck, tuner):
@@ -69,19 +71,21 @@ def fold_calibration(model: TaskModel) -> FoldedGraph | None:
     return FoldedGraph(tuner, head, folded) if any(folded) else None
 
 
-def merged_lateral(conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: Tensor, bias: Tensor) -> nn.Conv2d:
-    """One 1x1 conv over ``[c ; s]`` equal to ``bn(conv(c + weight @ s + bias))`` in eval mode.
+def merged_lateral(conv: nn.Conv2d, bn: nn.BatchNorm2d, tap_scale: Tensor, weight: Tensor, bias: Tensor) -> nn.Conv2d:
+    """One 1x1 conv over ``[c ; s]`` equal to ``bn(conv(tap_scale * c + weight @ s + bias))`` in eval mode.
 
     Args:
         conv: the lateral's 1x1 conv, ``C -> D``, no bias.
         bn: its BatchNorm over ``D`` channels.
-        weight: ``[C, w]``, the calibration's matrix on the side map.
+        tap_scale: ``[C]``, the calibration's per-channel scale of the tap.
+        weight: ``[C, w]``, its matrix on the side map.
         bias: ``[C]``, its offset.
     """
     scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
     w = conv.weight.flatten(1).double()
     merged = nn.Conv2d(w.shape[1] + weight.shape[1], w.shape[0], 1).to(conv.weight.device)
-    merged.weight.copy_((scale[:, None] * torch.cat([w, w @ weight.double()], dim=1))[:, :, None, None])
+    taps_part, side_part = w * tap_scale.double()[None, :], w @ weight.double()
+    merged.weight.copy_((scale[:, None] * torch.cat([taps_part, side_part], dim=1))[:, :, None, None])
     merged.bias.copy_(scale * (w @ bias.double() - bn.running_mean.double()) + bn.bias.double())
     return merged
 

@@ -72,7 +72,7 @@ class CSTTuner(Tuner):
         mu = torch.sigmoid(self.beta[i] / 0.1)
         return mu * c + (1 - mu) * u
 
-    def side_maps(self, taps: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+    def side_maps(self, taps: dict[str, Tensor], images: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
         """``(c_i, s_i)`` for c3..c5: each tap ``[B, C_i, h, w]`` and the side map ``[B, w_i, h, w]``
         that calibrates it."""
         s = self.body[0](self.lateral[0](taps[self.stages[0]]))
@@ -86,13 +86,14 @@ class CSTTuner(Tuner):
         """Output ``i``: tap ``c`` calibrated by side map ``s`` (``[B, C_i, h, w]``)."""
         return self._calibrate(i, c, self.up[i](s))
 
-    def calibration_affine(self, i: int) -> tuple[Tensor, Tensor] | None:
-        """Output ``i`` as ``F = c + M s + m`` (per position): ``(M [C_i, w_i], m [C_i])`` under ``mtc``;
-        None under the nonlinear ``max`` and ``gate``. Compiled graphs fold it into the head (:mod:`tuners.fold`)."""
+    def calibration_affine(self, i: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Output ``i`` as ``F = d * c + M s + m`` per position: ``(d [C_i], M [C_i, w_i], m [C_i])``, with
+        ``d`` ones, under ``mtc``; None under the nonlinear ``max`` and ``gate``. Compiled graphs fold
+        it into the head (:mod:`tuners.fold`)."""
         if self.config.calibration != "mtc":
             return None
         lam, up = torch.tanh(self.beta[i]).flatten(), self.up[i]
-        return lam[:, None] * up.weight.flatten(1), lam * up.bias
+        return torch.ones_like(lam), lam[:, None] * up.weight.flatten(1), lam * up.bias
 
     def forward(self, taps: dict[str, Tensor], images: Tensor | None = None) -> list[Tensor]:
-        return [self.calibrate(i, c, s) for i, (c, s) in enumerate(self.side_maps(taps))]
+        return [self.calibrate(i, c, s) for i, (c, s) in enumerate(self.side_maps(taps, images))]

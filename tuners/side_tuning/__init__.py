@@ -48,14 +48,24 @@ class SideTuningTuner(Tuner):
     def required_taps(self) -> list[str]:
         return self.taps
 
-    def forward(self, taps: dict[str, Tensor], images: Tensor | None = None) -> list[Tensor]:
+    def side_maps(self, taps: dict[str, Tensor], images: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+        """``(c_i, s_i)`` per pyramid tap: the tap ``[B, C_i, h, w]`` and the side FCN's map of its stride."""
         assert images is not None, "side_tuning reads the image"
         side, x = [], images
         for conv in self.side:
             x = conv(x)
             side.append(x)  # strides 2, 4, 8, 16, 32
-        out = []
-        for i, (tap, stride) in enumerate(zip(self.taps, self.out_strides)):
-            a = torch.sigmoid(self.alpha[i])
-            out.append(a * taps[tap] + (1 - a) * self.proj[i](side[int(math.log2(stride)) - 1]))
-        return out
+        return [(taps[t], side[int(math.log2(s)) - 1]) for t, s in zip(self.taps, self.out_strides)]
+
+    def calibrate(self, i: int, c: Tensor, s: Tensor) -> Tensor:
+        """Output ``i``: ``sigmoid(alpha_i) c + (1 - sigmoid(alpha_i)) proj_i(s)``."""
+        a = torch.sigmoid(self.alpha[i])
+        return a * c + (1 - a) * self.proj[i](s)
+
+    def calibration_affine(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Output ``i`` as ``F = d * c + M s + m`` per position: ``(d [C_i], M [C_i, w], m [C_i])``."""
+        a, proj = torch.sigmoid(self.alpha[i]), self.proj[i]
+        return a.expand(proj.out_channels), (1 - a) * proj.weight.flatten(1), (1 - a) * proj.bias
+
+    def forward(self, taps: dict[str, Tensor], images: Tensor | None = None) -> list[Tensor]:
+        return [self.calibrate(i, c, s) for i, (c, s) in enumerate(self.side_maps(taps, images))]
