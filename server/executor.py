@@ -110,6 +110,7 @@ class TaskFailure:
 
 
 Outcome = HeadOutputs | TaskFailure
+Selected = list[Candidates] | TaskFailure  # a task's candidates, one set per row of its batch
 
 
 def guarded(run: Callable[[], HeadOutputs]) -> Outcome:
@@ -134,6 +135,19 @@ def _slices(n: int, chunks: int) -> list[slice]:
     """``range(n)`` cut into at most ``chunks`` contiguous slices (views, not copies, of a batch)."""
     step = -(-n // chunks)
     return [slice(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def select(model: TaskModel, outputs: Outcome, posts: list[PostprocessConfig]) -> Selected:
+    """Each row's candidates from a task's head outputs (decoded in float32), or the task's failure:
+    decoding one task's outputs may fail too, and that also stays the task's own."""
+    if isinstance(outputs, TaskFailure):
+        return outputs
+    try:
+        floats = HeadOutputs({k: v.float() for k, v in outputs.tensors.items()}, outputs.level_shapes)
+        return model.head.candidates(floats, posts)
+    except Exception as e:  # noqa: BLE001  (as in guarded)
+        log.exception("a task's candidates failed on a batch")
+        return TaskFailure(f"{type(e).__name__}: {e}")
 
 
 def concat_outputs(parts: list[Outcome]) -> Outcome:
@@ -228,15 +242,12 @@ class Executor:
         with torch.autocast(self.device.type, self.autocast or torch.float32, enabled=self.autocast is not None):
             side_outputs = self._side_outputs(side, items, side_rows, canvases)
         for (task_id, rows), outputs in zip(side, side_outputs):
-            if isinstance(outputs, TaskFailure):
+            found = select(items[rows[0]].tasks[task_id], outputs, [items[r].post for r in rows])
+            if isinstance(found, TaskFailure):
                 for r in rows:
-                    results[r][task_id] = outputs
+                    results[r][task_id] = found
                 continue
-            outputs = HeadOutputs({k: v.float() for k, v in outputs.tensors.items()}, outputs.level_shapes)
-            posts = [items[r].post for r in rows]
-            pending += [
-                (r, task_id, c) for r, c in zip(rows, items[rows[0]].tasks[task_id].head.candidates(outputs, posts))
-            ]
+            pending += [(r, task_id, c) for r, c in zip(rows, found)]
         canvas = (int(canvases.shape[-2]), int(canvases.shape[-1]))
         finished = finish([c for _, _, c in pending], canvas, [items[r].post for r, _, _ in pending])
         for (r, task_id, _), det in zip(pending, finished):

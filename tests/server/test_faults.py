@@ -24,6 +24,7 @@ from server.metrics import Metrics
 from server.store import TaskStore
 from tests.server.conftest import LiveServer, make_artifact, settings, spawn_server
 from tuners.artifact import MANIFEST, WEIGHTS, load_artifact, save_artifact
+from tuners.compiled import CompiledTask
 
 
 def overflowing_artifact(backbone, out: Path) -> Path:  # noqa: ANN001
@@ -49,6 +50,25 @@ def test_a_failing_task_fails_alone_in_its_batch(tmp_path: Path, backbone, artif
     alone = executor.run([WorkItem(image, "x", {"good": good, "inline": inline})]).detections[0]
     for name in ("good", "inline"):
         assert torch.equal(out[name].labels, alone[name].labels) and len(out[name]) > 0
+
+
+def test_a_compiled_task_whose_decoding_fails_fails_alone(tmp_path: Path, backbone, artifacts, photos):
+    """Decoding a task's outputs into candidates can fail too; that stays the task's own, as its graph's would."""
+    good, bad = (load_artifact(artifacts[name], backbone)[0] for name in ("side1", "side7"))  # two cst tasks
+    graphs = {
+        n: CompiledTask(m, backbone, tmp_path / f"{n}.onnx", "cpu", threads=1)
+        for n, m in (("good", good), ("bad", bad))
+    }
+    bad.head.candidates = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bad decode"))  # type: ignore[method-assign]
+    executor = Executor(backbone, build_runtime(backbone, "torch", "cpu"), Metrics())
+    images = [decode_image(p, 1 << 24, 1 << 26) for p in photos[:2]]
+    both = executor.run(
+        [WorkItem(img, str(i), {"good": good, "bad": bad}, compiled=graphs) for i, img in enumerate(images)]
+    )
+    alone = executor.run([WorkItem(img, str(i), {"good": good}, compiled=graphs) for i, img in enumerate(images)])
+    for out, ref in zip(both.detections, alone.detections):
+        assert isinstance(out["bad"], TaskFailure) and "bad decode" in out["bad"].message
+        assert len(out["good"]) > 0 and torch.equal(out["good"].boxes, ref["good"].boxes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
