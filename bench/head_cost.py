@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.common import median_seconds, paired_median_seconds, scratch, untrained_tasks
-from models import build_backbone, build_head
+from models import FrozenBackbone, build_backbone, build_head
 from models.runtime import build_runtime
 from tuners import TUNERS, build_task_model
 from tuners.compiled import CompiledTask
@@ -73,7 +73,7 @@ def compiled_graphs(backbone, x: torch.Tensor, repeats: int) -> None:  # noqa: A
         fold_saving(backbone, maps, x, pool, work, repeats)
 
 
-def graph_set(backbone, method: str, work: Path, fold: bool = True) -> list[CompiledTask]:  # noqa: ANN001
+def graph_set(backbone: FrozenBackbone, method: str, work: Path, fold: bool = True) -> list[CompiledTask]:
     """8 distinct untrained tasks of ``method``, compiled as the server compiles them (one thread each)."""
     return [
         CompiledTask(model, backbone, work / f"{method}-{fold}-{i}.onnx", "cpu", threads=1, fold=fold)
@@ -82,17 +82,17 @@ def graph_set(backbone, method: str, work: Path, fold: bool = True) -> list[Comp
 
 
 def fold_saving(
-    backbone, maps: dict, images: torch.Tensor, pool: ThreadPoolExecutor, work: Path, repeats: int
-) -> None:  # noqa: ANN001
+    backbone: FrozenBackbone, maps: dict, images: torch.Tensor, pool: ThreadPoolExecutor, work: Path, repeats: int
+) -> None:
     """Prints the graphs of ``cst`` and ``side_tuning`` (which reads ``images``) against the same tasks
     exported without folding their calibration into the head (``tuners.fold``), the two timed
     alternately: one graph, and 8 on 2 worker threads."""
+
+    def every(graphs: list[CompiledTask]) -> list:
+        return list(pool.map(lambda graph: graph(maps, images), graphs))
+
     for method in ("cst", "side_tuning"):
         folded, unfolded = graph_set(backbone, method, work), graph_set(backbone, method, work, fold=False)
-
-        def every(graphs: list[CompiledTask]) -> list:
-            return list(pool.map(lambda graph: graph(maps, images), graphs))
-
         one, one_plain = paired_median_seconds(
             lambda f=folded[0]: f(maps, images), lambda u=unfolded[0]: u(maps, images), repeats
         )

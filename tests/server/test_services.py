@@ -225,7 +225,8 @@ async def _until_compiled(services, task_id: str) -> None:  # noqa: ANN001
 
 
 def test_a_new_version_of_a_compiled_task_serves_its_own_weights(tmp_path: Path, backbone, artifacts, photo_bytes):
-    """Invariant 6 on the compiled path: once an upload answers, no request gets the old version's graph."""
+    """Never stale weights after an upload, on the compiled path: once an upload answers, no request
+    gets the old version's graph."""
 
     async def run() -> None:
         services = build_services(settings(tmp_path / "store"), backbone)

@@ -63,15 +63,6 @@ class CSTTuner(Tuner):
     def required_taps(self) -> list[str]:
         return self.stages
 
-    def _calibrate(self, i: int, c: Tensor, u: Tensor) -> Tensor:
-        mode = self.config.calibration
-        if mode == "mtc":
-            return c + torch.tanh(self.beta[i]) * u
-        if mode == "max":
-            return torch.maximum(c, c + u)
-        mu = torch.sigmoid(self.beta[i] / 0.1)
-        return mu * c + (1 - mu) * u
-
     def side_maps(self, taps: dict[str, Tensor], images: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
         """``(c_i, s_i)`` for c3..c5: each tap ``[B, C_i, h, w]`` and the side map ``[B, w_i, h, w]``
         that calibrates it."""
@@ -84,7 +75,13 @@ class CSTTuner(Tuner):
 
     def calibrate(self, i: int, c: Tensor, s: Tensor) -> Tensor:
         """Output ``i``: tap ``c`` calibrated by side map ``s`` (``[B, C_i, h, w]``)."""
-        return self._calibrate(i, c, self.up[i](s))
+        u, mode = self.up[i](s), self.config.calibration
+        if mode == "mtc":
+            return c + torch.tanh(self.beta[i]) * u
+        if mode == "max":
+            return torch.maximum(c, c + u)
+        mu = torch.sigmoid(self.beta[i] / 0.1)
+        return mu * c + (1 - mu) * u
 
     def calibration_affine(self, i: int) -> tuple[Tensor, Tensor, Tensor] | None:
         """Output ``i`` as ``F = d * c + M s + m`` per position: ``(d [C_i], M [C_i, w_i], m [C_i])``, with
