@@ -24,7 +24,10 @@ from tuners.base import TUNERS
 from tuners.errors import ArtifactError, IncompatibleBackboneError, TunerError
 from tuners.task_model import TaskModel, build_task_model
 
-FORMAT_VERSION = 1
+# 2: the manifest's "head" holds every option of the head. A version-1 manifest holds only the options
+# given at training, and its head is read with the defaults of that time (LEGACY_HEAD_DEFAULTS).
+FORMAT_VERSION = 2
+LEGACY_HEAD_DEFAULTS = {"light": {"width": 96, "num_convs": 2}}
 WEIGHTS, MANIFEST = "tuner.safetensors", "tuner.json"
 REQUIRED = ("format_version", "method", "config", "head", "labels", "backbone", "preprocess", "weights_sha256")
 
@@ -108,11 +111,24 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     problems = [f"{MANIFEST} lacks '{k}'" for k in REQUIRED if k not in manifest]
     if "method" in manifest and manifest["method"] not in TUNERS:
         problems.append(f"unknown method {manifest['method']!r}; known: {', '.join(TUNERS.names())}")
-    if manifest.get("format_version") not in (None, FORMAT_VERSION):
-        problems.append(f"format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    if manifest.get("format_version") not in (1, FORMAT_VERSION):
+        problems.append(f"format_version {manifest.get('format_version')} is not 1 or {FORMAT_VERSION}")
     if problems:
         raise ArtifactError(problems)
-    return manifest
+    return upgrade_manifest(manifest)
+
+
+def upgrade_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 manifest as version 2: its head's options completed with the defaults it was trained
+    with, which later versions changed. Other versions come back as they are."""
+    if manifest["format_version"] != 1 or not isinstance(manifest["head"], dict):
+        return manifest
+    head = {"name": "light", **manifest["head"]}
+    return {
+        **manifest,
+        "format_version": FORMAT_VERSION,
+        "head": {**LEGACY_HEAD_DEFAULTS.get(head["name"], {}), **head},
+    }
 
 
 DTYPES = {

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from models.backbones.base import FrozenBackbone
-from models.heads import DetectionHead, HeadOutputs, build_head
+from models.heads import DetectionHead, HeadOutputs, build_head, resolve_head_config
 from models.postprocess import PostprocessConfig
 from models.transform import ImageMeta, ImageTransform
 from models.types import Detections, Target
@@ -103,7 +103,7 @@ class TaskModel(nn.Module):
 
 def architecture_key(method: str, config: dict[str, Any], head_config: dict[str, Any], num_labels: int) -> str:
     """See :attr:`TaskModel.architecture`; computable from an artifact's manifest before building anything."""
-    return json.dumps([method, config, {"name": "light", **head_config}, num_labels], sort_keys=True)
+    return json.dumps([method, config, resolve_head_config(head_config), num_labels], sort_keys=True)
 
 
 def build_task_model(
@@ -117,7 +117,7 @@ def build_task_model(
     tuner_cls = TUNERS.get(method)
     extra = {"num_classes": len(labels)} if tuner_cls.needs_num_classes else {}
     tuner = tuner_cls(tuner_cls.config_cls.from_dict(config), backbone, **extra)
-    head_config = {"name": "light", **(head_config or {})}
+    head_config = resolve_head_config(head_config)
     options = {k: v for k, v in head_config.items() if k != "name"}
     head = build_head(head_config["name"], len(labels), tuner.out_channels, tuner.out_strides, **options)
     return TaskModel(method, tuner, head, labels, head_config)

@@ -51,6 +51,18 @@ def check_head_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
         raise HeadConfigError(f"head {name!r}: {'; '.join(problems)}; its options: {valid}") from None
 
 
+def resolve_head_config(head_config: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"name": ..., **every option}``: the head's name (``light`` when absent) and all its options,
+    the defaults filled in, so that a saved artifact does not depend on this version's defaults.
+
+    Raises:
+        HeadConfigError: an unknown head, or options it does not take.
+    """
+    head = {"name": "light", **(head_config or {})}
+    name = head.pop("name")
+    return {"name": name, **check_head_options(name, head)}
+
+
 def build_head(
     name: str, num_classes: int, in_channels: list[int], in_strides: list[int], **options: Any
 ) -> DetectionHead:
@@ -62,4 +74,12 @@ def list_heads() -> list[str]:
     return HEADS.names()
 
 
-__all__ = ["DetectionHead", "HeadConfigError", "HeadOutputs", "build_head", "check_head_options", "list_heads"]
+__all__ = [
+    "DetectionHead",
+    "HeadConfigError",
+    "HeadOutputs",
+    "build_head",
+    "check_head_options",
+    "list_heads",
+    "resolve_head_config",
+]

@@ -10,11 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.heads import resolve_head_config
 from tests.conftest import small_backbone
 from tuners import build_task_model
-from tuners.artifact import MANIFEST, WEIGHTS, load_artifact, save_artifact
+from tuners.artifact import FORMAT_VERSION, LEGACY_HEAD_DEFAULTS, MANIFEST, WEIGHTS, load_artifact, save_artifact
 from tuners.artifact import _sha256 as sha256
 from tuners.errors import ArtifactError, IncompatibleBackboneError
+from tuners.task_model import architecture_key
 
 BACKBONE = small_backbone("resnet18")
 
@@ -90,3 +92,34 @@ def test_save_is_atomic_and_replaces(artifact: Path) -> None:
     save_artifact(model, BACKBONE, artifact)
     assert json.loads((artifact / MANIFEST).read_text())["method"] == "linear_probe"
     assert sorted(p.name for p in artifact.parent.iterdir()) == ["task"]
+
+
+def test_a_manifest_records_every_head_option(artifact: Path) -> None:
+    head = json.loads((artifact / MANIFEST).read_text())["head"]
+    assert head == resolve_head_config({}) and {"width", "num_convs", "prior_prob"} <= set(head)
+
+
+@pytest.mark.parametrize("given", [{"name": "light"}, {"name": "light", "width": 32}, {}])
+def test_a_version_1_artifact_loads_with_the_head_defaults_it_was_trained_with(tmp_path: Path, given: dict) -> None:
+    """Version 1 recorded only the head options given at training; the defaults of that time fill in the
+    rest, whatever the defaults are now."""
+    trained_with = {**LEGACY_HEAD_DEFAULTS["light"], **given, "name": "light"}
+    model = build_task_model("linear_probe", {}, BACKBONE, ["a", "b"], trained_with)
+    folder = save_artifact(model, BACKBONE, tmp_path / "old")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1, "head": given}))
+    loaded, read = load_artifact(folder, BACKBONE)
+    assert read["format_version"] == FORMAT_VERSION and loaded.head_config == model.head_config
+    assert loaded.architecture == model.architecture
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_an_unknown_format_version_is_refused(artifact: Path) -> None:
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    (artifact / MANIFEST).write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION + 1}))
+    assert f"format_version {FORMAT_VERSION + 1} is not 1 or {FORMAT_VERSION}" in _problems(artifact)
+
+
+def test_the_architecture_key_does_not_depend_on_which_defaults_were_written_out() -> None:
+    assert architecture_key("cst", {}, {}, 2) == architecture_key("cst", {}, resolve_head_config({"name": "light"}), 2)
+    assert architecture_key("cst", {}, {"width": 32}, 2) != architecture_key("cst", {}, {}, 2)

@@ -41,10 +41,13 @@ class DynAdapterConfig(TunerConfig):
     max_dropout: float = option(0.3, "adapter dropout at the first block, falling linearly to 0 at the last")
     grad_keep: float = option(0.5, "chance that each adapter gradient entry is kept at a step")
     exit_threshold: float = option(0.0, "stop at the first exit this confident (0: always run full depth)")
-    exit_convs: int = option(3, "tower depth of the early-exit heads (the final head has 2)")
+    exit_convs: int = option(3, "tower depth of the early-exit heads (deeper than the final head's)")
+    exit_width: int = option(96, "channels of the early-exit heads")
 
     def validate(self) -> list[str]:
-        problems = [] if self.gamma >= 1 and self.exit_convs >= 1 else ["gamma and exit_convs must be >= 1"]
+        problems = (
+            [] if min(self.gamma, self.exit_convs, self.exit_width) >= 1 else ["gamma, exit_convs, exit_width >= 1"]
+        )
         if not (0 <= self.max_dropout < 1 and 0 < self.grad_keep <= 1 and 0 <= self.exit_threshold <= 1):
             problems.append("need 0 <= max_dropout < 1, 0 < grad_keep <= 1, 0 <= exit_threshold <= 1")
         return problems
@@ -74,7 +77,9 @@ class DynAdapterTuner(Tuner):
         self.exit_taps = list(backbone.stage_taps[1:-1])
         self.exit_inputs = [[t for t in self.pyramid if spec[t].depth <= spec[e].depth] or [e] for e in self.exit_taps]
         self.exit_heads = nn.ModuleList(
-            build_head("light", num_classes, *tap_shapes(backbone, taps), num_convs=config.exit_convs)
+            build_head(
+                "light", num_classes, *tap_shapes(backbone, taps), width=config.exit_width, num_convs=config.exit_convs
+            )
             for taps in self.exit_inputs
         )
         self.blocks_run = {t: spec[t].depth + (1 if backbone.family == "cnn" else 0) for t in spec}
