@@ -8,12 +8,16 @@ once. If others were, and ``window_s`` is set, it gathers more for up to ``windo
 default window is 0, as Triton's ``max_queue_delay_microseconds``: on a CPU a batch of 8 costs
 per image what 8 batches of one do, so waiting only idles the executor (``docs/BENCHMARKS.md``).
 
-A batch runs in two stages, each on a worker thread of its own, so no GPU or CPU-heavy work runs
-on the event loop: :meth:`Executor.prepare` (the shared backbone pass) and
-:meth:`Executor.finish` (every task's tuner and head, and postprocessing). While one batch is in
-its second stage, the next is gathered and runs its first, as in a pipelined ensemble: the cores
-the heads leave idle (small graphs, NMS, Python) go to the next backbone pass. At most one batch
-waits for or runs its second stage, so the queue, not the pipeline, holds the backlog.
+A batch runs in two stages on worker threads, so no GPU or CPU-heavy work runs on the event
+loop: :meth:`Executor.prepare` (the shared backbone pass) and :meth:`Executor.finish` (every
+task's tuner and head, and postprocessing). While one batch is in its second stage, the next is
+gathered and runs its first, as in a pipelined ensemble: the cores the heads leave idle (small
+graphs, NMS, Python) go to the next backbone pass. Up to ``first_stages`` batches run their first
+stage at once, as Triton runs several instances of a model: on a CPU, one ONNX Runtime pass leaves
+cores idle at its parallel sections' ends, and a second pass fills them (``docs/BENCHMARKS.md``);
+on a GPU one is right, and batching does the rest. A batch holds its place until it starts its
+second stage, and one batch runs that stage at a time, so the queue, not the pipeline, holds the
+backlog.
 """
 
 from __future__ import annotations
@@ -39,11 +43,21 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, engine: Executor, metrics: Metrics, max_batch: int, window_s: float, max_queue: int) -> None:
+    def __init__(
+        self,
+        engine: Executor,
+        metrics: Metrics,
+        max_batch: int,
+        window_s: float,
+        max_queue: int,
+        first_stages: int = 1,
+    ) -> None:
+        if first_stages < 1:
+            raise ValueError(f"first_stages must be at least 1, got {first_stages}")
         self.engine, self.metrics = engine, metrics
-        self.max_batch, self.window_s = max_batch, window_s
+        self.max_batch, self.window_s, self.first_stages = max_batch, window_s, first_stages
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
-        self._first = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-backbone")
+        self._first = ThreadPoolExecutor(max_workers=first_stages, thread_name_prefix="engine-backbone")
         self._second = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-tasks")
         self._task: asyncio.Task | None = None
         self._finishing: set[asyncio.Task] = set()
@@ -90,23 +104,32 @@ class Batcher:
         return batch
 
     async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
-        slot = asyncio.Semaphore(1)  # one batch in its second stage while the next runs its first
+        places = asyncio.Semaphore(self.first_stages)  # batches in their first stage, or waiting for the second
+        slot = asyncio.Semaphore(1)  # one batch in its second stage while others run their first
         while True:
+            await places.acquire()
             batch = await self._gather()
             self.metrics.queue_depth.set(self.queue.qsize())
             now = time.perf_counter()
             for p in batch:
                 self.metrics.stage_seconds.labels(stage="queue").observe(now - p.queued_at)
-            try:
-                prepared = await loop.run_in_executor(self._first, self.engine.prepare, [p.item for p in batch])
-            except Exception as e:  # noqa: BLE001  (delivered to each waiting request)
-                self._fail(batch, e)
-                continue
-            await slot.acquire()
-            finishing = asyncio.create_task(self._finish(batch, prepared, slot))
-            self._finishing.add(finishing)
-            finishing.add_done_callback(self._finishing.discard)
+            running = asyncio.create_task(self._run(batch, places, slot))
+            self._finishing.add(running)
+            running.add_done_callback(self._finishing.discard)
+
+    async def _run(self, batch: list[_Pending], places: asyncio.Semaphore, slot: asyncio.Semaphore) -> None:
+        """Both stages of ``batch``: its place is given back once it holds the second stage's slot."""
+        try:
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                self._first, self.engine.prepare, [p.item for p in batch]
+            )
+        except Exception as e:  # noqa: BLE001  (delivered to each waiting request)
+            places.release()
+            self._fail(batch, e)
+            return
+        await slot.acquire()
+        places.release()
+        await self._finish(batch, prepared, slot)
 
     async def _finish(self, batch: list[_Pending], prepared: Prepared, slot: asyncio.Semaphore) -> None:
         try:

@@ -179,9 +179,11 @@ class Executor:
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="task-graph")
         self.transform = ImageTransform(backbone.preprocess)
         self.backbone_image_passes = 0  # the counter behind invariant 4
+        self._counter_lock = threading.Lock()  # batches' first stages may run on several threads (Batcher)
         # Inline tuners swap per-task tensors into the shared backbone for their own pass
-        # (functional_call), so every forward on it holds this lock: the shared pass, inline
-        # predictions and the upload dry-run. The two stages of a batch may run on two threads.
+        # (functional_call), so every forward on it holds this lock: the shared pass (or, with a
+        # concurrent runtime, its export), inline predictions and the upload dry-run. The two stages
+        # of a batch run on two threads, and several batches' first stages may run at once.
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -356,6 +358,16 @@ class Executor:
             for r, det in zip(same, found):
                 results[r][task_id] = det.to("cpu")
 
+    def _backbone_pass(self, canvases: Tensor, taps: list[str]) -> dict[str, Tensor]:
+        """The shared pass. A runtime that allows it (ONNX Runtime) runs passes of several batches at
+        once, outside the lock, once the lock has covered building its graph for ``taps``."""
+        if not self.runtime.concurrent:
+            with self.lock:
+                return self.runtime(canvases, taps)
+        with self.lock:
+            self.runtime.prepare(taps)  # an export reads the torch module's weights
+        return self.runtime(canvases, taps)
+
     def _shared_taps(self, items: list[WorkItem], canvases: Tensor) -> tuple[dict[int, RowTaps], int]:
         """Per row that has side tasks: its taps, from the cache or one backbone pass over the rest."""
         needed = {
@@ -378,10 +390,10 @@ class Executor:
                 missing.append(row)
         if missing:
             start = time.perf_counter()
-            with self.lock:
-                computed = self.runtime(canvases if len(missing) == len(items) else canvases[missing], taps)
+            computed = self._backbone_pass(canvases if len(missing) == len(items) else canvases[missing], taps)
             self.metrics.stage_seconds.labels(stage="backbone").observe(time.perf_counter() - start)
-            self.backbone_image_passes += len(missing)
+            with self._counter_lock:
+                self.backbone_image_passes += len(missing)
             self.metrics.backbone_image_passes.inc(len(missing))
             for i, row in enumerate(missing):
                 out[row] = RowTaps(computed, i)

@@ -16,7 +16,7 @@ import torch
 from models import build_backbone
 from models.backbones.base import FrozenBackbone
 from models.runtime import build_runtime
-from models.runtime.torch import default_runtime, resolve_device, set_float32_precision
+from models.runtime.torch import BackboneRuntime, default_runtime, resolve_device, set_float32_precision
 from models.transform import PreprocessSpec
 from server.batcher import Batcher
 from server.config import Settings
@@ -105,6 +105,14 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def default_concurrent_batches(runtime: BackboneRuntime) -> int:
+    """2 where passes can run at once on the CPU (ONNX Runtime): with 4 clients on 2 cores, 2 batches'
+    passes at once served 1.14 times the requests of 1, 3 no more than 2, and 4 fewer than 3
+    (``docs/BENCHMARKS.md``). 1 on a GPU, where one larger batch beats several small ones, and for
+    the torch runtime, whose passes hold a lock."""
+    return 2 if runtime.concurrent and runtime.device.type == "cpu" else 1
+
+
 def warm_batches(max_batch: int) -> list[int]:
     """Batch sizes the runtime runs once before serving: the powers of two below ``max_batch``, and it.
 
@@ -152,7 +160,14 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     canvas = backbone.preprocess.canvas
     for size in warm_batches(settings.max_batch_size):
         runtime(torch.zeros(size, 3, canvas, canvas), default_taps)
-    batcher = Batcher(executor, metrics, settings.max_batch_size, settings.batch_window_ms / 1e3, settings.max_queue)
+    batcher = Batcher(
+        executor,
+        metrics,
+        settings.max_batch_size,
+        settings.batch_window_ms / 1e3,
+        settings.max_queue,
+        settings.concurrent_batches or default_concurrent_batches(runtime),
+    )
     limits = Limits(settings.max_request_bytes, settings.max_image_pixels, settings.max_tasks_per_request)
     engine = Engine(executor, batcher, cache, metrics, limits, runtime_name, settings.quarantine_after_failures)
     log.info(

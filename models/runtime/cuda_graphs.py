@@ -25,6 +25,7 @@ class CudaGraphRuntime:
             raise ValueError("CUDA graphs need a CUDA device")
         self.eager, self.buckets = eager, buckets
         self.backbone, self.device, self.provider = eager.backbone, eager.device, f"{eager.provider}-graphs"
+        self.concurrent = False
         self._graphs: dict[tuple[frozenset[str], int], tuple[torch.cuda.CUDAGraph, Tensor, dict[str, Tensor]]] = {}
 
     def _capture(self, taps: frozenset[str], bucket: int) -> tuple[torch.cuda.CUDAGraph, Tensor, dict[str, Tensor]]:
@@ -42,6 +43,9 @@ class CudaGraphRuntime:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self.eager(static_in, taps)
         return graph, static_in, static_out
+
+    def prepare(self, taps: Collection[str]) -> None:
+        """Nothing ahead: a bucket's graph is captured on its first pass."""
 
     def __call__(self, images: Tensor, taps: Collection[str]) -> dict[str, Tensor]:
         n = int(images.shape[0])

@@ -145,6 +145,7 @@ class OnnxRuntime:
         self._sessions: dict[frozenset[str], tuple[list[str], ort.InferenceSession]] = {}
         self._lock = threading.Lock()
         self.exports = 0  # graphs exported or loaded by this runtime (tests read it)
+        self.concurrent = True  # InferenceSession.run is thread-safe; only an export reads the torch module
         first = self.prepare(taps)
         self.provider = first.get_providers()[0]
         self.device = torch.device("cuda" if self.provider == "CUDAExecutionProvider" else "cpu")

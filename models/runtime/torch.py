@@ -15,11 +15,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class BackboneRuntime(Protocol):
-    """Runs the frozen backbone: ``[B, 3, H, W]`` float batch -> ``{tap: [B, C, h, w]}`` float32."""
+    """Runs the frozen backbone: ``[B, 3, H, W]`` float batch -> ``{tap: [B, C, h, w]}`` float32.
+
+    ``concurrent``: passes may run on several threads at once, and never read the torch backbone's
+    weights once :meth:`prepare` has run for their taps (inline tasks swap their own weights into
+    that module, under the executor's lock). Otherwise every pass runs under that lock.
+    """
 
     backbone: FrozenBackbone
     device: torch.device
     provider: str
+    concurrent: bool
+
+    def prepare(self, taps: Collection[str]) -> object: ...
 
     def __call__(self, images: Tensor, taps: Collection[str]) -> dict[str, Tensor]: ...
 
@@ -56,6 +64,10 @@ class TorchRuntime:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone = backbone.to(self.device, memory_format=memory_format)
         self.provider = f"torch-{self.device.type}"
+        self.concurrent = False  # a pass reads the module's weights, which inline tasks swap
+
+    def prepare(self, taps: Collection[str]) -> None:
+        """Nothing to build ahead: eager torch runs any tap set."""
 
     def __call__(self, images: Tensor, taps: Collection[str]) -> dict[str, Tensor]:
         images = images.to(self.device, non_blocking=True)
