@@ -49,12 +49,14 @@ def paired_median_seconds(
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def untrained_tasks(backbone: FrozenBackbone, method: str, n: int) -> list[TaskModel]:
-    """``n`` untrained ``method`` tasks of 10 classes, seeded 0..n-1 (distinct weights), in eval mode on
-    the backbone's device. Timing does not depend on the weights."""
+def untrained_tasks(backbone: FrozenBackbone, method: str, n: int, head: dict | None = None) -> list[TaskModel]:
+    """``n`` untrained ``method`` tasks of 10 classes with ``head`` (default: the light head's defaults),
+    seeded 0..n-1 (distinct weights), in eval mode on the backbone's device. Timing does not depend on
+    the weights."""
     device = next(backbone.parameters()).device
     models = []
     for i in range(n):
         torch.manual_seed(i)
-        models.append(build_task_model(method, {}, backbone, [f"c{j}" for j in range(10)]).to(device).eval())
+        model = build_task_model(method, {}, backbone, [f"c{j}" for j in range(10)], head)
+        models.append(model.to(device).eval())
     return models

@@ -73,11 +73,15 @@ def compiled_graphs(backbone, x: torch.Tensor, repeats: int) -> None:  # noqa: A
         fold_saving(backbone, maps, x, pool, work, repeats)
 
 
-def graph_set(backbone: FrozenBackbone, method: str, work: Path, fold: bool = True) -> list[CompiledTask]:
-    """8 distinct untrained tasks of ``method``, compiled as the server compiles them (one thread each)."""
+def graph_set(
+    backbone: FrozenBackbone, method: str, work: Path, fold: bool = True, head: dict | None = None
+) -> list[CompiledTask]:
+    """8 distinct untrained tasks of ``method`` (with ``head``), compiled as the server compiles them
+    (one thread each)."""
+    tag = "-".join(f"{k}{v}" for k, v in sorted((head or {}).items()))
     return [
-        CompiledTask(model, backbone, work / f"{method}-{fold}-{i}.onnx", "cpu", threads=1, fold=fold)
-        for i, model in enumerate(untrained_tasks(backbone, method, 8))
+        CompiledTask(model, backbone, work / f"{method}-{fold}-{tag}-{i}.onnx", "cpu", threads=1, fold=fold)
+        for i, model in enumerate(untrained_tasks(backbone, method, 8, head))
     ]
 
 
