@@ -60,7 +60,7 @@ class Batcher:
         self._first = ThreadPoolExecutor(max_workers=first_stages, thread_name_prefix="engine-backbone")
         self._second = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-tasks")
         self._task: asyncio.Task | None = None
-        self._finishing: set[asyncio.Task] = set()
+        self._running: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._collect(), name="batcher")
@@ -69,7 +69,7 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await asyncio.gather(*self._finishing, return_exceptions=True)
+        await asyncio.gather(*self._running, return_exceptions=True)
         self._first.shutdown(wait=True)
         self._second.shutdown(wait=True)
 
@@ -114,8 +114,8 @@ class Batcher:
             for p in batch:
                 self.metrics.stage_seconds.labels(stage="queue").observe(now - p.queued_at)
             running = asyncio.create_task(self._run(batch, places, slot))
-            self._finishing.add(running)
-            running.add_done_callback(self._finishing.discard)
+            self._running.add(running)
+            running.add_done_callback(self._running.discard)
 
     async def _run(self, batch: list[_Pending], places: asyncio.Semaphore, slot: asyncio.Semaphore) -> None:
         """Both stages of ``batch``: its place is given back once it holds the second stage's slot."""
@@ -134,7 +134,7 @@ class Batcher:
     async def _finish(self, batch: list[_Pending], prepared: Prepared, slot: asyncio.Semaphore) -> None:
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._second, self.engine.finish, prepared)
-        except Exception as e:  # noqa: BLE001  (as in _collect)
+        except Exception as e:  # noqa: BLE001  (as in _run)
             self._fail(batch, e)
             return
         finally:
