@@ -106,11 +106,11 @@ def freeze_heap() -> None:
 
 
 def default_concurrent_batches(runtime: BackboneRuntime) -> int:
-    """2 where passes can run at once on the CPU (ONNX Runtime): with 4 clients on 2 cores, 2 batches'
-    passes at once served 1.14 times the requests of 1, 3 no more than 2, and 4 fewer than 3
-    (``docs/BENCHMARKS.md``). 1 on a GPU, where one larger batch beats several small ones, and for
-    the torch runtime, whose passes hold a lock."""
-    return 2 if runtime.concurrent and runtime.device.type == "cpu" else 1
+    """3 where passes can run at once on the CPU (ONNX Runtime): with 4 clients on 2 cores, 2 batches'
+    passes at once served 1.11 times the requests of 1, and 3 served 1.08 times those of 2 (medians
+    of alternated rounds, ``docs/BENCHMARKS.md``). 1 on a GPU, where one larger batch beats several
+    small ones, and for the torch runtime, whose passes hold a lock."""
+    return 3 if runtime.concurrent and runtime.device.type == "cpu" else 1
 
 
 def warm_batches(max_batch: int) -> list[int]:
