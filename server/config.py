@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         0.0, ge=0, description="how long the batcher waits for more requests once several are queued (0: none)"
     )
     concurrent_batches: int = Field(
-        0, ge=0, description="batches whose backbone pass may run at once (0: 3 with ONNX Runtime on the CPU, else 1)"
+        0, ge=0, description="batches whose backbone pass may run at once (0: 2 with ONNX Runtime on the CPU, else 1)"
     )
     max_queue: int = Field(64, ge=1, description="queued requests before answering 503")
     max_request_bytes: int = Field(20 * MiB, gt=0, description="largest accepted request body")

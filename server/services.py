@@ -106,11 +106,12 @@ def freeze_heap() -> None:
 
 
 def default_concurrent_batches(runtime: BackboneRuntime) -> int:
-    """3 where passes can run at once on the CPU (ONNX Runtime): with 4 clients on 2 cores, 2 batches'
-    passes at once served 1.11 times the requests of 1, and 3 served 1.08 times those of 2 (medians
-    of alternated rounds, ``docs/BENCHMARKS.md``). 1 on a GPU, where one larger batch beats several
-    small ones, and for the torch runtime, whose passes hold a lock."""
-    return 3 if runtime.concurrent and runtime.device.type == "cpu" else 1
+    """2 where passes can run at once on the CPU (ONNX Runtime): with 4 clients on 2 cores, 2 batches'
+    passes at once served 1.11 times the requests of 1 (median of alternated rounds). 3 served 1.08
+    times the requests of 2 with one task, but in ``make bench`` 100 tasks with cold loads and the
+    cold-load tail did worse (``docs/BENCHMARKS.md``, twelfth stop). 1 on a GPU, where one larger
+    batch beats several small ones, and for the torch runtime, whose passes hold a lock."""
+    return 2 if runtime.concurrent and runtime.device.type == "cpu" else 1
 
 
 def warm_batches(max_batch: int) -> list[int]:

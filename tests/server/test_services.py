@@ -46,7 +46,7 @@ def test_engine_and_tasks_serve_without_http(tmp_path: Path, backbone, artifacts
         services = build_services(settings(tmp_path / "store", device=device), on_device(backbone, device))
         services.start()
         try:
-            assert services.batcher.first_stages == (3 if device == "cpu" else 1)  # ONNX Runtime's passes at once
+            assert services.batcher.first_stages == (2 if device == "cpu" else 1)  # ONNX Runtime's passes at once
             tasks, engine = services.tasks, services.engine
             info = await tasks.publish("a", *_files(artifacts["side1"]))
             assert info.version == 1 and info.residency == "device"  # the validated upload is resident at once
@@ -401,10 +401,10 @@ def test_the_runtime_runs_every_batch_bucket_before_serving(tmp_path: Path, back
             return getattr(self.inner, name)
 
     monkeypatch.setattr(module, "build_runtime", lambda *a, **k: Recording(real(*a, **k)))
-    services = build_services(settings(tmp_path / "store", max_batch_size=6, concurrent_batches=2), backbone)
+    services = build_services(settings(tmp_path / "store", max_batch_size=6, concurrent_batches=3), backbone)
     asyncio.run(services.stop())
     assert sizes == [1, 2, 4, 6] == warm_batches(6)
-    assert services.batcher.first_stages == 2  # the setting, over the default of 3 on the CPU
+    assert services.batcher.first_stages == 3  # the setting, over the default of 2 on the CPU
     assert warm_batches(1) == [1] and warm_batches(8) == [1, 2, 4, 8] and warm_batches(9) == [1, 2, 4, 8, 9]
 
 
