@@ -60,11 +60,10 @@ def graph_cost(backbone: FrozenBackbone, head: dict, work: Path, repeats: int) -
     return costs
 
 
-def train(task: str, head: dict, seed: int, work: Path, real: DetectionData) -> dict[str, Any]:
-    """Trains demo recipe ``task`` with ``head`` and training seed ``seed`` (the recipe's data); its val
+def train(task: str, data: Path, head: dict, seed: int, work: Path, real: DetectionData) -> dict[str, Any]:
+    """Trains demo recipe ``task`` on its ``data`` with ``head`` and training seed ``seed``; its val
     metrics, and for faces its metrics on the real photos ``real``."""
     recipe = DEMO_TASKS[task]
-    data = make_data(task, recipe, work)
     out = work / "runs" / "-".join([task, f"seed{seed}", *(f"{k}{v}" for k, v in sorted(head.items()))])
     values = {"method": recipe.method, "data": data, "epochs": recipe.epochs, "lr": recipe.lr, "seed": seed,
               "augmentation": "none", "cache_features": "memory", "head": head, "progress": False,
@@ -91,10 +90,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     with scratch("sidecar-head-accuracy-") as work:
         real = materialize(work / "real-faces")
+        data = {task: make_data(task, DEMO_TASKS[task], work) for task in ("faces", "digits")}  # once, for every head
         for name, head in HEADS.items():
             cost = graph_cost(backbone, head, work / "onnx", args.repeats)
             for seed in args.seeds:
-                faces, digits = [train(t, head, seed, work, real) for t in ("faces", "digits")]
+                faces, digits = [train(t, data[t], head, seed, work, real) for t in ("faces", "digits")]
                 cells = [name, seed, f"{cost['linear_probe']:.3f}", f"{cost['cst']:.3f}", f"{faces['real_AP50']:.3f}",
                          f"{faces['real_AP']:.3f}", faces["real_fp"], f"{faces['val_AP']:.3f}",
                          f"{digits['val_AP50']:.3f}", f"{digits['val_AP']:.3f}"]  # fmt: skip
