@@ -64,10 +64,7 @@ bench: $(STAMP)
 # GPU figures (needs CUDA): the CUDA tests, then precision, backbone throughput, kernel time and
 # fan-out through the executor, then a CUDA server over HTTP.
 bench-gpu: $(STAMP)
-	$(PY) -m pytest -q -k cuda tests/models/test_runtime_cuda.py tests/models/test_runtime.py \
-	  tests/server/test_services.py tests/server/test_caches_and_store.py tests/tuners/test_trainer.py
-	$(PY) -m bench.gpu
-	$(PY) -m bench.gpu_serve
+	PY=$(PY) bash bench/gpu.sh
 
 # Sweeps every method's learning rate on the synth digits-clutter task, reports each at its best val rate on
 # the held-out test split, with seeds and a data-efficiency curve (about three hours on 2 CPU cores; resumable).
