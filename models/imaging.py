@@ -74,7 +74,7 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     """The image's header, checked for its format and pixel count; no pixel is decoded yet."""
     if not data:
         raise ImageDecodeError("not_an_image", "the image is empty")
-    with _decode_errors():
+    with _decode_errors(max_pixels):
         image = Image.open(io.BytesIO(data))
         width, height = image.size
         if max_pixels is not None and width * height > max_pixels:
@@ -102,8 +102,9 @@ def _pixels(image: Image.Image, contiguous: bool = True) -> torch.Tensor:
 
 
 @contextmanager
-def _decode_errors() -> Iterator[None]:
-    """PIL's exceptions (and its decompression-bomb warning) -> :class:`ImageDecodeError`."""
+def _decode_errors(max_pixels: int | None = None) -> Iterator[None]:
+    """PIL's exceptions (and its decompression-bomb warning) -> :class:`ImageDecodeError`. Pillow refuses
+    a bomb while it reads the header, before :func:`_open` compares the size with ``max_pixels``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -113,7 +114,8 @@ def _decode_errors() -> Iterator[None]:
     except UnidentifiedImageError as e:
         raise ImageDecodeError("not_an_image", "the data is not an image PIL can read") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError("too_large", f"decompression bomb refused: {e}") from e
+        limit = "" if max_pixels is None else f"; the limit is {max_pixels} pixels"
+        raise ImageDecodeError("too_large", f"the image has too many pixels{limit} (Pillow: {e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError("unreadable", f"the image is truncated or corrupt: {e}") from e
 

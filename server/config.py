@@ -13,6 +13,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
+from PIL import Image
 from pydantic import Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -69,7 +70,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="queued requests before answering 503")
     max_request_bytes: int = Field(20 * MiB, gt=0, description="largest accepted request body")
     max_upload_bytes: int = Field(512 * MiB, gt=0, description="largest accepted artifact upload")
-    max_image_pixels: int = Field(40_000_000, gt=0, description="largest decoded image, in pixels")
+    max_image_pixels: int = Field(
+        40_000_000,
+        gt=0,
+        le=Image.MAX_IMAGE_PIXELS,  # above it Pillow refuses an image as a decompression bomb, whatever this says
+        description=f"largest decoded image, in pixels (at most Pillow's {Image.MAX_IMAGE_PIXELS})",
+    )
     max_tasks_per_request: int = Field(32, ge=1)
     admin_key: SecretStr | None = Field(
         None, description="management key(s), comma-separated; prefer admin_key_file (keys stay out of `ps`)"

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import pytest
 import torch
@@ -83,6 +85,25 @@ def test_the_reduced_path_refuses_what_decode_refuses() -> None:
     with pytest.raises(ImageDecodeError) as e:
         decode_reduced(b"not an image", 320)
     assert e.value.kind == "not_an_image"
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels, with almost no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [8_000, 10_000, 60_000])  # under, between and over Pillow's two bomb limits
+def test_a_huge_header_is_refused_with_the_limit_asked_for(side: int) -> None:
+    for read in (lambda data: decode(data, 10_000_000), lambda data: decode_reduced(data, 320, 10_000_000)):
+        with pytest.raises(ImageDecodeError, match="the limit is 10000000 pixels") as e:
+            read(png_header(side, side))
+        assert e.value.kind == "too_large"
 
 
 def test_the_canvas_is_the_normalised_image_padded_with_zeros() -> None:

@@ -263,6 +263,17 @@ def test_settings_come_from_env_and_flags(monkeypatch):
     assert Settings(**flags).max_queue == 5 and Settings(**flags).runtime == "onnx"
 
 
+def test_the_pixel_limit_cannot_be_set_above_what_pillow_decodes():
+    from PIL import Image
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    assert Settings(max_image_pixels=Image.MAX_IMAGE_PIXELS).max_image_pixels == Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ValidationError, match="max_image_pixels"):
+        Settings(max_image_pixels=Image.MAX_IMAGE_PIXELS + 1)
+
+
 def test_feature_cache_never_exceeds_its_budget():
     from server.feature_cache import FeatureCache
 
