@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import errno
-import json
 import logging
 import os
 import re
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from server.exceptions import InsufficientStorage, InvalidTaskId, TaskQuarantined, UnknownTask, UnknownVersion
-from tuners.artifact import MANIFEST, WEIGHTS, fsync_dir
+from tuners.artifact import MANIFEST, WEIGHTS, fsync_dir, parse_json
 
 log = logging.getLogger(__name__)
 TASK_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -332,8 +331,8 @@ class TaskStore(VersionedStore):
 def version_entry(number: int, current: bool, manifest: bytes, published_at: str | None) -> dict[str, Any]:
     """One row of ``version_info`` from a version's manifest bytes (unreadable ones give empty fields)."""
     try:
-        parsed = json.loads(manifest)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        parsed = parse_json(manifest)
+    except ValueError:
         parsed = {}
     parsed = parsed if isinstance(parsed, dict) else {}
     provenance = parsed.get("provenance") if isinstance(parsed.get("provenance"), dict) else {}

@@ -8,14 +8,13 @@ request for a new version finds it resident. A failed upload changes nothing.
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 from server.executor import Executor
 from server.schemas import QuarantinedTask, TaskInfo, TaskList, TaskVersions, VersionInfo
 from server.store import TaskVersion, VersionedStore, check_task_id
 from server.tuner_cache import TunerCache
-from tuners.artifact import MANIFEST, load_artifact, read_manifest
+from tuners.artifact import MANIFEST, load_artifact, parse_json, read_manifest
 from tuners.errors import ArtifactError
 from tuners.task_model import TaskModel
 
@@ -81,8 +80,8 @@ class Tasks:
         """
         check_task_id(task_id)
         try:
-            json.loads(config)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            parse_json(config)
+        except ValueError as e:
             raise ArtifactError([f"{MANIFEST} is not valid JSON: {e}"]) from e
         checked: list[tuple[TaskModel, dict]] = []
 

@@ -7,6 +7,7 @@ Inf tensor is reported in one :class:`ArtifactError`; a different backbone finge
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +39,16 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def parse_json(data: bytes | str) -> Any:
+    """``json.loads`` for documents from users (manifests, safetensors headers). Every way one can be
+    unreadable raises ``ValueError``: malformed, not UTF-8, or nested deeper than Python's parser
+    recurses (``RecursionError`` there)."""
+    try:
+        return json.loads(data)
+    except RecursionError as e:
+        raise ValueError("the JSON is nested too deeply") from e
 
 
 def fsync_dir(path: Path) -> None:
@@ -101,10 +112,10 @@ def save_artifact(
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = parse_json((folder / MANIFEST).read_bytes())
     except FileNotFoundError as e:
         raise ArtifactError([f"{MANIFEST} is missing"]) from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:
         raise ArtifactError([f"{MANIFEST} is not valid JSON: {e}"]) from e
     if not isinstance(manifest, dict):
         raise ArtifactError([f"{MANIFEST} must hold a JSON object"])
@@ -112,7 +123,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if "method" in manifest and manifest["method"] not in TUNERS:
         problems.append(f"unknown method {manifest['method']!r}; known: {', '.join(TUNERS.names())}")
     if manifest.get("format_version") not in (1, FORMAT_VERSION):
-        problems.append(f"format_version {manifest.get('format_version')} is not 1 or {FORMAT_VERSION}")
+        problems.append(f"format_version {manifest.get('format_version')!r} is not 1 or {FORMAT_VERSION}")
     if problems:
         raise ArtifactError(problems)
     return upgrade_manifest(manifest)
@@ -139,18 +150,67 @@ DTYPES = {
 
 
 def _read_header(f: Any, size: int) -> tuple[dict[str, Any], int]:
-    """The header's tensor entries, and the offset where tensor data starts."""
+    """The header's tensor entries, and the offset where tensor data starts.
+
+    Raises:
+        ValueError: the header does not fit the file, is not JSON, or an entry lacks a string
+            ``dtype``, a ``shape`` of integers or two integer ``data_offsets``.
+    """
     raw = f.read(8)
     if len(raw) < 8:
         raise ValueError("the file is shorter than a safetensors header")
     (length,) = struct.unpack("<Q", raw)
     if length > min(size - 8, 100 << 20):
         raise ValueError(f"header length {length} does not fit the file")
-    header = json.loads(f.read(length))
+    header = parse_json(f.read(length))
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
     header.pop("__metadata__", None)
+    for key, info in header.items():
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and _ints(info.get("shape"))
+            and _ints(info.get("data_offsets"))
+            and len(info["data_offsets"]) == 2
+        ):
+            raise ValueError(f"the header's entry for {key!r} is not a dtype, a shape and two data offsets")
     return header, 8 + length
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _unreadable(e: ValueError) -> str:
+    return f"{WEIGHTS} is not a readable safetensors file ({e}); pickle files are never read"
+
+
+def _layout(f: Any, size: int, state: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, Any], int]:
+    """Every problem of the file's header against ``state`` (missing, extra or mis-shaped key, wrong
+    dtype, bad offsets), which may be on the meta device; and the header and where its data starts."""
+    try:
+        header, base = _read_header(f, size)
+    except ValueError as e:
+        return [_unreadable(e)], {}, 0
+    problems = [f"missing key {k}" for k in sorted(set(state) - set(header))]
+    problems += [f"extra key {k}" for k in sorted(set(header) - set(state))]
+    for k in sorted(set(state) & set(header)):
+        info, t = header[k], state[k]
+        begin, end = info["data_offsets"]
+        if tuple(info["shape"]) != tuple(t.shape):
+            problems.append(f"{k}: shape {tuple(info['shape'])}, expected {tuple(t.shape)}")
+        elif DTYPES.get(info["dtype"]) != t.dtype:
+            problems.append(f"{k}: dtype {info['dtype']}, expected {t.dtype}")
+        elif end - begin != t.numel() * t.element_size() or begin < 0 or base + end > size:
+            problems.append(f"{k}: data offsets {begin}..{end} do not fit the tensor or the file")
+    return problems, header, base
+
+
+def layout_problems(path: Path, state: dict[str, torch.Tensor]) -> list[str]:
+    """:func:`read_into`'s checks alone, for tensors that need not exist yet (meta tensors)."""
+    with open(path, "rb") as f:
+        return _layout(f, path.stat().st_size, state)[0]
 
 
 def read_into(path: Path, state: dict[str, torch.Tensor]) -> list[str]:
@@ -161,23 +221,8 @@ def read_into(path: Path, state: dict[str, torch.Tensor]) -> list[str]:
     Returns every problem (missing, extra or mis-shaped key, wrong dtype, bad offsets); the
     tensors are only written when there is none.
     """
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        try:
-            header, base = _read_header(f, size)
-        except (ValueError, UnicodeDecodeError) as e:
-            return [f"{WEIGHTS} is not a readable safetensors file ({e}); pickle files are never read"]
-        problems = [f"missing key {k}" for k in sorted(set(state) - set(header))]
-        problems += [f"extra key {k}" for k in sorted(set(header) - set(state))]
-        for k in sorted(set(state) & set(header)):
-            info, t = header[k], state[k]
-            begin, end = info.get("data_offsets", (0, -1))
-            if tuple(info.get("shape", ())) != tuple(t.shape):
-                problems.append(f"{k}: shape {tuple(info.get('shape', ()))}, expected {tuple(t.shape)}")
-            elif DTYPES.get(info.get("dtype")) != t.dtype:
-                problems.append(f"{k}: dtype {info.get('dtype')}, expected {t.dtype}")
-            elif end - begin != t.numel() * t.element_size() or base + end > size:
-                problems.append(f"{k}: data offsets {begin}..{end} do not fit the tensor or the file")
+        problems, header, base = _layout(f, path.stat().st_size, state)
         if problems:
             return problems
         for k, t in state.items():
@@ -188,6 +233,11 @@ def read_into(path: Path, state: dict[str, torch.Tensor]) -> list[str]:
             if target.data_ptr() != t.data_ptr():
                 t.detach().copy_(target)
     return []
+
+
+def _build(manifest: dict[str, Any], backbone: FrozenBackbone, device: str | None = None) -> TaskModel:
+    with torch.device(device) if device else contextlib.nullcontext():
+        return build_task_model(manifest["method"], manifest["config"], backbone, manifest["labels"], manifest["head"])
 
 
 def nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
@@ -217,12 +267,14 @@ def load_artifact(
         problems.append(f"{WEIGHTS} is missing")
     elif verify and _sha256(weights) != manifest["weights_sha256"]:
         problems.append(f"{WEIGHTS} sha256 does not match tuner.json (truncated or altered file)")
-    try:
-        model = build_task_model(
-            manifest["method"], manifest["config"], backbone, manifest["labels"], manifest["head"]
-        )
-    except (TunerError, KeyError, TypeError, ValueError) as e:
+    try:  # the layout is checked on the meta device first: options that ask for terabytes allocate nothing
+        if verify and weights.is_file():
+            problems += layout_problems(weights, _build(manifest, backbone, "meta").state_dict())
+        model = None if problems else _build(manifest, backbone)
+    except (TunerError, KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch's, on a bad size
         raise ArtifactError(problems + [f"cannot build {manifest['method']}: {e}"]) from e
+    if model is None:
+        raise ArtifactError(problems)
     if weights.is_file():
         problems += read_into(weights, model.state_dict())
     if verify and not problems:

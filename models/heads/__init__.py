@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from models.heads import fcos, light, retinanet  # noqa: F401  (registration)
 from models.heads.base import DetectionHead, HeadOutputs
 from models.registry import HEADS
 
 SIZED_BY_THE_TUNER = ("self", "num_classes", "in_channels", "in_strides")
+# Bounds of the options the heads share by name: a manifest's head is checked before anything is built.
+BOUNDS = {"width": Field(gt=0), "num_convs": Field(ge=0), "prior_prob": Field(gt=0, lt=1), "anchor_size": Field(gt=0)}
 
 
 class HeadConfigError(ValueError):
@@ -24,7 +26,7 @@ def _options_model(name: str) -> type[BaseModel]:
     """A pydantic model of head ``name``'s options, from its constructor's signature."""
     signature = inspect.signature(HEADS.get(name).__init__, eval_str=True)
     fields = {
-        p.name: (p.annotation, p.default)
+        p.name: (Annotated[p.annotation, BOUNDS[p.name]] if p.name in BOUNDS else p.annotation, p.default)
         for p in signature.parameters.values()
         if p.name not in SIZED_BY_THE_TUNER and p.default is not inspect.Parameter.empty
     }

@@ -98,6 +98,10 @@ def test_bad_input_gets_its_code(live: LiveServer, artifacts, photo_bytes, tmp_p
         with pytest.raises(SidecarError) as e:
             client.upload_task("other", bad)
         assert e.value.code == "invalid_artifact" and len(e.value.details) >= 1
+        (bad / "tuner.json").write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's parser recurses
+        assert code(lambda: client.upload_task("other", bad)) == (422, "invalid_artifact")
+        (bad / "tuner.json").write_text(json.dumps({**manifest, "head": {**manifest["head"], "width": -5}}))
+        assert code(lambda: client.upload_task("other", bad)) == (422, "invalid_artifact")
         assert code(lambda: client.get_task("other")) == (404, "unknown_task")
 
 

@@ -87,6 +87,55 @@ def test_unknown_method_and_invalid_json(artifact: Path) -> None:
     assert "not valid JSON" in _problems(artifact)
 
 
+def test_json_nested_deeper_than_the_parser_recurses_is_unreadable_not_a_crash(artifact: Path) -> None:
+    manifest = (artifact / MANIFEST).read_text()
+    (artifact / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in _problems(artifact)
+    (artifact / MANIFEST).write_text(manifest)
+    header = b"[" * 50_000 + b"]" * 50_000
+    (artifact / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header + bytes(10 << 20))
+    assert "not a readable safetensors file (the JSON is nested too deeply)" in _problems(artifact)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [5, {"dtype": "F32", "shape": [2]}, {"dtype": "F32", "shape": [2], "data_offsets": [0, 4, 8]},
+     {"dtype": 1, "shape": [2], "data_offsets": [0, 8]}, {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}],
+)  # fmt: skip
+def test_a_header_entry_that_is_not_a_tensor_entry_is_unreadable(artifact: Path, entry: object) -> None:
+    header = json.dumps({"tuner.x": entry}).encode()
+    (artifact / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
+    assert "not a readable safetensors file (the header's entry for 'tuner.x'" in _problems(artifact)
+
+
+@pytest.mark.parametrize("head", [{"width": 20_000}, {"num_convs": 500}])
+def test_options_the_weights_do_not_fit_are_refused_on_the_meta_device(
+    artifact: Path, head: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Options that would take gigabytes are found out without allocating them."""
+    devices: list[str] = []
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        devices.append(torch.get_default_device().type)
+        return build_task_model(*args, **kwargs)
+
+    monkeypatch.setattr("tuners.artifact.build_task_model", spy)
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    (artifact / MANIFEST).write_text(json.dumps({**manifest, "head": {**manifest["head"], **head}}))
+    message = _problems(artifact)
+    assert ("expected" in message or "missing key head.tower" in message) and devices == ["meta"]
+    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    load_artifact(artifact, BACKBONE)
+    assert devices == ["meta", "meta", "cpu"]
+
+
+@pytest.mark.parametrize(("option", "value"), [("width", -5), ("width", 64.5), ("num_convs", -1), ("prior_prob", 2.0)])
+def test_head_options_out_of_range_name_the_option(artifact: Path, option: str, value: float) -> None:
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    (artifact / MANIFEST).write_text(json.dumps({**manifest, "head": {**manifest["head"], option: value}}))
+    assert f"head 'light': {option}: Input should be" in _problems(artifact)
+
+
 def test_save_is_atomic_and_replaces(artifact: Path) -> None:
     model = build_task_model("linear_probe", {}, BACKBONE, ["x"])
     save_artifact(model, BACKBONE, artifact)
