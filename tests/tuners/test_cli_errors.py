@@ -3,7 +3,9 @@ never a traceback; the data folder is checked before any weights load; every com
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +56,14 @@ def test_server_train_mistakes_are_one_line(data: Path, tmp_path: Path, flags: l
 def test_a_missing_data_folder_is_reported_before_any_weights_load(tmp_path: Path):
     result = _run("tuners.trainer.cli", "--data", str(tmp_path / "nope"), "--weights", str(tmp_path / "missing.pt"))
     _one_line(result, 2, "nope does not exist")  # the missing weights file was never reached
+
+
+def test_a_malformed_coco_file_is_one_line_naming_it(data: Path, tmp_path: Path):
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    (broken / "train" / "annotations.json").write_text(json.dumps({"images": [], "annotations": []}))
+    result = _run("tuners.trainer.cli", "--data", str(broken), "--out", str(tmp_path / "run"), "--epochs", "1")
+    _one_line(result, 2, "train/annotations.json is not a COCO document", "KeyError('categories')")
 
 
 def test_a_failing_publish_keeps_the_artifact_and_prints_the_retry(data: Path, tmp_path: Path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from models import ImageTransform, PreprocessSpec
 from tuners.data import DatasetError, read_dataset
@@ -107,6 +108,55 @@ def test_stats_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     with pytest.raises(DatasetError, match="cannot read"):
         read_dataset(tmp_path / "train", "coco")
     assert data_cli(["stats", "--data", str(tmp_path / "missing")]) == 2
+
+
+IMAGE = {"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}
+MALFORMED_COCO = [
+    [1, 2],
+    {"images": [], "annotations": []},
+    {"categories": 5, "images": [], "annotations": []},
+    {"categories": [{"id": 1}], "images": [], "annotations": []},
+    {"categories": [{"id": 1, "name": "a"}], "images": [{"id": 1}], "annotations": []},
+    {"categories": [{"id": 1, "name": "a"}], "images": [IMAGE], "annotations": [{"image_id": 1, "category_id": 1}]},
+    {"categories": [{"id": 1, "name": "a"}], "images": [IMAGE],
+     "annotations": [{"image_id": 1, "category_id": 1, "bbox": [1, 2, "a", 4]}]},
+    {"categories": [{"id": 1, "name": "a"}], "images": [IMAGE],
+     "annotations": [{"image_id": 2, "category_id": 1, "bbox": [1, 2, 3, 4]}]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("doc", MALFORMED_COCO)
+def test_a_malformed_coco_document_is_a_dataset_error_naming_the_file(tmp_path: Path, doc: object) -> None:
+    (tmp_path / "annotations.json").write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match="annotations.json is not a COCO document"):
+        read_dataset(tmp_path, "coco")
+    (tmp_path / "annotations.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_dataset(tmp_path, "coco")
+
+
+@pytest.mark.parametrize("line", ["0 abc 0.5 0.2 0.2", "0.0 0.5 0.5 0.2 0.2", "0 0.5 0.5 0.2"])
+def test_a_malformed_yolo_line_is_a_dataset_error_quoting_it(tmp_path: Path, line: str) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "classes.txt").write_text("a\n")
+    Image.new("RGB", (20, 10)).save(tmp_path / "images" / "x.jpg")
+    (tmp_path / "labels" / "x.txt").write_text(f"0 0.5 0.5 0.2 0.2\n{line}\n")
+    with pytest.raises(DatasetError, match=f"x.txt: expected 'class cx cy w h' .*, got '{line}'"):
+        read_dataset(tmp_path, "yolo")
+
+
+@pytest.mark.parametrize(
+    ("xml", "words"),
+    [("<annotation><size><width>abc</width></size></annotation>", "the size is not two integers"),
+     ("<annotation><object><name>a</name></object></annotation>", "an object has no readable bndbox"),
+     ("<annotation", "a.xml: "),],
+)  # fmt: skip
+def test_a_malformed_voc_file_is_a_dataset_error_naming_it(tmp_path: Path, xml: str, words: str) -> None:
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Annotations" / "a.xml").write_text(xml)
+    with pytest.raises(DatasetError, match=words):
+        read_dataset(tmp_path, "voc")
 
 
 def test_augmented_samples_keep_valid_canvas_boxes(tmp_path: Path) -> None:

@@ -34,27 +34,40 @@ def _labels(rows: list[int]) -> torch.Tensor:
 
 
 def read_coco(root: Path, annotations: str = "annotations.json", images: str = "images") -> DetectionData:
-    """A COCO split: ``root/annotations`` naming images in ``root/images``."""
+    """A COCO split: ``root/annotations`` naming images in ``root/images``.
+
+    Raises:
+        DatasetError: the file cannot be read, is not JSON, or is not a COCO document (with the key,
+            type or value that is wrong).
+    """
     path = root / annotations
     try:
         doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON or not UTF-8
         raise DatasetError(f"cannot read {path}: {e}") from e
+    try:
+        return _coco_data(doc, root / images)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(
+            f"{path} is not a COCO document with 'categories' (id, name), 'images' (id, file_name, width, "
+            f"height) and 'annotations' (image_id, category_id, bbox) that name each other: {e!r}"
+        ) from e
+
+
+def _coco_data(doc: dict, images: Path) -> DetectionData:
+    """The records of a parsed COCO document; raises KeyError, TypeError or ValueError where it is malformed."""
     categories = sorted(doc["categories"], key=lambda c: c["id"])
     index = {c["id"]: i for i, c in enumerate(categories)}
     per_image: dict[int, tuple[list, list, list]] = {img["id"]: ([], [], []) for img in doc["images"]}
-    try:
-        for ann in doc["annotations"]:
-            x, y, w, h = ann["bbox"]
-            boxes, labels, crowd = per_image[ann["image_id"]]
-            boxes.append([x, y, x + w, y + h])
-            labels.append(index[ann["category_id"]])
-            crowd.append(bool(ann.get("iscrowd", 0)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise DatasetError(f"{path}: an annotation is malformed or names an unknown image or category ({e!r})") from e
+    for ann in doc["annotations"]:
+        x, y, w, h = ann["bbox"]
+        boxes, labels, crowd = per_image[ann["image_id"]]
+        boxes.append([x, y, x + w, y + h])
+        labels.append(index[ann["category_id"]])
+        crowd.append(bool(ann.get("iscrowd", 0)))
     records = [
         ImageRecord(
-            root / images / img["file_name"],
+            images / img["file_name"],
             img["width"],
             img["height"],
             _boxes(per_image[img["id"]][0]),
@@ -63,7 +76,9 @@ def read_coco(root: Path, annotations: str = "annotations.json", images: str = "
         )
         for img in sorted(doc["images"], key=lambda i: i["id"])
     ]
-    return DetectionData([c["name"] for c in categories], records, doc.get("info", {}).get("description", ""))
+    info = doc.get("info")
+    description = str(info.get("description", "")) if isinstance(info, dict) else ""
+    return DetectionData([str(c["name"]) for c in categories], records, description)
 
 
 def to_coco(data: DetectionData) -> dict:
@@ -103,35 +118,16 @@ def write_coco(
 
 
 def read_voc(root: Path) -> DetectionData:
+    """A VOC split: ``root/Annotations/*.xml`` naming images in ``root/JPEGImages``.
+
+    Raises:
+        DatasetError: no XML file, one that is not XML or lacks a readable box or size, or an
+            object whose class is not in ``classes.txt``.
+    """
     files = sorted((root / "Annotations").glob("*.xml"))
     if not files:
         raise DatasetError(f"no XML files in {root / 'Annotations'}")
-    parsed = []
-    for f in files:
-        try:
-            tree = ET.parse(f).getroot()
-        except ET.ParseError as e:
-            raise DatasetError(f"{f}: {e}") from e
-        try:
-            objects = [
-                (
-                    o.findtext("name", ""),
-                    [float(o.find("bndbox").findtext(k, "nan")) for k in ("xmin", "ymin", "xmax", "ymax")],  # type: ignore[union-attr]
-                    o.findtext("difficult", "0").strip() == "1",
-                )
-                for o in tree.iter("object")
-            ]
-        except (AttributeError, ValueError) as e:
-            raise DatasetError(f"{f}: an object has no readable bndbox ({e})") from e
-        size = tree.find("size")
-        parsed.append(
-            (
-                tree.findtext("filename", f.stem),
-                int(size.findtext("width", "0")),  # type: ignore[union-attr]
-                int(size.findtext("height", "0")),
-                objects,
-            )
-        )  # type: ignore[union-attr]
+    parsed = [_voc_file(f) for f in files]
     classes_file = root / "classes.txt"
     classes = (
         classes_file.read_text().split("\n")
@@ -155,6 +151,31 @@ def read_voc(root: Path) -> DetectionData:
         for name, w, h, objs in parsed
     ]
     return DetectionData(classes, records)
+
+
+def _voc_file(f: Path) -> tuple[str, int, int, list[tuple[str, list[float], bool]]]:
+    """One VOC XML file: (image file name, width, height, [(class, [x1, y1, x2, y2], difficult)])."""
+    try:
+        tree = ET.parse(f).getroot()
+    except ET.ParseError as e:
+        raise DatasetError(f"{f}: {e}") from e
+    try:
+        objects = [
+            (
+                o.findtext("name", ""),
+                [float(o.find("bndbox").findtext(k, "nan")) for k in ("xmin", "ymin", "xmax", "ymax")],  # type: ignore[union-attr]
+                o.findtext("difficult", "0").strip() == "1",
+            )
+            for o in tree.iter("object")
+        ]
+    except (AttributeError, ValueError) as e:
+        raise DatasetError(f"{f}: an object has no readable bndbox ({e})") from e
+    size = tree.find("size")
+    try:
+        width, height = (0, 0) if size is None else [int(size.findtext(k, "0")) for k in ("width", "height")]
+    except ValueError as e:
+        raise DatasetError(f"{f}: the size is not two integers ({e})") from e
+    return tree.findtext("filename", f.stem), width, height, objects
 
 
 def write_voc(data: DetectionData, root: Path, copy_images: bool = True) -> None:
@@ -193,11 +214,15 @@ def yolo_record(image: Path, label_file: Path) -> ImageRecord:
     lines = label_file.read_text().split("\n") if label_file.is_file() else []
     for line in filter(None, (ln.strip() for ln in lines)):
         parts = line.split()
-        if len(parts) != 5:
-            raise DatasetError(f"{label_file}: expected 'class cx cy w h', got {line!r}")
-        cx, cy, bw, bh = (float(v) for v in parts[1:])
+        try:
+            if len(parts) != 5:
+                raise ValueError("not five values")
+            label, (cx, cy, bw, bh) = int(parts[0]), (float(v) for v in parts[1:])
+        except ValueError as e:
+            expected = "'class cx cy w h' (an integer, four numbers)"
+            raise DatasetError(f"{label_file}: expected {expected}, got {line!r}") from e
         rows.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
-        labels.append(int(parts[0]))
+        labels.append(label)
     return ImageRecord(image, w, h, _boxes(rows), _labels(labels))
 
 
