@@ -135,6 +135,14 @@ def test_a_malformed_coco_document_is_a_dataset_error_naming_the_file(tmp_path: 
         read_dataset(tmp_path, "coco")
 
 
+def test_a_missing_image_file_is_found_when_the_dataset_is_read(tmp_path: Path) -> None:
+    generate(SynthConfig(task="digits", images=4, size=64, min_scale=16, max_scale=32), tmp_path)
+    missing = sorted((tmp_path / "train" / "images").iterdir())[0]
+    missing.unlink()
+    with pytest.raises(DatasetError, match=f"{missing}: the image file is missing"):
+        read_dataset(tmp_path / "train", "coco")
+
+
 @pytest.mark.parametrize("line", ["0 abc 0.5 0.2 0.2", "0.0 0.5 0.5 0.2 0.2", "0 0.5 0.5 0.2"])
 def test_a_malformed_yolo_line_is_a_dataset_error_quoting_it(tmp_path: Path, line: str) -> None:
     (tmp_path / "images").mkdir()

@@ -38,7 +38,7 @@ class ImageRecord:
             self.crowd = torch.zeros(self.labels.shape[0], dtype=torch.bool)
 
     def validate(self, num_classes: int) -> list[str]:
-        problems = []
+        problems = [] if self.path.is_file() else [f"{self.path}: the image file is missing"]
         b = self.boxes
         if b.ndim != 2 or b.shape[1] != 4 or not b.shape[0] == self.labels.shape[0] == self.crowd.shape[0]:
             return [f"{self.path.name}: boxes {tuple(b.shape)} and labels {tuple(self.labels.shape)} do not match"]
