@@ -2,7 +2,9 @@
 
 Reading is strict and never unpickles: every missing, extra or mis-shaped key and every NaN or
 Inf tensor is reported in one :class:`ArtifactError`; a different backbone fingerprint raises
-:class:`IncompatibleBackboneError`. Writing is atomic: temp folder, fsync, rename.
+:class:`IncompatibleBackboneError`. An upload's layout is checked against the model its manifest
+describes, built on the meta device, before any tensor is allocated. Writing is atomic: temp
+folder, fsync, rename.
 """
 
 from __future__ import annotations
