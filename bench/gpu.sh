@@ -2,8 +2,8 @@
 # The engine's GPU figures in one run (`make bench-gpu`): the CUDA variants of the tests, then
 # `bench.gpu` (precision, backbone throughput, time in kernels, fan-out through the executor,
 # invariant 3 per precision), then `bench.gpu_serve` (a `--device cuda` server over HTTP, fp32 and
-# fp16). Each step has its own time limit, so one that hangs leaves the others their time; the whole
-# run stays under 9 minutes. Exits non-zero if any step failed. The output also goes to
+# fp16). Each step has its own time limit, so one that hangs leaves the others their time; the limits
+# add up to 9 min 20 s. Exits non-zero if any step failed. The output also goes to
 # $OUT/bench-gpu.log when OUT is set (the device tool's folder), else to /tmp/bench-gpu.log.
 #
 # Usage: PY=.venv/bin/python bash bench/gpu.sh             (a machine set up with `make install`)

@@ -4,8 +4,8 @@
 # That machine's python3 (3.12) already holds torch, torchvision, onnxruntime (CPU), numpy, pillow,
 # safetensors, httpx, pytest and scikit-image; this downloads the cp312 x86-64 wheels of the rest
 # of what the server, the CUDA tests and the GPU benchmarks import, at the versions installed in
-# this checkout's .venv, into .whl/ (ignored by git; about 30 MB, under the 64 MiB a device call
-# may carry). Run it here, where pip reaches the registries: bash bench/gpu_wheels.sh [DIR]
+# this checkout's .venv, into .whl/ (ignored by git; 17 MB at this stop's versions, under the
+# 64 MiB a device call may carry). Run it here, where pip reaches the registries: bash bench/gpu_wheels.sh [DIR]
 set -eu
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 dest=${1:-.whl}

@@ -271,7 +271,7 @@ class TunerCache:
                     spare.labels, spare.generation = list(manifest["labels"]), spare.generation + 1
                     return spare.eval(), manifest
                 log.warning("task %s v%d did not fit a spare model (%s); building it", *key, problems[0])
-        model, manifest = load_artifact(version.path, self.backbone, verify=key not in self._verified)
+        model, manifest = load_artifact(version.path, self.backbone, verify=key not in self._verified, from_store=True)
         self._verified.add(key)
         return model.to(self.device).eval(), manifest
 

@@ -248,7 +248,11 @@ def nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def load_artifact(
-    folder: Path, backbone: FrozenBackbone, manifest: dict[str, Any] | None = None, verify: bool = True
+    folder: Path,
+    backbone: FrozenBackbone,
+    manifest: dict[str, Any] | None = None,
+    verify: bool = True,
+    from_store: bool = False,
 ) -> tuple[TaskModel, dict[str, Any]]:
     """Reads, checks and builds an artifact for ``backbone``. See the module docstring for the checks.
 
@@ -256,6 +260,8 @@ def load_artifact(
         manifest: the folder's parsed ``tuner.json``, when the caller has it already.
         verify: also check the weights' sha256 and look for NaN or Inf. A version that was fully
             checked once (at upload) is reloaded without them; keys, shapes and dtypes are always checked.
+        from_store: a version from the server's store, whose layout was checked when it was published:
+            the meta-device pass (about as long as building the model) is left off a cold load.
     """
     manifest = manifest if manifest is not None else read_manifest(folder)
     fp = manifest["backbone"].get("fingerprint") if isinstance(manifest["backbone"], dict) else None
@@ -270,7 +276,7 @@ def load_artifact(
     elif verify and _sha256(weights) != manifest["weights_sha256"]:
         problems.append(f"{WEIGHTS} sha256 does not match tuner.json (truncated or altered file)")
     try:  # the layout is checked on the meta device first: options that ask for terabytes allocate nothing
-        if verify and weights.is_file():
+        if verify and not from_store and weights.is_file():
             problems += layout_problems(weights, _build(manifest, backbone, "meta").state_dict())
         model = None if problems else _build(manifest, backbone)
     except (TunerError, KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch's, on a bad size

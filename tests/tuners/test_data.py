@@ -130,6 +130,9 @@ def test_a_malformed_coco_document_is_a_dataset_error_naming_the_file(tmp_path: 
     (tmp_path / "annotations.json").write_text(json.dumps(doc))
     with pytest.raises(DatasetError, match="annotations.json is not a COCO document"):
         read_dataset(tmp_path, "coco")
+
+
+def test_a_coco_file_nested_deeper_than_the_parser_recurses_cannot_be_read(tmp_path: Path) -> None:
     (tmp_path / "annotations.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DatasetError, match="cannot read"):
         read_dataset(tmp_path, "coco")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from models.imaging import upright_size
+from tuners.artifact import parse_json
 from tuners.data.records import DatasetError, DetectionData, ImageRecord
 
 FORMATS = ("coco", "voc", "yolo")
@@ -42,8 +43,8 @@ def read_coco(root: Path, annotations: str = "annotations.json", images: str = "
     """
     path = root / annotations
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON or not UTF-8
+        doc = parse_json(path.read_bytes())
+    except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read {path}: {e}") from e
     try:
         return _coco_data(doc, root / images)
