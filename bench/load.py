@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -77,6 +77,7 @@ class LoadResult:
     seconds: float
     latencies: list[float]
     errors: int
+    statuses: dict[int, int] = field(default_factory=dict)  # HTTP status -> responses (closed_loop)
 
     @property
     def rps(self) -> float:
@@ -92,7 +93,7 @@ def closed_loop(
 ) -> LoadResult:
     """``clients`` threads, each sending its next request as soon as the last is answered, for ``seconds``."""
     latencies: list[float] = []
-    errors = [0]
+    statuses: dict[int, int] = {}
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
 
@@ -101,11 +102,11 @@ def closed_loop(
         with httpx.Client(base_url=url, timeout=60) as http:
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
-                ok = request(http, rng).status_code == 200
+                status = request(http, rng).status_code
                 took = time.perf_counter() - start
                 with lock:
-                    latencies.append(took) if ok else None
-                    errors[0] += not ok
+                    latencies.append(took) if status == 200 else None
+                    statuses[status] = statuses.get(status, 0) + 1
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -113,7 +114,8 @@ def closed_loop(
         t.start()
     for t in threads:
         t.join()
-    return LoadResult(len(latencies), time.perf_counter() - start, latencies, errors[0])
+    errors = sum(n for status, n in statuses.items() if status != 200)
+    return LoadResult(len(latencies), time.perf_counter() - start, latencies, errors, statuses)
 
 
 Request = Callable[[httpx.Client, random.Random], httpx.Response]

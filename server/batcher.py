@@ -75,13 +75,22 @@ class Batcher:
 
     async def submit(self, item: WorkItem) -> tuple[dict, int]:
         """Queues one image; returns (task id -> detections, backbone passes of its batch)."""
+        return await self.enqueue(item)
+
+    def enqueue(self, item: WorkItem) -> asyncio.Future:
+        """Queues one image. The future gets (task id -> detections, backbone passes of its batch) when
+        the item's batch is done, or the batch's error; the batch runs the item even if nobody waits.
+
+        Raises:
+            Overloaded: the queue is full.
+        """
         future = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(_Pending(item, future, time.perf_counter()))
         except asyncio.QueueFull:
             raise Overloaded(f"the request queue is full ({self.queue.maxsize}); retry shortly") from None
         self.metrics.queue_depth.set(self.queue.qsize())
-        return await future
+        return future
 
     async def _gather(self) -> list[_Pending]:
         batch = [await self.queue.get()]

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(Path(".cache"), description="exported ONNX graphs (backbone and compiled tasks)")
     device_cache_bytes: int = Field(256 * MiB, gt=0, description="byte budget of task models on the device")
     host_cache_bytes: int = Field(1024 * MiB, ge=0, description="byte budget of task models parked in host memory")
+    cache_wait_s: float = Field(
+        10.0, ge=0, description="how long a request waits for room in the device tier held by other requests' tasks"
+    )
     feature_cache_bytes: int = Field(0, ge=0, description="byte budget of cached backbone taps (0: off)")
     max_batch_size: int = Field(8, ge=1, description="images per engine batch")
     batch_window_ms: float = Field(

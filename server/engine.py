@@ -22,13 +22,14 @@ from models.runtime.torch import BackboneRuntime
 from models.transform import ImageMeta
 from models.types import Detections
 from server.batcher import Batcher
+from server.cache_entries import Lease
 from server.exceptions import InvalidRequest, SidecarError, TaskFailed, TooManyTasks
 from server.executor import Executor, TaskFailure, WorkItem
 from server.imaging import content_hash, load_image
 from server.metrics import Metrics
 from server.schemas import BackboneInfo, Detection, DetectResponse, ErrorDetail, ImageSize, TaskResult
 from server.store import check_task_id
-from server.tuner_cache import Lease, TunerCache
+from server.tuner_cache import TunerCache
 from tuners.task_model import TaskModel
 
 
@@ -102,20 +103,23 @@ class Engine:
         image, meta, key = await asyncio.to_thread(self._decode, data, keyed)
         leases = await self.cache.acquire_many(specs)
         try:
-            item = WorkItem(
-                image,
-                key,
-                {k: lease.model for k, lease in zip(keys, leases)},
-                post,
-                {k: lease.compiled for k, lease in zip(keys, leases) if lease.compiled is not None},
-                meta,
-            )
-            detections, passes = await self.batcher.submit(item)
+            models = {k: lease.model for k, lease in zip(keys, leases)}
+            compiled = {k: lease.compiled for k, lease in zip(keys, leases) if lease.compiled is not None}
+            pending = self.batcher.enqueue(WorkItem(image, key, models, post, compiled, meta))
+        except BaseException:
+            self._release(leases)
+            raise
+        try:
+            detections, passes = await asyncio.shield(pending)
             # Built before release: a released model object may be refilled with another task's weights.
             results = [self._result(t, lease, detections[k]) for (t, _), k, lease in zip(specs, keys, leases)]
-        finally:
-            for lease in leases:
-                self.cache.release(lease)
+        except asyncio.CancelledError:  # the caller went away; its batch may still be running these models
+            pending.add_done_callback(lambda _: self._release(leases))
+            raise
+        except BaseException:
+            self._release(leases)
+            raise
+        self._release(leases)
         if all(r.error is not None for r in results):
             raise TaskFailed("every task named failed at inference", [f"{r.task}: {r.error.message}" for r in results])  # type: ignore[union-attr]
         elapsed = time.perf_counter() - start
@@ -133,6 +137,10 @@ class Engine:
         limits, transform = self.limits, self.executor.transform
         image, meta = load_image(data, transform, limits.max_image_bytes, limits.max_image_pixels)
         return transform.canvas(image), meta, content_hash(data) if keyed else ""
+
+    def _release(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            self.cache.release(lease)
 
     def _result(self, task_id: str, lease: Lease, det: Detections | TaskFailure) -> TaskResult:
         model: TaskModel = lease.model

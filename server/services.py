@@ -152,7 +152,7 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
         else None
     )
     budgets = {"device": settings.device_cache_bytes, "host": settings.host_cache_bytes}
-    cache = TunerCache(store, backbone, device, budgets, metrics, compiler)
+    cache = TunerCache(store, backbone, device, budgets, metrics, compiler, wait_s=settings.cache_wait_s)
     features = FeatureCache(settings.feature_cache_bytes) if settings.feature_cache_bytes else None
     stack = settings.stack_tasks == "on" or (settings.stack_tasks == "auto" and device.type == "cuda")
     executor = Executor(

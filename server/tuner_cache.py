@@ -10,6 +10,10 @@
   read its tensors straight into a preallocated model of the same architecture when one is spare
   (a dropped entry nobody holds; spares count against the tier's budget and go first), else into
   a freshly built one (building a model is Python module construction; reading fills its tensors).
+- When the device tier is full of tasks that other requests are using, a request waits (up to
+  ``wait_s``, one waiting request at a time, in arrival order) until enough are released, as LoRA
+  servers queue a request until its adapters fit; a request whose tasks cannot fit together even
+  alone gets :class:`CacheBudget` at once.
 - With a ``compiler``, a side task in use is also compiled (ONNX Runtime) on a background
   thread once it has served ``compile_after`` requests while resident (tiered, as JITs do: tasks
   that churn through the cache never pay for it); it is served in torch until the graph is ready.
@@ -18,82 +22,36 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from models.backbones.base import FrozenBackbone
-from server.exceptions import CacheBudget, Overloaded
-from server.store import TaskVersion, VersionedStore
+from server.admission import Admission, NoRoom
+from server.cache_entries import Entry, Key, Lease, entry_bytes, model_bytes, to_host
+from server.exceptions import CacheBudget, Overloaded, UnknownVersion
+from server.store import TaskVersion, VersionedStore, complete
 from tuners.artifact import WEIGHTS, load_artifact, read_into, read_manifest
 from tuners.compiled import CompiledTask
+from tuners.errors import ArtifactError
 from tuners.task_model import TaskModel, architecture_key
 
 log = logging.getLogger(__name__)
-Key = tuple[str, int]  # (task id, version)
 TIERS = ("device", "host")
 MAX_SPARES = 8  # spare models kept for reuse, across architectures
+MiB = 1 << 20
 Compiler = Callable[[TaskModel, dict[str, Any]], CompiledTask]
 
 
-def model_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
-def to_host(model: torch.nn.Module, pin: bool) -> None:
-    """Moves ``model`` to host memory, page-locked when ``pin`` (a GPU reads it back with non-blocking copies)."""
-    model.to("cpu")
-    if pin:
-        for t in [*model.parameters(), *model.buffers()]:
-            t.data = t.data.pin_memory()
-
-
-def entry_bytes(model: TaskModel, compiles: bool) -> int:
-    """What an entry costs: its tensors, twice for a side task that will also hold a compiled graph."""
-    return model_bytes(model) * (2 if compiles and model.kind == "side" else 1)
-
-
-@dataclass
-class Entry:
-    key: Key
-    model: TaskModel
-    manifest: dict[str, Any]
-    nbytes: int
-    refs: int = 0
-    stale: bool = False  # deleted or replaced: dropped when the last user releases it
-    compiled: CompiledTask | None = None
-    uses: int = 0  # requests served while resident
-    arch: str = ""  # TaskModel.architecture, for reusing the model object
-
-    def __post_init__(self) -> None:
-        self.arch = self.arch or self.model.architecture
-
-
-@dataclass
-class Lease:
-    """A task model held for one batch; :meth:`TunerCache.release` it when done."""
-
-    entry: Entry
-    released: bool = field(default=False)
-
-    @property
-    def model(self) -> TaskModel:
-        return self.entry.model
-
-    @property
-    def version(self) -> int:
-        return self.entry.key[1]
-
-    @property
-    def compiled(self) -> CompiledTask | None:
-        return self.entry.compiled
+class VersionGone(UnknownVersion):
+    """A version's folder went away while it loaded: replaced and pruned, or deleted."""
 
 
 class TunerCache:
@@ -108,13 +66,14 @@ class TunerCache:
         metrics: Any,
         compiler: Compiler | None = None,
         compile_after: int = 2,
+        wait_s: float = 10.0,
     ) -> None:
         self.store, self.backbone, self.device, self.budgets, self.metrics = store, backbone, device, budgets, metrics
-        self.compiler, self.compile_after = compiler, compile_after
+        self.compiler, self.compile_after, self.admission = compiler, compile_after, Admission(wait_s)
         self._spares: OrderedDict[int, tuple[str, TaskModel, int]] = OrderedDict()  # id -> (arch, model, bytes)
         self.tiers: dict[str, OrderedDict[Key, Entry]] = {t: OrderedDict() for t in TIERS}
         self._pinned: set[str] = set()
-        self._verified: set[Key] = set()
+        self._sizes: dict[Key, int] = {}  # versions verified in full, and their entries' bytes
         self._loading: dict[Key, Future] = {}
         self._lock = threading.RLock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuner-loader")
@@ -171,8 +130,44 @@ class TunerCache:
 
     async def acquire_many(self, specs: list[tuple[str, int | None]]) -> list[Lease]:
         """Leases for every (task, version or current), in order. The loads of all cold ones are queued
-        before waiting on any."""
-        versions = [self.store.get(task_id, version) for task_id, version in specs]
+        before waiting on any. A current version replaced and pruned, or deleted, while it loaded is
+        looked up again (the next version, or ``UnknownTask``).
+
+        Raises:
+            UnknownTask, UnknownVersion: a task or version is not in the store.
+            CacheBudget: the tasks' models do not fit the device tier together, even with no other request.
+            Overloaded: other requests held the room these tasks need for ``wait_s``.
+        """
+        lookups = 3
+        while True:
+            try:
+                return await self._admit([self.store.get(task_id, version) for task_id, version in specs])
+            except VersionGone:
+                lookups -= 1
+                if not lookups:
+                    raise
+
+    async def _admit(self, versions: list[TaskVersion]) -> list[Lease]:
+        """Leases for ``versions``: at once when there is room, else after waiting for it (:mod:`server.admission`)."""
+        full = None
+        if not self.admission.queued:
+            try:
+                return await self._lease_all(versions)
+            except NoRoom as e:
+                full = e
+        deadline = time.monotonic() + self.admission.wait_s
+        async with self.admission.turn():
+            while True:
+                if full is not None:
+                    await self.admission.wait(functools.partial(self._fits, full, versions), deadline)
+                try:
+                    return await self._lease_all(versions)
+                except NoRoom as e:
+                    full = e if full is None or e.nbytes > full.nbytes else full
+
+    async def _lease_all(self, versions: list[TaskVersion]) -> list[Lease]:
+        """Leases for ``versions``, or none. On :class:`NoRoom`, its ``nbytes`` is what the leases held
+        and the load that found no room needed together, and ``tasks`` how many tasks that counts."""
         for version in versions:  # prefetch: the loader works through them while we wait on the first
             with self._lock:
                 if (version.task_id, version.version) not in self.tiers["device"]:
@@ -181,11 +176,34 @@ class TunerCache:
         try:
             for version in versions:
                 leases.append(await self._acquire(version))
-        except BaseException:
-            for lease in leases:
-                self.release(lease)
-            raise
+        except NoRoom as e:
+            held = {lease.entry.key: lease.entry.nbytes for lease in leases}
+            raise NoRoom(e.message, nbytes=sum(held.values()) + e.nbytes, tasks=len(held) + 1) from e
+        finally:
+            if len(leases) < len(versions):
+                for lease in leases:
+                    self.release(lease)
         return leases
+
+    def _fits(self, full: NoRoom, versions: list[TaskVersion]) -> bool:
+        """Whether the device tier looks able to hold ``versions`` now: their bytes (extrapolated from
+        what ``full`` counted) are free or held by idle entries, which loads evict.
+
+        Raises:
+            CacheBudget: even with no other request they could not fit.
+        """
+        mine, budget = {(v.task_id, v.version) for v in versions}, self.budgets["device"]
+        with self._lock:
+            others = [e for e in self.tiers["device"].values() if e.key not in mine]
+            pinned = sum(e.nbytes for e in others if e.key[0] in self._pinned)
+            busy = sum(e.nbytes for e in others if e.refs and e.key[0] not in self._pinned)
+        if full.nbytes > budget - pinned:
+            raise CacheBudget(
+                f"the {len(mine)} task(s) named need at least {full.nbytes / MiB:.1f} MiB of task models at once; "
+                f"the device cache holds {budget / MiB:.1f} MiB ({pinned / MiB:.1f} MiB pinned): name fewer tasks "
+                "per request, unpin tasks or raise device_cache_bytes"
+            )
+        return min(full.nbytes * len(mine) // max(1, full.tasks), budget - pinned) <= budget - pinned - busy
 
     async def _acquire(self, version: TaskVersion) -> Lease:
         key = (version.task_id, version.version)
@@ -201,7 +219,8 @@ class TunerCache:
                         self._schedule_compile(entry)
                     return Lease(entry)
                 future = self._start_load(version)
-            await asyncio.wrap_future(future)
+            # shielded: a request cancelled while it waits (its client went away) leaves the load to the others
+            await asyncio.shield(asyncio.wrap_future(future))
         raise Overloaded(f"task {version.task_id} was evicted repeatedly while loading; retry")
 
     def _start_load(self, version: TaskVersion) -> Future:
@@ -222,6 +241,7 @@ class TunerCache:
             if lease.entry.stale and lease.entry.refs == 0:
                 self._drop(lease.entry)
                 self._update_gauges()  # only a drop changes what is resident
+        self.admission.released()
 
     def admit(self, version: TaskVersion, model: TaskModel, manifest: dict[str, Any]) -> None:
         """Makes a model that was just built and verified (an upload) resident, when it fits without waiting."""
@@ -229,7 +249,7 @@ class TunerCache:
         entry = Entry(key, model.to(self.device).eval(), manifest, entry_bytes(model, self.compiler is not None))
         entry.uses = 1  # the upload counts as a use: the next request compiles it
         with self._lock:
-            self._verified.add(key)
+            self._sizes[key] = entry.nbytes
             try:
                 self._make_room("device", entry.nbytes)
             except (CacheBudget, Overloaded):
@@ -238,29 +258,54 @@ class TunerCache:
             self._update_gauges()
 
     def _load(self, version: TaskVersion) -> None:
+        """Makes ``version`` resident on the device, from the host tier or else the store.
+
+        Raises:
+            NoRoom: the device tier is full of pinned or in-use entries. A version whose size is known
+                fails before it is read, and a parked one stays in the host tier.
+        """
         key = (version.task_id, version.version)
         try:
             start = time.perf_counter()
             with self._lock:
+                parked = self.tiers["host"].get(key)
+                self._check_room(parked.nbytes if parked is not None else self._sizes.get(key, 0))
                 entry = self.tiers["host"].pop(key, None)
             if entry is not None:
                 self.metrics.cache_events.labels(tier="host", event="hit").inc()
                 entry.model.to(self.device, non_blocking=True)  # from pinned memory on CUDA
             else:
-                model, manifest = self._read(version, key)
+                try:
+                    model, manifest = self._read(version, key)
+                except (ArtifactError, OSError):
+                    if not complete(version.path):
+                        raise VersionGone(f"task {version.task_id!r} has no version {version.version} now") from None
+                    raise
                 entry = Entry(key, model, manifest, entry_bytes(model, self.compiler is not None))
+                self._sizes[key] = entry.nbytes  # verified in full by now
                 self.metrics.cold_load_seconds.observe(time.perf_counter() - start)
             with self._lock:
-                self._make_room("device", entry.nbytes)
+                try:
+                    self._make_room("device", entry.nbytes)
+                except NoRoom:
+                    if parked is not None:
+                        self._park(entry)
+                    raise
                 self.tiers["device"][key] = entry
                 self._update_gauges()
         finally:
             with self._lock:
                 self._loading.pop(key, None)
 
+    def _check_room(self, nbytes: int) -> None:
+        """Raises :class:`NoRoom` when ``nbytes`` cannot fit the device tier even by evicting every idle entry."""
+        held = sum(e.nbytes for e in self.tiers["device"].values() if e.refs or e.key[0] in self._pinned)
+        if held + nbytes > self.budgets["device"]:
+            raise NoRoom("the device tuner cache is full of pinned or in-use tasks", nbytes=nbytes)
+
     def _read(self, version: TaskVersion, key: Key) -> tuple[TaskModel, dict[str, Any]]:
         """A verified version read into a spare model of its architecture, else a full (first) load."""
-        if key in self._verified:
+        if key in self._sizes:
             manifest = read_manifest(version.path)
             arch = architecture_key(manifest["method"], manifest["config"], manifest["head"], len(manifest["labels"]))
             spare = self._take_spare(arch)
@@ -271,8 +316,7 @@ class TunerCache:
                     spare.labels, spare.generation = list(manifest["labels"]), spare.generation + 1
                     return spare.eval(), manifest
                 log.warning("task %s v%d did not fit a spare model (%s); building it", *key, problems[0])
-        model, manifest = load_artifact(version.path, self.backbone, verify=key not in self._verified, from_store=True)
-        self._verified.add(key)
+        model, manifest = load_artifact(version.path, self.backbone, verify=key not in self._sizes, from_store=True)
         return model.to(self.device).eval(), manifest
 
     def _take_spare(self, arch: str) -> TaskModel | None:
@@ -330,15 +374,20 @@ class TunerCache:
                 continue
             victim = next((e for e in entries.values() if self._evictable(e)), None)
             if victim is None:
-                raise Overloaded(f"the {tier} tuner cache is full of pinned or in-use tasks")
+                raise NoRoom(f"the {tier} tuner cache is full of pinned or in-use tasks", nbytes=nbytes)
             del entries[victim.key]
             self.metrics.cache_events.labels(tier=tier, event="eviction").inc()
-            if tier == "device" and self.budgets["host"] >= victim.nbytes and not victim.stale:
-                to_host(victim.model, pin=self.device.type == "cuda")
-                self._make_room("host", victim.nbytes)
-                self.tiers["host"][victim.key] = victim
-            else:
+            if tier == "host" or not self._park(victim):
                 self._keep_spare(victim)
+
+    def _park(self, entry: Entry) -> bool:
+        """Moves an entry leaving the device tier to the host tier, when that has room for it (lock held)."""
+        if self.budgets["host"] < entry.nbytes or entry.stale:
+            return False
+        to_host(entry.model, pin=self.device.type == "cuda")
+        self._make_room("host", entry.nbytes)
+        self.tiers["host"][entry.key] = entry
+        return True
 
     def _drop(self, entry: Entry) -> None:
         for tier in TIERS:
@@ -354,6 +403,8 @@ class TunerCache:
                     entry.stale = True
                     if entry.refs == 0:
                         self._drop(entry)
+            for key in [k for k in self._sizes if k[0] == task_id and k[1] != keep_version]:
+                del self._sizes[key]  # a version loaded again (a rollback) is verified again
             self._update_gauges()
 
     def _update_gauges(self) -> None:

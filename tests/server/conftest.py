@@ -21,8 +21,11 @@ from PIL import Image
 from models import FrozenBackbone, PreprocessSpec, build_backbone
 from server.config import Settings
 from server.main import create_app
+from server.metrics import Metrics
+from server.store import TaskStore
+from server.tuner_cache import TunerCache, model_bytes
 from tuners import build_task_model
-from tuners.artifact import save_artifact
+from tuners.artifact import MANIFEST, WEIGHTS, load_artifact, save_artifact
 from tuners.data.synth import photo
 
 SIDE_METHODS = ["linear_probe", "cst", "e3va", "lst", "side_tuning", "hst"]
@@ -150,3 +153,18 @@ class LiveServer:
 def live(tmp_path: Path, backbone: FrozenBackbone) -> Iterator[LiveServer]:
     with LiveServer(create_app(settings(tmp_path / "store"), backbone=backbone)) as server:
         yield server
+
+
+def copies_cache(tmp_path: Path, backbone, artifact: Path, tasks: int, room: int, wait_s: float) -> TunerCache:  # noqa: ANN001
+    """``tasks`` copies of ``artifact`` (t0, t1, ...) behind a device tier with room for ``room`` of them."""
+    store = TaskStore(tmp_path / "store")
+    for i in range(tasks):
+        store.publish(f"t{i}", (artifact / WEIGHTS).read_bytes(), (artifact / MANIFEST).read_bytes(), lambda _: None)
+    size = model_bytes(load_artifact(artifact, backbone)[0])
+    budgets = {"device": room * size, "host": 0}
+    return TunerCache(store, backbone, torch.device("cpu"), budgets, Metrics(), wait_s=wait_s)
+
+
+def lease_counts(cache: TunerCache) -> dict[str, int]:
+    """Task id -> references held on its device-tier entry."""
+    return {key[0]: entry.refs for key, entry in cache.tiers["device"].items()}

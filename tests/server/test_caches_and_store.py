@@ -33,7 +33,8 @@ def _publish(store: TaskStore, task_id: str, artifact: Path) -> None:
 
 
 def _cache(store: TaskStore, backbone, budget: int, host: int = 0) -> TunerCache:  # noqa: ANN001
-    return TunerCache(store, backbone, torch.device("cpu"), {"device": budget, "host": host}, Metrics())
+    """A cache that answers at once when in-use tasks leave no room (``tests/server/test_admission.py`` waits)."""
+    return TunerCache(store, backbone, torch.device("cpu"), {"device": budget, "host": host}, Metrics(), wait_s=0)
 
 
 def test_budget_holds_with_20_tasks_cycled_and_pins_stay(tmp_path: Path, backbone, artifacts):

@@ -1,0 +1,109 @@
+"""Requests and management calls racing each other: a request that goes away, a version removed
+while it loads or while it is described. Each case once ended in a wrong status or a wedged task."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from models.postprocess import PostprocessConfig
+from server.exceptions import UnknownTask
+from server.services import build_services
+from tests.server.conftest import copies_cache, lease_counts, settings
+from tuners.artifact import MANIFEST, WEIGHTS
+
+
+def _files(artifact: Path) -> tuple[bytes, bytes]:
+    return (artifact / WEIGHTS).read_bytes(), (artifact / MANIFEST).read_bytes()
+
+
+def test_a_cancelled_request_leaves_the_load_it_waited_for_to_others(tmp_path: Path, backbone, artifacts, monkeypatch):
+    """A request cancelled while its task's load is queued (Ray Serve cancels the requests of clients
+    that go away) must not cancel that load for everyone: before, every later request for the task
+    raised ``CancelledError``."""
+    cache = copies_cache(tmp_path, backbone, artifacts["side1"], tasks=2, room=2, wait_s=0)
+    gate, read = threading.Event(), cache._read
+    monkeypatch.setattr(cache, "_read", lambda v, k: (gate.wait(30) if v.task_id == "t0" else None, read(v, k))[1])
+
+    async def run() -> None:
+        first = asyncio.create_task(cache.acquire("t0"))  # holds the loader
+        await asyncio.sleep(0.05)
+        doomed = asyncio.create_task(cache.acquire("t1"))  # its load waits in the loader's queue
+        await asyncio.sleep(0.05)
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        gate.set()
+        cache.release(await first)
+        lease = await asyncio.wait_for(cache.acquire("t1"), 30)
+        assert lease.entry.key == ("t1", 1)
+        cache.release(lease)
+
+    asyncio.run(run())
+    cache.close()
+
+
+def test_a_cancelled_request_keeps_its_tasks_until_its_batch_is_done(
+    tmp_path: Path, backbone, artifacts, photo_bytes, monkeypatch
+):
+    """Released early, a model its batch still runs could be evicted and refilled with another task's
+    weights (or moved off the GPU) under the batch."""
+
+    async def run() -> None:
+        services = build_services(settings(tmp_path / "store"), backbone)
+        services.start()
+        try:
+            await services.tasks.publish("a", (artifacts["side1"] / WEIGHTS).read_bytes(),
+                                         (artifacts["side1"] / MANIFEST).read_bytes())  # fmt: skip
+            entered, leave, finish = threading.Event(), threading.Event(), services.executor.finish
+            monkeypatch.setattr(services.executor, "finish", lambda p: (entered.set(), leave.wait(30), finish(p))[2])
+            request = asyncio.create_task(services.engine.detect(photo_bytes, "a", PostprocessConfig()))
+            assert await asyncio.to_thread(entered.wait, 30)
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            assert lease_counts(services.tuner_cache) == {"a": 1}  # the running batch still holds it
+            leave.set()
+            for _ in range(300):
+                if lease_counts(services.tuner_cache) == {"a": 0}:
+                    break
+                await asyncio.sleep(0.01)
+            assert lease_counts(services.tuner_cache) == {"a": 0}
+            monkeypatch.setattr(services.executor, "finish", finish)
+            answer = await services.engine.detect(photo_bytes, "a", PostprocessConfig())
+            assert answer.results[0].task == "a" and answer.results[0].error is None
+        finally:
+            await services.stop()
+
+    asyncio.run(run())
+
+
+def test_a_version_removed_while_it_loads_is_looked_up_again(tmp_path: Path, backbone, artifacts, monkeypatch):
+    """A rollback's version pruned by the next upload, or a task deleted, while a request loads it: the
+    request gets the new current version, or 404 (before: 422 "tuner.json is missing" for a good request)."""
+    cache = copies_cache(tmp_path, backbone, artifacts["side1"], tasks=2, room=2, wait_s=0)
+    store, read, files = cache.store, cache._read, [(artifacts["side2"] / n).read_bytes() for n in (WEIGHTS, MANIFEST)]
+
+    def racing_read(version, key):  # noqa: ANN001, ANN202
+        if version.task_id == "t0" and version.version == 1:
+            store.publish("t0", *files, lambda _: None)
+            shutil.rmtree(version.path)  # what _prune does to a version that is no longer current
+        if version.task_id == "t1":
+            store.delete("t1")
+        return read(version, key)
+
+    monkeypatch.setattr(cache, "_read", racing_read)
+
+    async def run() -> None:
+        lease = await cache.acquire("t0")
+        assert lease.entry.key == ("t0", 2) and lease.entry.manifest["method"] == "e3va"  # side2's method
+        cache.release(lease)
+        with pytest.raises(UnknownTask):
+            await cache.acquire("t1")
+
+    asyncio.run(run())
+    cache.close()
