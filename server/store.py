@@ -236,9 +236,11 @@ class TaskStore(VersionedStore):
     def versions(self, task_id: str) -> list[int]:
         """Complete versions of ``task_id``, oldest first."""
         folder = self.root / check_task_id(task_id)
-        if not folder.is_dir():
-            raise UnknownTask.of(task_id)
-        numbers = (VERSION.fullmatch(p.name) for p in folder.iterdir())
+        try:
+            names = [p.name for p in folder.iterdir()]
+        except (FileNotFoundError, NotADirectoryError):  # never there, or deleted just now
+            raise UnknownTask.of(task_id) from None
+        numbers = (VERSION.fullmatch(name) for name in names)
         return sorted(int(m[1]) for m in numbers if m and complete(folder / m[0]))
 
     def version_info(self, task_id: str) -> list[dict[str, Any]]:

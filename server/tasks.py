@@ -8,11 +8,14 @@ request for a new version finds it resident. A failed upload changes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
+from typing import Any
 
+from server.exceptions import UnknownTask
 from server.executor import Executor
 from server.schemas import QuarantinedTask, TaskInfo, TaskList, TaskVersions, VersionInfo
-from server.store import TaskVersion, VersionedStore, check_task_id
+from server.store import TaskVersion, VersionedStore, check_task_id, complete
 from server.tuner_cache import TunerCache
 from tuners.artifact import MANIFEST, load_artifact, parse_json, read_manifest
 from tuners.errors import ArtifactError
@@ -25,17 +28,32 @@ class Tasks:
     def __init__(self, store: VersionedStore, cache: TunerCache, executor: Executor) -> None:
         self.store, self.cache, self.executor = store, cache, executor
 
-    def info(self, found: TaskVersion) -> TaskInfo:
-        manifest = read_manifest(found.path)
+    def info(self, found: TaskVersion, manifest: dict[str, Any] | None = None, nbytes: int | None = None) -> TaskInfo:
+        """What the API says about ``found``, read from its folder unless the caller has ``manifest`` and ``nbytes``.
+
+        Raises:
+            UnknownTask: the task was deleted, or the version pruned, while this read it.
+        """
+        try:
+            manifest = read_manifest(found.path) if manifest is None else manifest
+            nbytes = sum(p.stat().st_size for p in found.path.iterdir()) if nbytes is None else nbytes
+        except (ArtifactError, OSError) as e:
+            if complete(found.path):
+                raise
+            raise UnknownTask(f"task {found.task_id!r} v{found.version} was deleted or pruned just now") from e
+        try:
+            versions = self.store.versions(found.task_id)
+        except UnknownTask:
+            versions = []  # deleted since; what the version was is still true
         return TaskInfo(
             id=found.task_id,
             version=found.version,
-            versions=self.store.versions(found.task_id),
+            versions=versions,
             method=manifest["method"],
             kind=manifest.get("kind", "side"),
             labels=manifest["labels"],
             metrics={k: v for k, v in manifest.get("metrics", {}).items() if k != "per_class"},
-            bytes=sum(p.stat().st_size for p in found.path.iterdir()),
+            bytes=nbytes,
             residency=self.cache.residency(found.task_id),
             pinned=self.cache.is_pinned(found.task_id),
             compiled=self.cache.is_compiled(found.task_id),
@@ -45,8 +63,11 @@ class Tasks:
         )
 
     async def list(self) -> TaskList:
-        found = await asyncio.to_thread(self.store.list)
-        return TaskList(tasks=[self.info(t) for t in found], quarantined=self.quarantined())
+        infos = []
+        for found in await asyncio.to_thread(self.store.list):
+            with contextlib.suppress(UnknownTask):  # deleted since the listing
+                infos.append(self.info(found))
+        return TaskList(tasks=infos, quarantined=self.quarantined())
 
     def quarantined(self) -> list[QuarantinedTask]:
         """Tasks that are kept on disk but not served, with why."""
@@ -94,7 +115,7 @@ class Tasks:
         self.cache.forget(task_id, keep_version=published.version)
         model, manifest = checked[-1]
         self.cache.admit(published, model, manifest)
-        return self.info(published)
+        return self.info(published, manifest, len(weights) + len(config))  # a DELETE may follow at once
 
     async def delete(self, task_id: str) -> None:
         """Removes the task; requests already holding it finish with the version they hold."""

@@ -107,3 +107,41 @@ def test_a_version_removed_while_it_loads_is_looked_up_again(tmp_path: Path, bac
 
     asyncio.run(run())
     cache.close()
+
+
+def test_an_upload_answers_with_what_it_published_when_a_delete_follows_at_once(tmp_path: Path, backbone, artifacts):
+    """Before, the PUT's answer was read back from the folder a concurrent DELETE had just removed:
+    422 "tuner.json is missing", or 404 or 500, for an upload that had succeeded."""
+
+    async def run() -> None:
+        services = build_services(settings(tmp_path / "store"), backbone)
+        tasks, weights, config = services.tasks, *_files(artifacts["side1"])
+        admit = services.tuner_cache.admit
+
+        def admit_then_deleted(*args: object) -> None:
+            admit(*args)
+            services.store.delete("a")  # another client's DELETE, between the publish and the answer
+
+        services.tuner_cache.admit = admit_then_deleted  # type: ignore[method-assign]
+        info = await tasks.publish("a", weights, config)
+        assert (info.id, info.version, info.method, info.bytes) == ("a", 1, "cst", len(weights) + len(config))
+        assert info.versions == []  # gone since
+        services.tuner_cache.close()
+
+    asyncio.run(run())
+
+
+def test_describing_a_task_deleted_meanwhile_is_404_and_a_listing_leaves_it_out(tmp_path: Path, backbone, artifacts):
+    async def run() -> None:
+        services = build_services(settings(tmp_path / "store"), backbone)
+        for name in ("a", "b"):
+            await services.tasks.publish(name, *_files(artifacts["side1"]))
+        found, listing = services.store.get("b"), services.store.list
+        services.store.delete("b")
+        with pytest.raises(UnknownTask, match="deleted or pruned"):
+            services.tasks.info(found)  # what GET /v1/tasks/b does once it has looked b up
+        services.store.list = lambda: listing() + [found]  # type: ignore[method-assign]  # listed, then deleted
+        assert [t.id for t in (await services.tasks.list()).tasks] == ["a"]
+        services.tuner_cache.close()
+
+    asyncio.run(run())
