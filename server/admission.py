@@ -52,17 +52,20 @@ class Admission:
         """Held (``async with``) by the one request that waits; the others queue for it in arrival order."""
         return self._signals()[0]
 
-    async def wait(self, fits: Callable[[], bool], deadline: float) -> None:
-        """Returns once ``fits()`` is true, checked now and after each release. ``fits`` may raise to refuse.
+    async def wait(self, fits: Callable[[], bool], deadline: float, after_release: bool = False) -> None:
+        """Returns once ``fits()`` is true, checked after each release (and now, unless ``after_release``).
+        ``fits`` may raise to refuse.
 
         Raises:
             Overloaded: ``deadline`` (``time.monotonic()``) passed first.
         """
         released = self._signals()[1]
         while True:
-            released.clear()
-            if fits():
-                return
+            if not after_release:  # else a release since the last check (the event is still set) goes on at once
+                released.clear()
+                if fits():
+                    return
+            after_release = False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Overloaded(

@@ -10,10 +10,10 @@
   read its tensors straight into a preallocated model of the same architecture when one is spare
   (a dropped entry nobody holds; spares count against the tier's budget and go first), else into
   a freshly built one (building a model is Python module construction; reading fills its tensors).
-- When the device tier is full of tasks that other requests are using, a request waits (up to
-  ``wait_s``, one waiting request at a time, in arrival order) until enough are released, as LoRA
-  servers queue a request until its adapters fit; a request whose tasks cannot fit together even
-  alone gets :class:`CacheBudget` at once.
+- When the device tier is full of tasks that other requests are using, a request waits for room
+  (:mod:`server.admission`); one whose tasks cannot fit together even alone gets
+  :class:`CacheBudget`. A load whose size is known fails before it reads anything when there is
+  no room for it, and a version removed while it loads is looked up again.
 - With a ``compiler``, a side task in use is also compiled (ONNX Runtime) on a background
   thread once it has served ``compile_after`` requests while resident (tiered, as JITs do: tasks
   that churn through the cache never pay for it); it is served in torch until the graph is ready.
@@ -148,8 +148,12 @@ class TunerCache:
                     raise
 
     async def _admit(self, versions: list[TaskVersion]) -> list[Lease]:
-        """Leases for ``versions``: at once when there is room, else after waiting for it (:mod:`server.admission`)."""
-        full = None
+        """Leases for ``versions``: at once when there is room, else after waiting for it (:mod:`server.admission`).
+
+        A failed try waits for the next release before the next one. Two tries in a row that fail
+        while no other request holds anything mean the pinned tasks leave too little room: :class:`CacheBudget`.
+        """
+        full, idle_failures = None, 0
         if not self.admission.queued:
             try:
                 return await self._lease_all(versions)
@@ -157,13 +161,18 @@ class TunerCache:
                 full = e
         deadline = time.monotonic() + self.admission.wait_s
         async with self.admission.turn():
+            failed = False
             while True:
                 if full is not None:
-                    await self.admission.wait(functools.partial(self._fits, full, versions), deadline)
+                    fits = functools.partial(self._fits, full, versions)
+                    await self.admission.wait(fits, deadline, after_release=failed and not idle_failures)
                 try:
                     return await self._lease_all(versions)
                 except NoRoom as e:
-                    full = e if full is None or e.nbytes > full.nbytes else full
+                    full, failed = (e if full is None or e.nbytes > full.nbytes else full), True
+                    idle_failures = 0 if self._room(versions)[1] else idle_failures + 1
+                    if idle_failures == 2:
+                        raise self._too_big(full, versions, self._room(versions)[0]) from e
 
     async def _lease_all(self, versions: list[TaskVersion]) -> list[Lease]:
         """Leases for ``versions``, or none. On :class:`NoRoom`, its ``nbytes`` is what the leases held
@@ -187,23 +196,32 @@ class TunerCache:
 
     def _fits(self, full: NoRoom, versions: list[TaskVersion]) -> bool:
         """Whether the device tier looks able to hold ``versions`` now: their bytes (extrapolated from
-        what ``full`` counted) are free or held by idle entries, which loads evict.
+        what ``full`` counted; at most what the pinned tasks leave) are free or held by idle entries.
 
         Raises:
             CacheBudget: even with no other request they could not fit.
         """
-        mine, budget = {(v.task_id, v.version) for v in versions}, self.budgets["device"]
+        budget, (pinned, busy) = self.budgets["device"], self._room(versions)
+        if full.nbytes > budget - pinned:
+            raise self._too_big(full, versions, pinned)
+        need = full.nbytes * len(versions) // max(1, full.tasks)
+        return min(need, budget - pinned) <= budget - pinned - busy
+
+    def _room(self, versions: list[TaskVersion]) -> tuple[int, int]:
+        """Bytes of the device tier's entries that are not ``versions``: pinned, and in use by other requests."""
+        mine = {(v.task_id, v.version) for v in versions}
         with self._lock:
             others = [e for e in self.tiers["device"].values() if e.key not in mine]
             pinned = sum(e.nbytes for e in others if e.key[0] in self._pinned)
-            busy = sum(e.nbytes for e in others if e.refs and e.key[0] not in self._pinned)
-        if full.nbytes > budget - pinned:
-            raise CacheBudget(
-                f"the {len(mine)} task(s) named need at least {full.nbytes / MiB:.1f} MiB of task models at once; "
-                f"the device cache holds {budget / MiB:.1f} MiB ({pinned / MiB:.1f} MiB pinned): name fewer tasks "
-                "per request, unpin tasks or raise device_cache_bytes"
-            )
-        return min(full.nbytes * len(mine) // max(1, full.tasks), budget - pinned) <= budget - pinned - busy
+            return pinned, sum(e.nbytes for e in others if e.refs and e.key[0] not in self._pinned)
+
+    def _too_big(self, full: NoRoom, versions: list[TaskVersion], pinned: int) -> CacheBudget:
+        budget = self.budgets["device"]
+        return CacheBudget(
+            f"the {len(versions)} task(s) named need at least {full.nbytes / MiB:.1f} MiB of task models at once; "
+            f"the device cache holds {budget / MiB:.1f} MiB ({pinned / MiB:.1f} MiB pinned): name fewer tasks "
+            "per request, unpin tasks or raise device_cache_bytes"
+        )
 
     async def _acquire(self, version: TaskVersion) -> Lease:
         key = (version.task_id, version.version)

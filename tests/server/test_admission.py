@@ -50,6 +50,25 @@ def test_a_request_that_cannot_fit_even_alone_is_refused_at_once(tmp_path: Path,
     cache.close()
 
 
+def test_a_request_the_pinned_tasks_leave_too_little_room_for_is_refused_not_retried_forever(
+    tmp_path: Path, backbone, artifacts
+):
+    """Its first load fails, so it knows of one task's bytes only: the estimate for both, capped at
+    what the pins leave, looked like it fit, and the request retried in a loop while every later
+    request that found no room queued behind it (``bench/races.py`` found it)."""
+    cache = copies_cache(tmp_path, backbone, artifacts["side1"], tasks=4, room=2, wait_s=30)
+
+    async def run() -> None:
+        await cache.pin("t0")
+        await cache.pin("t3")
+        with pytest.raises(CacheBudget, match="pinned"):
+            await asyncio.wait_for(cache.acquire_many([("t1", None), ("t0", None)]), 10)
+        assert lease_counts(cache) == {"t0": 0, "t3": 0}
+
+    asyncio.run(run())
+    cache.close()
+
+
 def test_waiting_for_room_ends_in_overloaded_after_wait_s(tmp_path: Path, backbone, artifacts):
     cache = copies_cache(tmp_path, backbone, artifacts["side1"], tasks=3, room=2, wait_s=0.3)
 
