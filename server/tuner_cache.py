@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import logging
 import threading
@@ -371,10 +372,12 @@ class TunerCache:
             return
 
         def compile_entry() -> None:
-            if entry.stale or not any(entry is e for t in TIERS for e in self.tiers[t].values()):
-                return  # dropped while waiting
+            with self._lock:  # a resident entry's model is never being refilled: a spare leaves the tiers first
+                if entry.stale or not any(entry is e for t in TIERS for e in self.tiers[t].values()):
+                    return  # dropped while waiting
+                snapshot = copy.deepcopy(entry.model)  # the loader may refill the model once it is evicted
             try:
-                entry.compiled = self.compiler(entry.model, entry.manifest)  # type: ignore[misc]
+                entry.compiled = self.compiler(snapshot, entry.manifest)  # type: ignore[misc]
             except Exception:  # noqa: BLE001  (the task keeps serving in torch)
                 log.exception("compiling task %s v%d failed; it is served in torch", *entry.key)
 

@@ -9,12 +9,14 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from models.postprocess import PostprocessConfig
 from server.exceptions import UnknownTask
 from server.services import build_services
-from tests.server.conftest import copies_cache, lease_counts, settings
-from tuners.artifact import MANIFEST, WEIGHTS
+from tests.server.conftest import copies_cache, lease_counts, make_artifact, settings
+from tuners.artifact import MANIFEST, WEIGHTS, load_artifact
+from tuners.compiled import CompiledTask
 
 
 def _files(artifact: Path) -> tuple[bytes, bytes]:
@@ -145,3 +147,37 @@ def test_describing_a_task_deleted_meanwhile_is_404_and_a_listing_leaves_it_out(
         services.tuner_cache.close()
 
     asyncio.run(run())
+
+
+def test_a_compiled_graph_on_disk_from_other_weights_is_exported_again(tmp_path: Path, backbone):
+    """Compiled graphs are kept on disk by name; one written from other weights (a compile that read a
+    model while the cache refilled it) must not be served under that name."""
+    first, second = (load_artifact(make_artifact(backbone, tmp_path, "cst", seed), backbone)[0] for seed in (1, 2))
+    path = tmp_path / "task.onnx"
+    CompiledTask(first, backbone, path, "cpu")
+    compiled = CompiledTask(second, backbone, path, "cpu")  # the name is taken by the first task's graph
+    taps = backbone(torch.rand(1, 3, 64, 64), compiled.taps)
+    with torch.no_grad():
+        want = second.head_outputs(taps, None)
+    got = compiled(taps)
+    for k in compiled.outputs:
+        torch.testing.assert_close(got.tensors[k], want.tensors[k], rtol=1e-3, atol=1e-3)
+
+
+def test_the_compiler_gets_a_snapshot_of_the_model(tmp_path: Path, backbone, artifacts):
+    """Once evicted, an entry's model object is refilled with another task's weights by the loader,
+    possibly while its compile runs: the compile reads a copy taken while the entry was resident."""
+    cache = copies_cache(tmp_path, backbone, artifacts["side1"], tasks=1, room=2, wait_s=0)
+    seen = []
+    cache.compiler = lambda model, manifest: seen.append(model)  # type: ignore[assignment]
+
+    async def run() -> None:
+        lease = await cache.acquire("t0")
+        cache._schedule_compile(lease.entry)
+        cache._compile.submit(lambda: None).result(30)  # the compile thread is done with it
+        assert len(seen) == 1 and seen[0] is not lease.model
+        assert all(torch.equal(a, b) for a, b in zip(seen[0].state_dict().values(), lease.model.state_dict().values()))
+        cache.release(lease)
+
+    asyncio.run(run())
+    cache.close()
