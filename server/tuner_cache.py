@@ -171,9 +171,10 @@ class TunerCache:
                     return await self._lease_all(versions)
                 except NoRoom as e:
                     full, failed = (e if full is None or e.nbytes > full.nbytes else full), True
-                    idle_failures = 0 if self._room(versions)[1] else idle_failures + 1
+                    pinned, busy = self._room(versions)
+                    idle_failures = 0 if busy else idle_failures + 1
                     if idle_failures == 2:
-                        raise self._too_big(full, versions, self._room(versions)[0]) from e
+                        raise self._too_big(full, versions, pinned) from e
 
     async def _lease_all(self, versions: list[TaskVersion]) -> list[Lease]:
         """Leases for ``versions``, or none. On :class:`NoRoom`, its ``nbytes`` is what the leases held
@@ -205,11 +206,12 @@ class TunerCache:
         budget, (pinned, busy) = self.budgets["device"], self._room(versions)
         if full.nbytes > budget - pinned:
             raise self._too_big(full, versions, pinned)
-        need = full.nbytes * len(versions) // max(1, full.tasks)
+        need = full.nbytes * len({(v.task_id, v.version) for v in versions}) // max(1, full.tasks)
         return min(need, budget - pinned) <= budget - pinned - busy
 
     def _room(self, versions: list[TaskVersion]) -> tuple[int, int]:
-        """Bytes of the device tier's entries that are not ``versions``: pinned, and in use by other requests."""
+        """Bytes of the device tier's entries that are not ``versions``: pinned, and in use by other requests
+        (with ``versions`` empty: all that no load may evict)."""
         mine = {(v.task_id, v.version) for v in versions}
         with self._lock:
             others = [e for e in self.tiers["device"].values() if e.key not in mine]
@@ -318,8 +320,7 @@ class TunerCache:
 
     def _check_room(self, nbytes: int) -> None:
         """Raises :class:`NoRoom` when ``nbytes`` cannot fit the device tier even by evicting every idle entry."""
-        held = sum(e.nbytes for e in self.tiers["device"].values() if e.refs or e.key[0] in self._pinned)
-        if held + nbytes > self.budgets["device"]:
+        if sum(self._room([])) + nbytes > self.budgets["device"]:
             raise NoRoom("the device tuner cache is full of pinned or in-use tasks", nbytes=nbytes)
 
     def _read(self, version: TaskVersion, key: Key) -> tuple[TaskModel, dict[str, Any]]:
