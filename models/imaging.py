@@ -63,11 +63,15 @@ def decode_reduced(data: bytes, longest: int, max_pixels: int | None = None) -> 
     image = _open(data, max_pixels)
     width, height = image.size
     with _decode_errors():
-        size = _upright(image)
         if image.format in ("JPEG", "MPO"):
             scale = REDUCED_MARGIN * longest / max(width, height)
             image.draft(None, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
-    return _pixels(image, contiguous=False), (size[1], size[0])
+    drafted = image.size
+    pixels = _pixels(image, contiguous=False)
+    # The full image's size turned as the decoded pixels were: whoever applied the orientation (EXIF
+    # transposition here, or Pillow's TIFF reader, which reports TIFF sizes upright already).
+    turned = tuple(pixels.shape[1:]) != (drafted[1], drafted[0])
+    return pixels, ((width, height) if turned else (height, width))
 
 
 def _open(data: bytes, max_pixels: int | None) -> Image.Image:
@@ -96,9 +100,19 @@ def _pixels(image: Image.Image, contiguous: bool = True) -> torch.Tensor:
     with _decode_errors():
         image.load()
     ImageOps.exif_transpose(image, in_place=True)
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    chw = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+    chw = torch.from_numpy(_rgb_array(image)).permute(2, 0, 1)
     return chw.contiguous() if contiguous else chw
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` RGB of a loaded image, a copy. 16-bit greyscale (modes ``I;16*``, and ``I``, in
+    which Pillow opens some 16-bit files) maps ``0..65535`` onto ``0..255``: Pillow's own conversion clips
+    at 255, which turns an industrial camera's 16-bit frame almost white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB")).copy()
 
 
 @contextmanager
@@ -134,4 +148,8 @@ def upright_size(path: str | Path) -> tuple[int, int]:
 def _upright(image: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image once its EXIF orientation is applied, from the header only."""
     width, height = image.size
-    return (height, width) if image.getexif().get(ORIENTATION, 1) in TRANSPOSED else (width, height)
+    if image.getexif().get(ORIENTATION, 1) not in TRANSPOSED:
+        return width, height
+    if image.format == "TIFF" and (width, height) != (image.tag_v2.get(256), image.tag_v2.get(257)):
+        return width, height  # Pillow's TIFF reader reported it upright already (Pillow 13 does)
+    return height, width

@@ -7,11 +7,12 @@ import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from models.imaging import ImageDecodeError, decode, decode_reduced
+from models.imaging import ImageDecodeError, decode, decode_reduced, upright_size
 from models.transform import ImageTransform, PreprocessSpec
 from tuners.data.synth import photo
 
@@ -113,3 +114,30 @@ def test_the_canvas_is_the_normalised_image_padded_with_zeros() -> None:
     mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
     assert torch.equal(canvas[:, :240], (resized.float() / 255.0 - mean) / std)  # bit for bit
     assert canvas.shape == (3, 320, 320) and not canvas[:, 240:].any()
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "WEBP"])
+def test_every_lossless_format_turns_pixels_and_size_alike(fmt: str, orientation: int, tmp_path) -> None:
+    """Pillow's TIFF reader applies the orientation itself and reports the upright size at open; the
+    size boxes map back to must still be the decoded pixels' (it was turned twice for TIFF)."""
+    reference = decode(encoded((120, 80), "PNG", orientation))
+    data = encoded((120, 80), fmt, orientation)
+    (tmp_path / f"a.{fmt.lower()}").write_bytes(data)
+    reduced, size = decode_reduced(data, 320)
+    assert size == tuple(reduced.shape[1:]) == tuple(reference.shape[1:])
+    assert upright_size(tmp_path / f"a.{fmt.lower()}") == (size[1], size[0])
+    if fmt != "WEBP":  # lossy by default
+        assert torch.equal(reduced, reference)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_greyscale_maps_its_range_onto_8_bits(fmt: str) -> None:
+    """Pillow's own conversion of 16-bit greyscale clips at 255: a mid-grey frame came out white."""
+    values = np.array([[0, 257, 32767, 32768], [40000, 65279, 65534, 65535]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format=fmt)
+    decoded = decode(buffer.getvalue())
+    expected = torch.tensor([[0, 1, 127, 128], [156, 254, 255, 255]], dtype=torch.uint8)
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode.startswith("I")
+    assert decoded.shape == (3, 2, 4) and all(torch.equal(channel, expected) for channel in decoded)
