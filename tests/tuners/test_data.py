@@ -185,3 +185,70 @@ def test_augmented_samples_keep_valid_canvas_boxes(tmp_path: Path) -> None:
             assert (b[:, 2:] > b[:, :2]).all() and (b >= 0).all() and (b <= 64 + 1e-4).all()
     plain = DetectionDataset(data, transform, "none")[0]
     torch.testing.assert_close(plain.target.boxes, data.records[0].boxes.float() * (64 / 96))
+
+
+def coco_split(
+    folder: Path, boxes: list[list[float]], size: tuple[int, int] = (100, 80), orientation: int = 1
+) -> Path:
+    """One 100x80 image (stored size) and its boxes (COCO x, y, w, h), with ``size`` in the document."""
+    (folder / "images").mkdir(parents=True)
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    Image.new("RGB", (100, 80)).save(folder / "images" / "a.jpg", exif=exif)
+    doc = {
+        "categories": [{"id": 1, "name": "a"}],
+        "images": [{"id": 1, "file_name": "a.jpg", "width": size[0], "height": size[1]}],
+        "annotations": [{"id": i, "image_id": 1, "category_id": 1, "bbox": b} for i, b in enumerate(boxes)],
+    }
+    (folder / "annotations.json").write_text(json.dumps(doc))
+    return folder
+
+
+def test_boxes_reaching_outside_the_image_are_clipped_and_empty_ones_dropped(tmp_path: Path, caplog) -> None:
+    """Real exports hold boxes a fraction of a pixel past the border, and boxes of no width: they used to
+    refuse the whole dataset. Ultralytics, Detectron2 and MMDetection clip and drop them."""
+    boxes = [[10, 10, 20, 20], [-0.5, 5, 10.5, 10], [90, 70, 10.4, 10.6], [10, 10, 0, 20], [150, 10, 20, 20]]
+    with caplog.at_level("WARNING", logger="tuners.data.records"):
+        record = read_dataset(coco_split(tmp_path, boxes), "coco").records[0]
+    assert record.boxes.tolist() == [[10, 10, 30, 30], [0, 5, 10, 15], [90, 70, 100, 80]]
+    assert record.labels.tolist() == [0, 0, 0] and record.crowd.tolist() == [False] * 3
+    assert "2 boxes reach outside their image and were clipped to it; 2 with no area inside it" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("boxes", "size", "words"),
+    [([[30, 10, -20, 20]], (100, 80), r"1 boxes end before they start, as \[30.0, 10.0, 10.0, 30.0\]"),
+     ([[10, 10, float("nan"), 20]], (100, 80), "box coordinates that are not finite numbers"),
+     ([[10, 10, 20, 20]], (200, 160), "the annotations give 200x160 pixels, the image is 100x80")],
+)  # fmt: skip
+def test_boxes_no_format_can_mean_and_a_resized_image_are_refused(tmp_path: Path, boxes, size, words: str) -> None:
+    with pytest.raises(DatasetError, match=words):
+        read_dataset(coco_split(tmp_path, boxes, size), "coco")
+
+
+def test_the_size_comes_from_the_upright_image(tmp_path: Path) -> None:
+    """An EXIF-turned photo whose document gives its stored size; a VOC file with no size at all."""
+    record = read_dataset(coco_split(tmp_path / "coco", [[10, 50, 60, 40]], orientation=6), "coco").records[0]
+    assert (record.width, record.height) == (80, 100) and record.boxes.tolist() == [[10, 50, 70, 90]]
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    Image.new("RGB", (100, 80)).save(voc / "JPEGImages" / "a.jpg")
+    box = "<bndbox><xmin>10</xmin><ymin>10</ymin><xmax>30</xmax><ymax>30</ymax></bndbox>"
+    xml = f"<annotation><filename>a.jpg</filename><object><name>a</name>{box}</object></annotation>"
+    (voc / "Annotations" / "a.xml").write_text(xml)
+    record = read_dataset(voc, "voc").records[0]
+    assert (record.width, record.height) == (100, 80) and record.boxes.tolist() == [[10, 10, 30, 30]]
+
+
+@pytest.mark.parametrize("line", ["0 12 30 4 4", "0 0.5 -0.1 0.2 0.2", "0 0.5 0.5 nan 0.2"])
+def test_yolo_coordinates_outside_0_1_are_refused(tmp_path: Path, line: str) -> None:
+    """Pixel coordinates in a YOLO file (a common mix-up) must not be read as fractions, nor clipped away."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "classes.txt").write_text("a\n")
+    Image.new("RGB", (20, 10)).save(tmp_path / "images" / "x.jpg")
+    (tmp_path / "labels" / "x.txt").write_text(f"{line}\n")
+    with pytest.raises(DatasetError, match=r"four numbers in \[0, 1\]"):
+        read_dataset(tmp_path, "yolo")

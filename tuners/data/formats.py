@@ -173,10 +173,18 @@ def _voc_file(f: Path) -> tuple[str, int, int, list[tuple[str, list[float], bool
         raise DatasetError(f"{f}: an object has no readable bndbox ({e})") from e
     size = tree.find("size")
     try:
-        width, height = (0, 0) if size is None else [int(size.findtext(k, "0")) for k in ("width", "height")]
+        width, height = (0, 0) if size is None else [_whole(size.findtext(k, "0")) for k in ("width", "height")]
     except ValueError as e:
         raise DatasetError(f"{f}: the size is not two integers ({e})") from e
     return tree.findtext("filename", f.stem), width, height, objects
+
+
+def _whole(text: str) -> int:
+    """A VOC size field: ``640``, or ``640.0`` as some tools write it."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(value)
 
 
 def write_voc(data: DetectionData, root: Path, copy_images: bool = True) -> None:
@@ -219,8 +227,10 @@ def yolo_record(image: Path, label_file: Path) -> ImageRecord:
             if len(parts) != 5:
                 raise ValueError("not five values")
             label, (cx, cy, bw, bh) = int(parts[0]), (float(v) for v in parts[1:])
+            if not all(0 <= v <= 1 for v in (cx, cy, bw, bh)):  # NaN too
+                raise ValueError("coordinates outside [0, 1]")
         except ValueError as e:
-            expected = "'class cx cy w h' (an integer, four numbers)"
+            expected = "'class cx cy w h' (an integer, four numbers in [0, 1], fractions of the image's size)"
             raise DatasetError(f"{label_file}: expected {expected}, got {line!r}") from e
         rows.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
         labels.append(label)
