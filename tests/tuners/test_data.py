@@ -148,13 +148,18 @@ def test_a_missing_image_file_is_found_when_the_dataset_is_read(tmp_path: Path) 
 
 @pytest.mark.parametrize("line", ["0 abc 0.5 0.2 0.2", "0.0 0.5 0.5 0.2 0.2", "0 0.5 0.5 0.2"])
 def test_a_malformed_yolo_line_is_a_dataset_error_quoting_it(tmp_path: Path, line: str) -> None:
-    (tmp_path / "images").mkdir()
-    (tmp_path / "labels").mkdir()
-    (tmp_path / "classes.txt").write_text("a\n")
-    Image.new("RGB", (20, 10)).save(tmp_path / "images" / "x.jpg")
-    (tmp_path / "labels" / "x.txt").write_text(f"0 0.5 0.5 0.2 0.2\n{line}\n")
     with pytest.raises(DatasetError, match=f"x.txt: expected 'class cx cy w h' .*, got '{line}'"):
-        read_dataset(tmp_path, "yolo")
+        read_dataset(yolo_split(tmp_path, f"0 0.5 0.5 0.2 0.2\n{line}\n"), "yolo")
+
+
+def yolo_split(folder: Path, labels: str) -> Path:
+    """One 20x10 image, class ``a``, and ``labels`` as its label file."""
+    (folder / "images").mkdir()
+    (folder / "labels").mkdir()
+    (folder / "classes.txt").write_text("a\n")
+    Image.new("RGB", (20, 10)).save(folder / "images" / "x.jpg")
+    (folder / "labels" / "x.txt").write_text(labels)
+    return folder
 
 
 @pytest.mark.parametrize(
@@ -245,10 +250,5 @@ def test_the_size_comes_from_the_upright_image(tmp_path: Path) -> None:
 @pytest.mark.parametrize("line", ["0 12 30 4 4", "0 0.5 -0.1 0.2 0.2", "0 0.5 0.5 nan 0.2"])
 def test_yolo_coordinates_outside_0_1_are_refused(tmp_path: Path, line: str) -> None:
     """Pixel coordinates in a YOLO file (a common mix-up) must not be read as fractions, nor clipped away."""
-    (tmp_path / "images").mkdir()
-    (tmp_path / "labels").mkdir()
-    (tmp_path / "classes.txt").write_text("a\n")
-    Image.new("RGB", (20, 10)).save(tmp_path / "images" / "x.jpg")
-    (tmp_path / "labels" / "x.txt").write_text(f"{line}\n")
     with pytest.raises(DatasetError, match=r"four numbers in \[0, 1\]"):
-        read_dataset(tmp_path, "yolo")
+        read_dataset(yolo_split(tmp_path, f"{line}\n"), "yolo")
