@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="queued requests before answering 503")
     max_request_bytes: int = Field(20 * MiB, gt=0, description="largest accepted request body")
     max_upload_bytes: int = Field(512 * MiB, gt=0, description="largest accepted artifact upload")
+    head_timeout_s: float = Field(
+        20.0, gt=0, description="seconds a client has to send a request's line and headers before it is disconnected"
+    )
+    body_timeout_s: float = Field(
+        20.0, gt=0, description="seconds a request body has to arrive, plus 1 s per body_min_rate bytes (else 408)"
+    )
+    body_min_rate: float = Field(500.0, gt=0, description="bytes per second that extend body_timeout_s")
     max_image_pixels: int = Field(
         40_000_000,
         gt=0,

@@ -26,6 +26,7 @@ STATUS: dict[type[ex.SidecarError], int] = {
     ex.InsufficientStorage: 507,
     ex.TooManyTasks: 413,
     ex.TooLarge: 413,
+    ex.RequestTimeout: 408,
     ex.NotAnImage: 415,
     ex.UnreadableImage: 422,
     ex.Overloaded: 503,
@@ -35,6 +36,9 @@ STATUS: dict[type[ex.SidecarError], int] = {
     ex.WrongKey: 403,
     ex.ManagementDisabled: 403,
 }
+
+# Errors that can leave part of the body unread: the connection is closed after the answer.
+UNREAD_BODY = (ex.RequestTimeout, ex.TooLarge)
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
@@ -70,7 +74,9 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ex.SidecarError)
     async def _domain(request: Request, exc: ex.SidecarError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+        if isinstance(exc, UNREAD_BODY):
+            headers["Connection"] = "close"  # the rest of the body would be read as the next request
         return _response(request, http_status(exc), exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(ArtifactError)

@@ -76,6 +76,12 @@ class TooLarge(SidecarError):
     code = "too_large"
 
 
+class RequestTimeout(SidecarError):
+    """The request's body did not arrive in time."""
+
+    code = "request_timeout"
+
+
 class NotAnImage(SidecarError):
     code = "not_an_image"
 

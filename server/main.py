@@ -28,6 +28,7 @@ from server.api.routes import detect, health, tasks
 from server.config import Settings
 from server.errors import install_handlers
 from server.middleware import RequestContext
+from server.protocol import head_deadline_protocol
 from server.services import build_services, freeze_heap, load_backbone
 from tuners.commands import UsageError, add_common
 from tuners.commands import run as run_command
@@ -168,16 +169,21 @@ def _serve(args: dict[str, object]) -> int:
     # uvicorn drains in-flight requests on SIGTERM, then restores the previous handler and raises the
     # signal again; this handler makes that requested, graceful stop exit 0 instead of dying of SIGTERM.
     signal.signal(signal.SIGTERM, lambda *_: log.info("stopped on SIGTERM after finishing in-flight requests"))
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        ssl_certfile=settings.ssl_certfile,
-        ssl_keyfile=settings.ssl_keyfile,
-        timeout_graceful_shutdown=settings.shutdown_timeout,
-    )
+    uvicorn.run(create_app(settings), **uvicorn_options(settings))
     return 0
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """What ``server-serve`` runs uvicorn with (the tests' live servers too)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "ssl_certfile": settings.ssl_certfile,
+        "ssl_keyfile": settings.ssl_keyfile,
+        "timeout_graceful_shutdown": settings.shutdown_timeout,
+        "http": head_deadline_protocol(settings.head_timeout_s),
+    }
 
 
 if __name__ == "__main__":

@@ -1,49 +1,81 @@
 """Request bodies read within their limits, for raw bodies and multipart forms alike.
 
 Every limit holds while the body streams: a declared ``Content-Length`` over the limit is refused
-before anything is read, and a chunked body is cut off at the first chunk past it. Multipart
+before anything is read, and a chunked body is cut off at the first chunk past it. A body must also
+keep pace: it has ``timeout_s`` to arrive, plus one second for every ``min_rate`` bytes received
+(Apache's ``mod_reqtimeout``, ``body=20,MinRate=500`` by default), so a client that trickles a body
+(slowloris) is answered 408 instead of holding its connection and buffer forever. Multipart
 parts spool to temporary files, which are closed (and so removed) on every path: success, a
 limit passed, a malformed body, or a client that disconnects.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from server.exceptions import InvalidRequest, TooLarge, UnsupportedMediaType
+from server.config import Settings
+from server.exceptions import InvalidRequest, RequestTimeout, TooLarge, UnsupportedMediaType
 
 
-async def limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The body's chunks; raises :class:`TooLarge` as soon as their total passes ``limit`` bytes."""
+@dataclass(frozen=True)
+class BodyLimits:
+    """How large a body may be, and how fast it must arrive: within ``timeout_s``, plus a second for
+    every ``min_rate`` bytes received."""
+
+    max_bytes: int
+    timeout_s: float = 20.0
+    min_rate: float = 500.0
+
+
+def body_limits(settings: Settings, max_bytes: int) -> BodyLimits:
+    return BodyLimits(max_bytes, settings.body_timeout_s, settings.body_min_rate)
+
+
+async def limited_stream(request: Request, limits: BodyLimits) -> AsyncIterator[bytes]:
+    """The body's chunks; raises :class:`TooLarge` as soon as their total passes ``limits.max_bytes``,
+    and :class:`RequestTimeout` when the body falls behind its deadline."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"the request declares {declared} bytes; the limit is {limit}")
-    size = 0
-    async for chunk in request.stream():
+    if declared.isdigit() and int(declared) > limits.max_bytes:
+        raise TooLarge(f"the request declares {declared} bytes; the limit is {limits.max_bytes}")
+    size, start, chunks = 0, asyncio.get_running_loop().time(), request.stream()
+    while True:
+        try:
+            async with asyncio.timeout_at(start + limits.timeout_s + size / limits.min_rate):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the body arrived too slowly: {size} bytes in {asyncio.get_running_loop().time() - start:.0f} s; "
+                f"send it within {limits.timeout_s:g} s plus 1 s per {limits.min_rate:g} bytes"
+            ) from None
         size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"the request is over the limit of {limit} bytes")
+        if size > limits.max_bytes:
+            raise TooLarge(f"the request is over the limit of {limits.max_bytes} bytes")
         yield chunk
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    return b"".join([chunk async for chunk in limited_stream(request, limit)])
+async def read_body(request: Request, limits: BodyLimits) -> bytes:
+    return b"".join([chunk async for chunk in limited_stream(request, limits)])
 
 
-async def read_form(request: Request, limit: int, max_files: int, max_fields: int) -> FormData:
-    """A multipart form whose whole body stays within ``limit``; close it with ``await form.close()``.
+async def read_form(request: Request, limits: BodyLimits, max_files: int, max_fields: int) -> FormData:
+    """A multipart form whose whole body stays within ``limits``; close it with ``await form.close()``.
 
     Raises:
-        UnsupportedMediaType: not multipart. TooLarge: over the limit. InvalidRequest: malformed.
+        UnsupportedMediaType: not multipart. TooLarge: over the limit. RequestTimeout: too slow.
+        InvalidRequest: malformed.
     """
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise UnsupportedMediaType("send multipart/form-data")
     parser = MultiPartParser(
-        request.headers, limited_stream(request, limit), max_files=max_files, max_fields=max_fields
+        request.headers, limited_stream(request, limits), max_files=max_files, max_fields=max_fields
     )
     try:
         return await parser.parse()

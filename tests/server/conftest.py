@@ -20,7 +20,7 @@ from PIL import Image
 
 from models import FrozenBackbone, PreprocessSpec, build_backbone
 from server.config import Settings
-from server.main import create_app
+from server.main import create_app, uvicorn_options
 from server.metrics import Metrics
 from server.store import TaskStore
 from server.tuner_cache import TunerCache, model_bytes
@@ -123,15 +123,8 @@ class LiveServer:
         self.port = free_port()
         s = app.state.settings
         self.url = f"{'https' if s.ssl_certfile else 'http'}://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
-            host=s.host,
-            port=self.port,
-            log_level="warning",
-            lifespan="on",
-            ssl_certfile=s.ssl_certfile,
-            ssl_keyfile=s.ssl_keyfile,
-        )
+        options = {**uvicorn_options(s), "port": self.port, "log_level": "warning"}
+        config = uvicorn.Config(app, **options, lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query, Request
 
 from models.postprocess import PostprocessConfig
-from server.api.bodies import BINARY, multipart_body, read_body, read_files, read_form
+from server.api.bodies import BINARY, BodyLimits, body_limits, multipart_body, read_body, read_files, read_form
 from server.deps import EngineDep, SettingsDep, TaskId, ensure_ready, require_inference
 from server.exceptions import InvalidRequest
 from server.schemas import ERRORS, DetectResponse
@@ -21,11 +21,13 @@ BODY = multipart_body(["image", "tasks"], {"image": BINARY, "tasks": TASKS}, raw
 ONE_BODY = multipart_body(["image"], {"image": BINARY}, raw_image=True)  # the single-task shortcut: task in the path
 
 
-async def read_image_and_tasks(request: Request, limit: int, query_tasks: str | None) -> tuple[bytes, str | None]:
+async def read_image_and_tasks(
+    request: Request, limits: BodyLimits, query_tasks: str | None
+) -> tuple[bytes, str | None]:
     """The image bytes and the raw ``tasks`` value, from a multipart form or a raw image body."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return await read_body(request, limit), query_tasks
-    form = await read_form(request, limit, max_files=1, max_fields=4)
+        return await read_body(request, limits), query_tasks
+    form = await read_form(request, limits, max_files=1, max_fields=4)
     try:
         image = (await read_files(form, ("image",)))["image"]
         tasks = form.get("tasks")
@@ -54,7 +56,7 @@ async def detect(
     max_detections: int | None = Query(None, ge=1, le=1000),
 ) -> DetectResponse:
     """Detections of every named task on one image; side tasks share one backbone pass."""
-    data, raw_tasks = await read_image_and_tasks(request, settings.max_request_bytes, tasks)
+    data, raw_tasks = await read_image_and_tasks(request, body_limits(settings, settings.max_request_bytes), tasks)
     return await engine.detect(data, raw_tasks or "", postprocess(score_threshold, max_detections))
 
 
@@ -68,5 +70,5 @@ async def detect_one(
     max_detections: int | None = Query(None, ge=1, le=1000),
 ) -> DetectResponse:
     """The single-task shortcut."""
-    data, _ = await read_image_and_tasks(request, settings.max_request_bytes, None)
+    data, _ = await read_image_and_tasks(request, body_limits(settings, settings.max_request_bytes), None)
     return await engine.detect(data, [task_id], postprocess(score_threshold, max_detections))

@@ -9,7 +9,7 @@ import hashlib
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from server.api.bodies import BINARY, multipart_body, read_files, read_form
+from server.api.bodies import BINARY, BodyLimits, body_limits, multipart_body, read_files, read_form
 from server.deps import SettingsDep, TaskId, TasksDep, ensure_ready, require_admin
 from server.schemas import ERRORS, TaskInfo, TaskList, TaskVersions
 from tuners.errors import ArtifactError
@@ -22,9 +22,9 @@ UPLOAD_BODY = multipart_body(
 )
 
 
-async def read_upload(request: Request, limit: int) -> tuple[bytes, bytes]:
-    """The ``weights`` and ``config`` files of a multipart upload, within ``limit`` bytes together."""
-    form = await read_form(request, limit, max_files=2, max_fields=2)
+async def read_upload(request: Request, limits: BodyLimits) -> tuple[bytes, bytes]:
+    """The ``weights`` and ``config`` files of a multipart upload, within ``limits`` together."""
+    form = await read_form(request, limits, max_files=2, max_fields=2)
     try:
         parts = await read_files(form, ("weights", "config"))
     finally:
@@ -57,7 +57,7 @@ async def get_task(tasks: TasksDep, task_id: TaskId) -> TaskInfo:
 )
 async def upload_task(request: Request, tasks: TasksDep, settings: SettingsDep, task_id: TaskId) -> TaskInfo:
     """Publishes a new version after full validation; a failed upload changes nothing."""
-    weights, config = await read_upload(request, settings.max_upload_bytes)
+    weights, config = await read_upload(request, body_limits(settings, settings.max_upload_bytes))
     request.state.audit_sha256 = hashlib.sha256(weights).hexdigest()
     return audited(request, await tasks.publish(task_id, weights, config))
 

@@ -1,0 +1,65 @@
+"""Slow clients (slowloris) cannot hold a connection: a request's head and body each have a deadline,
+and a body that keeps pace gets its time. On a live server, over raw sockets."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.main import create_app
+from tests.server.conftest import LiveServer, settings
+
+HEAD = b"POST /v1/detect?tasks=t HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+
+
+@pytest.fixture
+def server(tmp_path: Path, backbone) -> Iterator[LiveServer]:  # noqa: ANN001
+    limits = {"head_timeout_s": 0.5, "body_timeout_s": 0.5, "body_min_rate": 2000}
+    with LiveServer(create_app(settings(tmp_path / "store", **limits), backbone=backbone)) as live:
+        yield live
+
+
+def answer_within(sock: socket.socket, seconds: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed it."""
+    start, received = time.monotonic(), b""
+    sock.settimeout(seconds)
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received, time.monotonic() - start
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/detect HTTP/1.1\r\nHost: x\r\n"], ids=["idle", "half a head"])
+def test_a_connection_whose_head_does_not_arrive_is_closed(server: LiveServer, sent: bytes):
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(sent)
+        received, after = answer_within(sock, 10)
+    assert received == b"" and after < 5  # uvicorn alone kept both open for good
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_a_trickled_body_is_answered_408(server: LiveServer):
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(HEAD + b"Content-Length: 100000\r\n\r\n" + b"x" * 10)
+        received, after = answer_within(sock, 10)
+    status, _, body = received.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408") and after < 5
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_a_body_that_keeps_pace_gets_its_time(server: LiveServer):
+    """3,000 bytes over 1.2 s, longer than the 0.5 s allowed for the body, but at 2,500 bytes/s against
+    a minimum of 2,000: each chunk extends the deadline, and the server reads it all."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(HEAD + b"Content-Length: 3000\r\n\r\n")
+        for _ in range(6):
+            time.sleep(0.2)
+            sock.sendall(b"x" * 500)
+        received, _ = answer_within(sock, 10)
+    status, _, body = received.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 415") and b"not_an_image" in body  # read whole: not a JPEG
