@@ -192,6 +192,17 @@ def test_augmented_samples_keep_valid_canvas_boxes(tmp_path: Path) -> None:
     torch.testing.assert_close(plain.target.boxes, data.records[0].boxes.float() * (64 / 96))
 
 
+@pytest.mark.parametrize("augmentation", ["none", "standard"])
+def test_an_image_whose_pixels_are_cut_short_names_its_file(tmp_path: Path, augmentation: str) -> None:
+    """Its header reads, so the dataset is accepted; decoding it in training says which file it is."""
+    generate(SynthConfig(task="digits", images=4, size=96, min_scale=16, max_scale=32), tmp_path)
+    data = read_dataset(tmp_path / "train", "coco")
+    path = data.records[0].path
+    path.write_bytes(path.read_bytes()[:400])
+    with pytest.raises(DatasetError, match=f"{path}: the image is truncated or corrupt"):
+        DetectionDataset(data, ImageTransform(PreprocessSpec(size=64)), augmentation)[0]
+
+
 def coco_split(
     folder: Path, boxes: list[list[float]], size: tuple[int, int] = (100, 80), orientation: int = 1
 ) -> Path:

@@ -14,10 +14,10 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from models.imaging import read_image
+from models.imaging import ImageDecodeError, read_image
 from models.transform import ImageMeta, ImageTransform
 from models.types import Target
-from tuners.data.records import DetectionData
+from tuners.data.records import DatasetError, DetectionData, ImageRecord
 
 AUGMENTATIONS = ("none", "flip", "standard")
 
@@ -64,6 +64,12 @@ class DetectionDataset(Dataset[Sample]):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.data.records[index]
+        try:
+            return self._sample(record, index)
+        except ImageDecodeError as e:  # a file whose header read well and whose pixels do not: say which
+            raise DatasetError(f"{record.path}: {e}") from e
+
+    def _sample(self, record: ImageRecord, index: int) -> Sample:
         boxes, labels = record.boxes.float(), record.labels
         if self.augment is None:  # read as the server reads a request's image
             resized, meta = self.transform.load(record.path.read_bytes())
