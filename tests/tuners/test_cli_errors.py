@@ -89,3 +89,9 @@ def test_server_serve_settings_mistakes_are_one_line():
 def test_every_command_has_a_version(module: str):
     result = _run(module, "--version")
     assert result.returncode == 0 and result.stdout.split()[1][0].isdigit(), result.stdout + result.stderr
+
+
+def test_server_data_synth_options_that_cannot_go_together_are_one_line(tmp_path: Path):
+    """Objects up to 72 px (the default --scale) do not fit a 96 px image twice over; this was a traceback."""
+    result = _run("tuners.data.cli", "synth", "--out", str(tmp_path / "d"), "--image-size", "96")
+    _one_line(result, 2, "max_scale <= size / 2, got 24 and 72 with size 96", "--scale MIN MAX")

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from tuners.commands import add_common, run
+from tuners.commands import UsageError, add_common, run
 from tuners.data.formats import FORMATS, write_dataset
 from tuners.data.layouts import DATASET_FORMATS, is_split, read_splits, write_splits
 from tuners.data.real_faces import materialize
@@ -62,19 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "synth":
-        cfg = SynthConfig(
-            task=args.task,
-            images=args.images,
-            size=args.size,
-            min_objects=args.objects[0],
-            max_objects=args.objects[1],
-            min_scale=args.scale[0],
-            max_scale=args.scale[1],
-            seed=args.seed,
-            val_fraction=args.val_fraction,
-            test_images=args.test_images,
-        )
-        splits = generate(cfg, args.out)
+        splits = generate(_synth_config(args), args.out)
         result = {split: data.stats() for split, data in splits.items()}
     elif args.command == "real-faces":
         data = materialize(args.out)
@@ -95,6 +83,25 @@ def _run(args: argparse.Namespace) -> int:
             result = {"format": found, **{split: data.stats() for split, data in splits.items()}}
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _synth_config(args: argparse.Namespace) -> SynthConfig:
+    try:
+        return SynthConfig(
+            task=args.task,
+            images=args.images,
+            size=args.size,
+            min_objects=args.objects[0],
+            max_objects=args.objects[1],
+            min_scale=args.scale[0],
+            max_scale=args.scale[1],
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            test_images=args.test_images,
+        )
+    except ValueError as e:
+        flags = "--objects MIN MAX, --scale MIN MAX, --image-size, --images, --val-fraction, --test-images"
+        raise UsageError(f"{e} (set by {flags})") from e
 
 
 if __name__ == "__main__":

@@ -112,11 +112,17 @@ class SynthConfig:
         if self.task not in TASKS:
             problems.append(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
         if not 0 < self.min_objects <= self.max_objects:
-            problems.append("need 0 < min_objects <= max_objects")
+            problems.append(f"need 0 < min_objects <= max_objects, got {self.min_objects} and {self.max_objects}")
         if not 8 <= self.min_scale <= self.max_scale <= self.size // 2:
-            problems.append("need 8 <= min_scale <= max_scale <= size / 2")
+            problems.append(
+                f"need 8 <= min_scale <= max_scale <= size / 2, got {self.min_scale} and {self.max_scale} "
+                f"with size {self.size}"
+            )
         if self.images < 2 or not 0 < self.val_fraction < 1 or self.test_images < 0:
-            problems.append("need at least 2 images, 0 < val_fraction < 1 and test_images >= 0")
+            problems.append(
+                f"need at least 2 images, 0 < val_fraction < 1 and test_images >= 0, got {self.images}, "
+                f"{self.val_fraction} and {self.test_images}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 
