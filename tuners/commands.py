@@ -33,6 +33,28 @@ def package_version() -> str:
         return "unknown"
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """An argparse ``type``: a number in [0, 1] (a score)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     """``--version`` and ``--verbose``."""
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")

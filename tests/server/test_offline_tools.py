@@ -140,3 +140,25 @@ def test_a_folder_of_images_and_a_bad_artifact(artifacts, photos, tmp_path: Path
     assert len(json.loads(capsys.readouterr().out)["results"]) == 2
     assert predict_main([str(tmp_path), str(tmp_path / "photos"), "--weights", "random"]) == 2
     assert "no tuner.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "words"),
+    [(["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+     (["--score-threshold", "nan"], "--score-threshold: must be in [0, 1], got nan"),
+     (["--max-detections", "-5"], "--max-detections: must be at least 1, got -5")],
+)  # fmt: skip
+def test_predict_refuses_options_the_server_would(artifacts, photo_bytes, tmp_path: Path, capsys, flag, words):
+    """--batch-size 0 was a traceback; a NaN threshold or no detections at all ran without a word."""
+    (tmp_path / "a.png").write_bytes(photo_bytes)
+    with pytest.raises(SystemExit) as exit_:
+        predict_main([str(artifacts["side1"]), str(tmp_path / "a.png"), "--weights", "random", *flag])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_predict_names_the_file_it_cannot_decode(artifacts, photo_bytes, tmp_path: Path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(photo_bytes)
+    (tmp_path / "images" / "b.jpg").write_bytes(b"not a picture")
+    assert predict_main([str(artifacts["side1"]), str(tmp_path / "images"), "--weights", "random"]) == 1
+    assert f"{tmp_path / 'images' / 'b.jpg'}: the data is not an image" in capsys.readouterr().err

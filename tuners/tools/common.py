@@ -14,11 +14,12 @@ import torch
 
 from models import PostprocessConfig, build_backbone
 from models.backbones.base import FrozenBackbone
+from models.imaging import ImageDecodeError
 from models.runtime.torch import resolve_device
 from models.transform import ImageMeta, ImageTransform, PreprocessSpec
 from models.types import Detections
 from tuners.artifact import load_artifact, read_manifest
-from tuners.commands import UsageError, add_common
+from tuners.commands import UsageError, add_common, positive_int
 from tuners.data.formats import IMAGE_SUFFIXES
 from tuners.task_model import TaskModel
 
@@ -38,7 +39,7 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", type=Path, help="artifact folder: tuner.json + tuner.safetensors (a run's best/)")
     parser.add_argument("--weights", help="backbone weights path, if not the offline package (default: offline)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="(default: cpu)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward (default: 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per forward (default: 8)")
 
 
 def load_task(artifact: Path, weights: str | None = None, device: str = "cpu") -> Task:
@@ -99,5 +100,13 @@ def detect_files(
     transform = ImageTransform(task.backbone.preprocess)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        images = [transform.load(p.read_bytes()) for p in chunk]
+        images = [_load(transform, p) for p in chunk]
         yield from zip(chunk, [meta for _, meta in images], detect(task, images, post, batch_size))
+
+
+def _load(transform: ImageTransform, path: Path) -> tuple[torch.Tensor, ImageMeta]:
+    """:meth:`ImageTransform.load` of a file; a decode error names the file."""
+    try:
+        return transform.load(path.read_bytes())
+    except ImageDecodeError as e:
+        raise ImageDecodeError(e.kind, f"{path}: {e}") from e

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from models import PostprocessConfig
 from models.imaging import read_image
-from tuners.commands import UsageError, run
+from tuners.commands import UsageError, positive_int, run, unit_float
 from tuners.tools.common import add_task_arguments, detect_files, detections_json, image_paths, load_task
 from tuners.trainer.plots import draw_detections, write_image
 
@@ -25,9 +25,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
     p.add_argument("--out", type=Path, help="folder for predictions.json (and the pictures)")
     p.add_argument("--save-images", action="store_true", help="with --out: each image with its boxes")
-    p.add_argument("--score-threshold", type=float, default=PostprocessConfig.score_thresh,
+    p.add_argument("--score-threshold", type=unit_float, default=PostprocessConfig.score_thresh,
                    help="the server's default (default: %(default)s)")  # fmt: skip
-    p.add_argument("--max-detections", type=int, default=PostprocessConfig.max_detections,
+    p.add_argument("--max-detections", type=positive_int, default=PostprocessConfig.max_detections,
                    help="per image (default: %(default)s)")  # fmt: skip
     return p
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from models import PostprocessConfig
 from models.types import Detections
-from tuners.commands import UsageError, run
+from tuners.commands import UsageError, run, unit_float
 from tuners.data.layouts import DATASET_FORMATS, read_splits
 from tuners.data.records import DetectionData
 from tuners.tools.common import Task, add_task_arguments, detect_files, load_task
@@ -35,8 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=DATASET_FORMATS, default="auto", help="(default: auto, detected)")
     p.add_argument("--split", default="val", help="split to score, when the dataset has several (default: val)")
     p.add_argument("--out", type=Path, help="folder for metrics.json and the pictures")
-    p.add_argument("--score-threshold", type=float, default=0.05, help="as training evaluates (default: 0.05)")
-    p.add_argument("--confidence", type=float, default=0.25,
+    p.add_argument("--score-threshold", type=unit_float, default=0.05, help="as training evaluates (default: 0.05)")
+    p.add_argument("--confidence", type=unit_float, default=0.25,
                    help="score from which a box counts for recall and false positives (default: 0.25)")  # fmt: skip
     return p
 
