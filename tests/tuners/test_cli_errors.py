@@ -43,6 +43,7 @@ TRAIN = [
     (["--backbone", "resnet5"], 2, ["unknown backbone 'resnet5'", "resnet18"]),
     (["--device", "cuda"], 2, ["no CUDA GPU", "--device cpu"]),
     (["--backbone", "resnet18"], 1, ["no offline weights for 'resnet18'", "--weights PATH"]),
+    (["--image-size", "100000"], 2, ["image_size", "less than or equal to 4096"]),  # was an allocation failure
 ]
 
 
@@ -78,6 +79,7 @@ def test_a_failing_publish_keeps_the_artifact_and_prints_the_retry(data: Path, t
 
 def test_server_serve_settings_mistakes_are_one_line():
     _one_line(_run("server.main", "--port", "abc"), 2, "--port (env SIDECAR_PORT)", "valid integer")
+    _one_line(_run("server.main", "--image-size", "100000"), 2, "--image-size", "less than or equal to 4096")
     bad_env = _run("server.main", env={"SIDECAR_MAX_BATCH_SIZE": "0"})
     _one_line(bad_env, 2, "--max-batch-size (env SIDECAR_MAX_BATCH_SIZE)", "greater than or equal to 1")
     _one_line(_run("server.main", "--device", "cuda", "--weights", "random"), 1, "no CUDA GPU")

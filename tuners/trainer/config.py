@@ -36,7 +36,7 @@ class TrainConfig(BaseModel):
     backbone: str = Field("mobilenet_v2", description="registered backbone name")
     weights: str | None = Field(None, description="weights path, or 'random' (default: offline package)")
     allow_download: bool = Field(False, description="let torchvision download weights when nothing is local")
-    image_size: int = Field(320, ge=32, description="longest image side on the backbone's canvas")
+    image_size: int = Field(320, ge=32, le=4096, description="longest image side on the backbone's canvas")
     data: Path = Field(..., description="dataset folder: train/ and val/ splits inside, or one split")
     format: Literal["auto", "coco", "voc", "yolo", "ultralytics", "roboflow"] = Field(
         "auto", description="dataset format (auto: detected from the files, and logged)"
