@@ -10,7 +10,8 @@ class ArtifactError(ValueError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
-        super().__init__(f"invalid artifact ({len(problems)} problems): " + "; ".join(problems))
+        count = f"{len(problems)} problem" + ("" if len(problems) == 1 else "s")
+        super().__init__(f"invalid artifact ({count}): " + "; ".join(problems))
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.problems,))  # pickles as itself (across Ray replicas), message intact

@@ -101,7 +101,8 @@ class DetectionData:
         if not self.classes:
             problems.insert(0, "no classes")
         if problems:
-            raise DatasetError(f"{len(problems)} problems: " + "; ".join(problems[:20]))
+            count = f"{len(problems)} problem" + ("" if len(problems) == 1 else "s")
+            raise DatasetError(f"{count}: " + "; ".join(problems[:20]))
         counts = {r.path.name: r.clip() for r in self.records}
         changed = [name for name, (clipped, dropped) in counts.items() if clipped or dropped]
         if changed:
