@@ -20,7 +20,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO", "AVIF")  # AVIF where this Pillow reads it
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis")  # ISO-BMFF major brands of HEVC HEIF
+HEIF_REFUSED = (
+    "the data is HEIF/HEIC (an iPhone's default photo format), which is not read here; send JPEG or PNG "
+    "(on an iPhone: Settings > Camera > Formats > Most Compatible)"
+)
 TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 ORIENTATION = 0x0112
 REDUCED_MARGIN = 2  # a reduced decode keeps at least this many pixels per pixel of the resized image
@@ -78,6 +83,8 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     """The image's header, checked for its format and pixel count; no pixel is decoded yet."""
     if not data:
         raise ImageDecodeError("not_an_image", "the image is empty")
+    if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+        raise ImageDecodeError("not_an_image", HEIF_REFUSED)
     with _decode_errors(max_pixels):
         image = Image.open(io.BytesIO(data))
         width, height = image.size
@@ -126,7 +133,8 @@ def _decode_errors(max_pixels: int | None = None) -> Iterator[None]:
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as e:
-        raise ImageDecodeError("not_an_image", "the data is not an image PIL can read") from e
+        readable = ", ".join(f for f in FORMATS if f in Image.registered_extensions().values())
+        raise ImageDecodeError("not_an_image", f"the data is not an image read here; send {readable}") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         limit = "" if max_pixels is None else f"; the limit is {max_pixels} pixels"
         raise ImageDecodeError("too_large", f"the image has too many pixels{limit} (Pillow: {e})") from e

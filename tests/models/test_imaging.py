@@ -141,3 +141,21 @@ def test_16_bit_greyscale_maps_its_range_onto_8_bits(fmt: str) -> None:
     expected = torch.tensor([[0, 1, 127, 128], [156, 254, 255, 255]], dtype=torch.uint8)
     assert Image.open(io.BytesIO(buffer.getvalue())).mode.startswith("I")
     assert decoded.shape == (3, 2, 4) and all(torch.equal(channel, expected) for channel in decoded)
+
+
+def test_a_refused_image_says_what_is_read_and_names_heic() -> None:
+    """An iPhone's default HEIC photo is not read; the answer says so and how to send JPEG instead."""
+    with pytest.raises(ImageDecodeError, match="send JPEG, PNG, WEBP") as unknown:
+        decode(b"hello, not an image")
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)  # an ISO-BMFF header, brand heic
+    with pytest.raises(ImageDecodeError, match="HEIF/HEIC .* Most Compatible") as iphone:
+        decode(heic)
+    assert unknown.value.kind == iphone.value.kind == "not_an_image"
+
+
+@pytest.mark.skipif("AVIF" not in Image.registered_extensions().values(), reason="this Pillow reads no AVIF")
+def test_avif_decodes_where_pillow_reads_it() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (60, 40), (200, 30, 10)).save(buffer, format="AVIF")
+    decoded = decode(buffer.getvalue())
+    assert decoded.shape == (3, 40, 60) and abs(int(decoded[0, 20, 30]) - 200) < 8

@@ -263,3 +263,12 @@ def test_yolo_coordinates_outside_0_1_are_refused(tmp_path: Path, line: str) -> 
     """Pixel coordinates in a YOLO file (a common mix-up) must not be read as fractions, nor clipped away."""
     with pytest.raises(DatasetError, match=r"four numbers in \[0, 1\]"):
         read_dataset(yolo_split(tmp_path, f"{line}\n"), "yolo")
+
+
+def test_a_yolo_split_of_tiff_images_is_read(tmp_path: Path) -> None:
+    """Industrial cameras write TIFF; a split of them read as empty ("no images") before."""
+    yolo_split(tmp_path, "0 0.5 0.5 0.2 0.2\n")
+    Image.open(tmp_path / "images" / "x.jpg").save(tmp_path / "images" / "y.tiff")
+    (tmp_path / "labels" / "y.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    records = read_dataset(tmp_path, "yolo").records
+    assert [r.path.name for r in records] == ["x.jpg", "y.tiff"] and records[1].boxes.tolist() == [[6, 3, 14, 7]]

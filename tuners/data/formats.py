@@ -23,7 +23,8 @@ from tuners.artifact import parse_json
 from tuners.data.records import DatasetError, DetectionData, ImageRecord
 
 FORMATS = ("coco", "voc", "yolo")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+# Every format models.imaging reads, as Ultralytics lists its IMG_FORMATS.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".mpo", ".avif"}
 
 
 def _boxes(rows: list[list[float]]) -> torch.Tensor:
