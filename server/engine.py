@@ -102,24 +102,19 @@ class Engine:
         keyed = self.executor.feature_cache is not None
         image, meta, key = await asyncio.to_thread(self._decode, data, keyed)
         leases = await self.cache.acquire_many(specs)
+        pending: asyncio.Future | None = None
         try:
             models = {k: lease.model for k, lease in zip(keys, leases)}
             compiled = {k: lease.compiled for k, lease in zip(keys, leases) if lease.compiled is not None}
             pending = self.batcher.enqueue(WorkItem(image, key, models, post, compiled, meta))
-        except BaseException:
-            self._release(leases)
-            raise
-        try:
             detections, passes = await asyncio.shield(pending)
             # Built before release: a released model object may be refilled with another task's weights.
             results = [self._result(t, lease, detections[k]) for (t, _), k, lease in zip(specs, keys, leases)]
-        except asyncio.CancelledError:  # the caller went away; its batch may still be running these models
-            pending.add_done_callback(lambda _: self._release(leases))
-            raise
-        except BaseException:
-            self._release(leases)
-            raise
-        self._release(leases)
+        finally:
+            if pending is None or pending.done():
+                self._release(leases)
+            else:  # the caller went away (cancelled); its batch may still be running these models
+                pending.add_done_callback(lambda _: self._release(leases))
         if all(r.error is not None for r in results):
             raise TaskFailed("every task named failed at inference", [f"{r.task}: {r.error.message}" for r in results])  # type: ignore[union-attr]
         elapsed = time.perf_counter() - start

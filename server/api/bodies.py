@@ -29,8 +29,8 @@ class BodyLimits:
     every ``min_rate`` bytes received."""
 
     max_bytes: int
-    timeout_s: float = 20.0
-    min_rate: float = 500.0
+    timeout_s: float
+    min_rate: float
 
 
 def body_limits(settings: Settings, max_bytes: int) -> BodyLimits:
