@@ -1,12 +1,17 @@
 """Readers and writers for COCO JSON, Pascal VOC XML and YOLO txt. All produce :class:`DetectionData`.
 
 Layouts (one split per folder; whole datasets, Ultralytics and Roboflow, are in :mod:`.layouts`):
-  coco: ``annotations.json`` + ``images/``; boxes are ``[x, y, w, h]`` pixels; ``iscrowd`` kept.
-  voc:  ``Annotations/*.xml`` + ``JPEGImages/`` (+ ``classes.txt`` for the class order);
-        coordinates are read and written as given, with no 1-based shift; ``difficult`` kept.
-  yolo: ``images/`` + ``labels/*.txt`` (class cx cy w h, normalised to the upright image) + ``classes.txt``.
+  coco: ``annotations.json`` (or the folder's one ``.json`` file, as Label Studio and CVAT name theirs)
+        + ``images/``; boxes are ``[x, y, w, h]`` pixels; ``iscrowd`` kept; ``file_name`` is found under
+        ``images/`` or beside the JSON, with or without the folders it names.
+  voc:  ``Annotations/*.xml`` + ``JPEGImages/``, or the XML files beside their images (LabelImg,
+        Roboflow) (+ ``classes.txt`` for the class order); coordinates are read and written as
+        given, with no 1-based shift; ``difficult`` kept.
+  yolo: ``images/`` + ``labels/*.txt`` (class cx cy w h, normalised to the upright image, or a
+        segmentation polygon, boxed as Ultralytics boxes it) + ``classes.txt``.
 
 Boxes are in the upright image's pixels (EXIF orientation applied), as annotation tools show it.
+Text files may have Windows line ends and a UTF-8 byte-order mark.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +31,33 @@ from tuners.data.records import DatasetError, DetectionData, ImageRecord
 FORMATS = ("coco", "voc", "yolo")
 # Every format models.imaging reads, as Ultralytics lists its IMG_FORMATS.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".mpo", ".avif"}
+COCO_FILES = ("annotations.json", "_annotations.coco.json")  # ours and Roboflow's; else a folder's one .json
+# YOLO values may pass 0 or 1 by rounding (1.0000001); pixel coordinates, a common mix-up, pass by far more.
+YOLO_SLACK = 0.01
+
+
+def read_lines(path: Path) -> list[str]:
+    """A text file's non-empty lines, stripped of spaces, Windows line ends and a byte-order mark.
+
+    Raises:
+        DatasetError: the file cannot be read, or is not UTF-8 text.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from e
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def locate(folders: Sequence[Path], name: str) -> Path:
+    """The image an annotation names (relative, maybe under folders, maybe with Windows separators)
+    in the first of ``folders`` that has it, else its bare file name in them; else where the first
+    folder would hold it (validation then reports it missing)."""
+    named = Path(name.replace("\\", "/"))
+    for path in [f / named for f in folders] + [f / named.name for f in folders]:
+        if path.is_file():
+            return path
+    return folders[0] / named
 
 
 def _boxes(rows: list[list[float]]) -> torch.Tensor:
@@ -35,20 +68,41 @@ def _labels(rows: list[int]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def read_coco(root: Path, annotations: str = "annotations.json", images: str = "images") -> DetectionData:
-    """A COCO split: ``root/annotations`` naming images in ``root/images``.
+def read_coco(root: Path, annotations: str | None = None, images: str = "images") -> DetectionData:
+    """A COCO split: ``root/annotations`` (default: :data:`COCO_FILES`, else the folder's one ``.json``
+    file) naming images in ``root/images`` or ``root``.
+
+    Raises:
+        DatasetError: as :func:`read_coco_file`, or the folder has no annotation file.
+    """
+    path = root / annotations if annotations else coco_file(root)
+    if path is None:
+        raise DatasetError(f"{root}: no annotations.json, and not exactly one .json file to read instead")
+    return read_coco_file(path, [root / images, root])
+
+
+def coco_file(folder: Path) -> Path | None:
+    """The COCO document of a split folder: :data:`COCO_FILES`, else its only ``.json`` file."""
+    for name in COCO_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.json"))
+    return found[0] if len(found) == 1 else None
+
+
+def read_coco_file(path: Path, images: Sequence[Path]) -> DetectionData:
+    """The COCO document at ``path``, its images found by :func:`locate` in ``images``.
 
     Raises:
         DatasetError: the file cannot be read, is not JSON, or is not a COCO document (with the key,
             type or value that is wrong).
     """
-    path = root / annotations
     try:
         doc = parse_json(path.read_bytes())
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read {path}: {e}") from e
     try:
-        return _coco_data(doc, root / images)
+        return _coco_data(doc, images)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DatasetError(
             f"{path} is not a COCO document with 'categories' (id, name), 'images' (id, file_name, width, "
@@ -56,7 +110,7 @@ def read_coco(root: Path, annotations: str = "annotations.json", images: str = "
         ) from e
 
 
-def _coco_data(doc: dict, images: Path) -> DetectionData:
+def _coco_data(doc: dict, images: Sequence[Path]) -> DetectionData:
     """The records of a parsed COCO document; raises KeyError, TypeError or ValueError where it is malformed."""
     categories = sorted(doc["categories"], key=lambda c: c["id"])
     index = {c["id"]: i for i, c in enumerate(categories)}
@@ -69,7 +123,7 @@ def _coco_data(doc: dict, images: Path) -> DetectionData:
         crowd.append(bool(ann.get("iscrowd", 0)))
     records = [
         ImageRecord(
-            images / img["file_name"],
+            locate(images, str(img["file_name"])),
             img["width"],
             img["height"],
             _boxes(per_image[img["id"]][0]),
@@ -119,52 +173,70 @@ def write_coco(
     (root / annotations).write_text(json.dumps(to_coco(data), indent=1, sort_keys=True))
 
 
-def read_voc(root: Path) -> DetectionData:
-    """A VOC split: ``root/Annotations/*.xml`` naming images in ``root/JPEGImages``.
+def read_voc(root: Path, ids: Sequence[str] | None = None, classes: Sequence[str] | None = None) -> DetectionData:
+    """A VOC split: ``root/Annotations/*.xml`` naming images in ``root/JPEGImages``, or XML files beside
+    their images in ``root``; only the files ``ids`` (stems, as ``ImageSets/Main`` lists them) when
+    given. The classes are ``classes``, else ``root/classes.txt``, else the objects' names, sorted.
 
     Raises:
         DatasetError: no XML file, one that is not XML or lacks a readable box or size, or an
             object whose class is not in ``classes.txt``.
     """
-    files = sorted((root / "Annotations").glob("*.xml"))
+    annotations, images = voc_folders(root)
+    files = sorted(annotations.glob("*.xml")) if ids is None else [annotations / f"{i}.xml" for i in ids]
     if not files:
-        raise DatasetError(f"no XML files in {root / 'Annotations'}")
+        raise DatasetError(f"no XML files in {annotations}")
     parsed = [_voc_file(f) for f in files]
-    classes_file = root / "classes.txt"
-    classes = (
-        classes_file.read_text().split("\n")
-        if classes_file.is_file()
-        else sorted({name for *_, objs in parsed for name, _, _ in objs})
-    )
-    classes = [c for c in classes if c]
+    names = {n for *_, objs in parsed for n, _, _ in objs}
+    if classes is None:
+        classes = read_lines(root / "classes.txt") if (root / "classes.txt").is_file() else sorted(names)
     index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({n for *_, objs in parsed for n, _, _ in objs} - set(index))
+    unknown = sorted(names - set(index))
     if unknown:
         raise DatasetError(f"{root}: objects named {unknown} are not in classes.txt")
     records = [
         ImageRecord(
-            root / "JPEGImages" / name,
+            _voc_image(images, name, f.stem),
             w,
             h,
             _boxes([b for _, b, _ in objs]),
             _labels([index[n] for n, _, _ in objs]),
             torch.tensor([d for _, _, d in objs], dtype=torch.bool),
         )
-        for name, w, h, objs in parsed
+        for f, (name, w, h, objs) in zip(files, parsed)
     ]
-    return DetectionData(classes, records)
+    return DetectionData(list(classes), records)
+
+
+def voc_folders(root: Path) -> tuple[Path, Path]:
+    """(annotations, images) of a VOC split: ``Annotations/`` and ``JPEGImages/``, or ``root`` for both."""
+    return (root / "Annotations", root / "JPEGImages") if (root / "Annotations").is_dir() else (root, root)
+
+
+def _voc_image(folder: Path, filename: str, stem: str) -> Path:
+    """A VOC file's image: its ``<filename>``; else that name, or the XML file's stem, with an image
+    suffix (some tools write the name without one, or the images were converted after labelling)."""
+    named = locate([folder], filename) if filename else folder / stem
+    if named.is_file():
+        return named
+    for base in dict.fromkeys((named.name, named.stem, stem)):
+        for suffix in sorted(IMAGE_SUFFIXES):
+            for path in (folder / f"{base}{suffix}", folder / f"{base}{suffix.upper()}"):
+                if path.is_file():
+                    return path
+    return named
 
 
 def _voc_file(f: Path) -> tuple[str, int, int, list[tuple[str, list[float], bool]]]:
     """One VOC XML file: (image file name, width, height, [(class, [x1, y1, x2, y2], difficult)])."""
     try:
         tree = ET.parse(f).getroot()
-    except ET.ParseError as e:
+    except (ET.ParseError, OSError) as e:
         raise DatasetError(f"{f}: {e}") from e
     try:
         objects = [
             (
-                o.findtext("name", ""),
+                o.findtext("name", "").strip(),
                 [float(o.find("bndbox").findtext(k, "nan")) for k in ("xmin", "ymin", "xmax", "ymax")],  # type: ignore[union-attr]
                 o.findtext("difficult", "0").strip() == "1",
             )
@@ -177,7 +249,7 @@ def _voc_file(f: Path) -> tuple[str, int, int, list[tuple[str, list[float], bool
         width, height = (0, 0) if size is None else [_whole(size.findtext(k, "0")) for k in ("width", "height")]
     except ValueError as e:
         raise DatasetError(f"{f}: the size is not two integers ({e})") from e
-    return tree.findtext("filename", f.stem), width, height, objects
+    return tree.findtext("filename", "").strip(), width, height, objects
 
 
 def _whole(text: str) -> int:
@@ -212,30 +284,45 @@ def read_yolo(root: Path) -> DetectionData:
     classes_file = root / "classes.txt"
     if not classes_file.is_file():
         raise DatasetError(f"{classes_file} is missing")
-    classes = [c for c in classes_file.read_text().split("\n") if c]
     images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    return DetectionData(classes, [yolo_record(image, root / "labels" / f"{image.stem}.txt") for image in images])
+    return DetectionData(
+        read_lines(classes_file), [yolo_record(image, root / "labels" / f"{image.stem}.txt") for image in images]
+    )
 
 
 def yolo_record(image: Path, label_file: Path) -> ImageRecord:
     """One image and its YOLO label file (absent: no objects); boxes in the upright image's pixels."""
     w, h = upright_size(image)
     rows, labels = [], []
-    lines = label_file.read_text().split("\n") if label_file.is_file() else []
-    for line in filter(None, (ln.strip() for ln in lines)):
-        parts = line.split()
+    for line in read_lines(label_file) if label_file.is_file() else []:
         try:
-            if len(parts) != 5:
-                raise ValueError("not five values")
-            label, (cx, cy, bw, bh) = int(parts[0]), (float(v) for v in parts[1:])
-            if not all(0 <= v <= 1 for v in (cx, cy, bw, bh)):  # NaN too
-                raise ValueError("coordinates outside [0, 1]")
+            label, (x1, y1, x2, y2) = _yolo_row(line.split())
         except ValueError as e:
-            expected = "'class cx cy w h' (an integer, four numbers in [0, 1], fractions of the image's size)"
-            raise DatasetError(f"{label_file}: expected {expected}, got {line!r}") from e
-        rows.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+            expected = (
+                "'class cx cy w h' or a polygon 'class x1 y1 x2 y2 x3 y3 ...' (an integer, then numbers in "
+                "[0, 1], fractions of the image's size)"
+            )
+            raise DatasetError(f"{label_file}: expected {expected}, got {line!r} ({e})") from e
+        rows.append([x1 * w, y1 * h, x2 * w, y2 * h])
         labels.append(label)
     return ImageRecord(image, w, h, _boxes(rows), _labels(labels))
+
+
+def _yolo_row(values: list[str]) -> tuple[int, tuple[float, float, float, float]]:
+    """A label line's class and box corners ``(x1, y1, x2, y2)`` as fractions of the image. A line of
+    more than five values is a segmentation polygon, boxed by its extremes, as Ultralytics reads it."""
+    label, coords = float(values[0]), [float(v) for v in values[1:]]
+    if not label.is_integer():
+        raise ValueError("the class is not a whole number")
+    if not all(-YOLO_SLACK <= v <= 1 + YOLO_SLACK for v in coords):  # NaN too
+        raise ValueError("coordinates outside [0, 1]")
+    if len(coords) == 4:
+        cx, cy, bw, bh = coords
+        return int(label), (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
+    if len(coords) >= 6 and len(coords) % 2 == 0:
+        xs, ys = coords[0::2], coords[1::2]
+        return int(label), (min(xs), min(ys), max(xs), max(ys))
+    raise ValueError(f"{len(values)} values")
 
 
 def write_yolo(data: DetectionData, root: Path, copy_images: bool = True) -> None:

@@ -2,6 +2,11 @@
 Roboflow COCO export, with the format detected when it is not given.
 
   splits:      ``DATA/train/`` and ``DATA/val/`` (and ``DATA/test/``), each a coco, voc or yolo split.
+  coco:        ``DATA/annotations/instances_<name>.json`` with the images in ``DATA/<name>/`` (COCO's
+               own download, Detectron2, CVAT); ``<name>`` says the split (``train2017``, ``val2017``).
+               Or one COCO ``.json`` file, with its images in ``images/`` beside it or beside it.
+  voc:         ``DATA/Annotations`` + ``DATA/JPEGImages`` with ``ImageSets/Main/train.txt``, ``val.txt``
+               (``trainval.txt``), ``test.txt`` naming each split's files (the VOC2007/2012 download).
   ultralytics: ``DATA/data.yaml`` with ``path``, ``train``, ``val`` (a folder of images, a ``.txt``
                list of images, or a list of either) and ``names`` (a list, or a mapping id -> name);
                each image's labels are in the parallel ``labels/`` folder (``images`` -> ``labels``).
@@ -13,14 +18,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import yaml
 
 from tuners.data.formats import (
+    COCO_FILES,
     FORMATS,
     IMAGE_SUFFIXES,
+    coco_file,
     place_images,
     read_coco,
+    read_coco_file,
     read_dataset,
+    read_lines,
+    read_voc,
     write_coco,
     write_dataset,
     write_yolo_labels,
@@ -36,22 +47,28 @@ SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "test": "test"}
 
 def detect_split_format(folder: Path) -> str:
     """The format of one split folder, from the files it holds."""
-    if (folder / "annotations.json").is_file():
+    if any((folder / name).is_file() for name in COCO_FILES):
         return "coco"
     if (folder / "Annotations").is_dir():
         return "voc"
     if (folder / "labels").is_dir() and (folder / "classes.txt").is_file():
         return "yolo"
+    if coco_file(folder) is not None:  # Label Studio's result.json, ...
+        return "coco"
+    if any(folder.glob("*.xml")):  # LabelImg and Roboflow write each image's XML file beside it
+        return "voc"
     raise DatasetError(
-        f"{folder}: no annotations.json (coco), Annotations/ (voc) or labels/ + classes.txt (yolo); "
-        f"pass --format, or see server-data convert"
+        f"{folder}: no annotations.json or other one .json file (coco), Annotations/ or .xml files (voc), or "
+        f"labels/ + classes.txt (yolo); pass --format, or see server-data convert"
     )
 
 
 def detect_format(root: Path) -> str:
-    """The format of a dataset folder (or of a ``data.yaml`` file)."""
+    """The format of a dataset folder (or of a ``data.yaml`` or COCO ``.json`` file)."""
     if root.suffix in (".yaml", ".yml") or (root / "data.yaml").is_file():
         return "ultralytics"
+    if root.suffix == ".json" or coco_annotation_files(root):
+        return "coco"
     if (root / "train" / ROBOFLOW).is_file():
         return "roboflow"
     if (root / "train").is_dir():
@@ -60,8 +77,11 @@ def detect_format(root: Path) -> str:
 
 
 def is_split(root: Path, fmt: str) -> bool:
-    """Whether ``root`` is one split folder (no ``train/``, ``val/``... inside) of a split format."""
-    return fmt in FORMATS and not any((root / name).is_dir() for name in SPLIT_NAMES)
+    """Whether ``root`` is one split (a split folder of a split format, or one COCO ``.json`` file)."""
+    if root.suffix == ".json":
+        return True
+    several = len(coco_annotation_files(root)) > 1 or bool(voc_image_sets(root))
+    return fmt in FORMATS and not several and not any((root / name).is_dir() for name in SPLIT_NAMES)
 
 
 def read_splits(root: Path, fmt: str = "auto") -> tuple[dict[str, DetectionData], str]:
@@ -78,10 +98,85 @@ def read_splits(root: Path, fmt: str = "auto") -> tuple[dict[str, DetectionData]
         return read_ultralytics(root if root.suffix in (".yaml", ".yml") else root / "data.yaml"), fmt
     if fmt == "roboflow":
         return read_roboflow(root), fmt
+    if fmt == "coco" and (root.suffix == ".json" or coco_annotation_files(root)):
+        return read_coco_layout(root), fmt
+    if fmt == "voc" and voc_image_sets(root):
+        return read_voc_sets(root), fmt
     folders = {SPLIT_NAMES[p.name]: p for p in sorted(root.iterdir()) if p.is_dir() and p.name in SPLIT_NAMES}
     if not folders:
         return {"train": read_dataset(root, fmt)}, fmt
-    return {split: read_dataset(folder, fmt) for split, folder in folders.items()}, fmt
+    splits = {split: read_dataset(folder, fmt) for split, folder in folders.items()}
+    derived = fmt == "voc" and not any((folder / "classes.txt").is_file() for folder in folders.values())
+    return (_one_class_list(splits) if derived else splits), fmt
+
+
+def coco_annotation_files(root: Path) -> dict[str, Path]:
+    """Split -> COCO document of ``root/annotations/``: its ``instances_<name>.json`` files (else every
+    ``.json`` file), each split named by what ``<name>`` holds (``train``, ``val``, ``test``; one
+    file alone is ``train``). Empty where ``root`` has no such folder, or is a split folder itself."""
+    folder = root / "annotations"
+    if not folder.is_dir() or coco_file(root) is not None:
+        return {}
+    files = sorted(folder.glob("instances_*.json")) or sorted(folder.glob("*.json"))
+    splits: dict[str, Path] = {}
+    for path in files:
+        name = path.stem.removeprefix("instances_").lower()
+        split = "train" if len(files) == 1 else next((s for s in ("train", "val", "test") if s in name), None)
+        if split is None or split in splits:
+            raise DatasetError(f"{folder}: cannot tell which split {path.name} is; name it instances_train.json, ...")
+        splits[split] = path
+    return splits
+
+
+def read_coco_layout(root: Path) -> dict[str, DetectionData]:
+    """A COCO ``.json`` file, or :func:`coco_annotation_files`' splits, their images found by name in
+    ``<name>/``, ``images/<name>/``, ``images/`` or the dataset folder (in that order)."""
+    if root.suffix == ".json":
+        files = {"train": root}
+        folders = [root.parent / "images", root.parent]
+    else:
+        files = coco_annotation_files(root)
+    splits = {}
+    for split, path in files.items():
+        name = path.stem.removeprefix("instances_")
+        if root.suffix != ".json":
+            folders = [root / name, root / "images" / name, root / "images", root]
+        splits[split] = read_coco_file(path, folders)
+        splits[split].validate()
+    return splits
+
+
+def voc_image_sets(root: Path) -> dict[str, list[str]]:
+    """Split -> file stems of a VOC download's ``ImageSets/Main`` (``train.txt`` or ``trainval.txt``,
+    ``val.txt``, ``test.txt``); empty where there is no ``train`` list."""
+    folder = root / "ImageSets" / "Main"
+    found = {s: folder / f"{s}.txt" for s in ("train", "val", "test") if (folder / f"{s}.txt").is_file()}
+    if "train" not in found and (folder / "trainval.txt").is_file():
+        found["train"] = folder / "trainval.txt"
+    if "train" not in found:
+        return {}
+    return {split: [line.split()[0] for line in read_lines(path)] for split, path in found.items()}
+
+
+def read_voc_sets(root: Path) -> dict[str, DetectionData]:
+    """Each split :func:`voc_image_sets` lists, with one class list: ``classes.txt``, else every name used."""
+    splits = {split: read_voc(root, ids) for split, ids in voc_image_sets(root).items()}
+    for data in splits.values():
+        data.validate()
+    return splits if (root / "classes.txt").is_file() else _one_class_list(splits)
+
+
+def _one_class_list(splits: dict[str, DetectionData]) -> dict[str, DetectionData]:
+    """VOC splits whose classes were read from their objects (no ``classes.txt``) get the union of
+    every split's classes, sorted, so that a class seen in one split only keeps one index."""
+    union = sorted({c for data in splits.values() for c in data.classes})
+    for data in splits.values():
+        if data.classes != union:
+            index = torch.tensor([union.index(c) for c in data.classes] or [0], dtype=torch.int64)
+            for record in data.records:
+                record.labels = index[record.labels]
+            data.classes = union
+    return splits
 
 
 def read_roboflow(root: Path) -> dict[str, DetectionData]:
@@ -113,8 +208,7 @@ def _images(entry: str | list[str], base: Path) -> list[Path]:
     for item in [entry] if isinstance(entry, str) else entry:
         path = (base / item).resolve()
         if path.suffix == ".txt":
-            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            found += [(path.parent / line).resolve() for line in lines]
+            found += [(path.parent / line).resolve() for line in read_lines(path)]
         elif path.is_dir():
             found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         else:

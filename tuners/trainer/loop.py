@@ -66,7 +66,8 @@ def load_splits(config: TrainConfig) -> tuple[DetectionData, DetectionData]:
         val_splits, _ = read_splits(config.val_data, config.format)
         splits["val"] = val_splits.get("val") or val_splits["train"]
     if "val" not in splits:
-        raise DatasetError(f"{config.data} has no validation split (val/, valid/ or data.yaml 'val'); pass --val-data")
+        where = "val/, valid/, data.yaml 'val', annotations/instances_val*.json or ImageSets/Main/val.txt"
+        raise DatasetError(f"{config.data} has no validation split ({where}); pass --val-data")
     train, val = splits["train"], splits["val"]
     if train.classes != val.classes:
         raise DatasetError(f"train classes {train.classes} differ from val classes {val.classes}")

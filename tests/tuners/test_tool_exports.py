@@ -1,0 +1,162 @@
+"""Datasets as annotation tools and public downloads lay them out, read without --format: COCO's own
+download (and Detectron2's, CVAT's), Label Studio's result.json, LabelImg's and Roboflow's XML files
+beside the images, the VOC2012 download with its ImageSets splits, YOLO segmentation labels, and text
+files written on Windows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tuners.data.cli import main as data_cli
+from tuners.data.formats import read_dataset
+from tuners.data.layouts import detect_format, is_split, read_splits
+from tuners.data.records import DatasetError
+
+
+def image(path: Path, size: tuple[int, int] = (100, 80)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size).save(path)
+    return path
+
+
+def coco_doc(file_names: list[str], category: str = "hat") -> dict:
+    """One ``[10, 10, 20, 20]`` (x, y, w, h) box of ``category`` per 100x80 image."""
+    return {
+        "categories": [{"id": 7, "name": category}],
+        "images": [{"id": i, "file_name": n, "width": 100, "height": 80} for i, n in enumerate(file_names)],
+        "annotations": [
+            {"id": i, "image_id": i, "category_id": 7, "bbox": [10, 10, 20, 20]} for i in range(len(file_names))
+        ],
+    }
+
+
+def voc_xml(filename: str, name: str = "hat", size: bool = True) -> str:
+    part = "<part><name>head</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></part>"
+    return (
+        f"<annotation><filename>{filename}</filename>"
+        + ("<size><width>100</width><height>80</height><depth>3</depth></size>" if size else "")
+        + f"<object><name>\n\t{name}\n</name><bndbox><xmin>10</xmin><ymin>10</ymin><xmax>30</xmax>"
+        f"<ymax>30</ymax></bndbox>{part}</object></annotation>"
+    )
+
+
+def test_the_coco_download_layout_reads_each_split_from_its_instances_file(tmp_path: Path) -> None:
+    """annotations/instances_train2017.json + train2017/ (and val2017), as COCO, Detectron2 and CVAT lay it out;
+    the captions and keypoints files beside them are not read."""
+    (tmp_path / "annotations").mkdir()
+    for split, count in (("train2017", 2), ("val2017", 1)):
+        names = [f"{split}-{i}.jpg" for i in range(count)]
+        for name in names:
+            image(tmp_path / split / name)
+        (tmp_path / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco_doc(names)))
+    (tmp_path / "annotations" / "captions_train2017.json").write_text("{}")
+    assert detect_format(tmp_path) == "coco" and not is_split(tmp_path, "coco")
+    splits, fmt = read_splits(tmp_path)
+    assert fmt == "coco" and {k: len(v.records) for k, v in splits.items()} == {"train": 2, "val": 1}
+    assert splits["val"].records[0].path == tmp_path / "val2017" / "val2017-0.jpg"
+    assert splits["train"].records[1].boxes.tolist() == [[10, 10, 30, 30]] and splits["train"].classes == ["hat"]
+
+
+def test_a_cvat_export_with_one_instances_file_is_the_train_split(tmp_path: Path) -> None:
+    image(tmp_path / "images" / "a.jpg")
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_default.json").write_text(json.dumps(coco_doc(["a.jpg"])))
+    splits, _ = read_splits(tmp_path)
+    assert list(splits) == ["train"] and splits["train"].records[0].path == tmp_path / "images" / "a.jpg"
+    assert is_split(tmp_path, "coco")
+
+
+def test_annotation_files_whose_split_cannot_be_told_are_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "annotations").mkdir()
+    for name in ("instances_a.json", "instances_b.json"):
+        (tmp_path / "annotations" / name).write_text(json.dumps(coco_doc([])))
+    with pytest.raises(DatasetError, match="cannot tell which split instances_a.json is"):
+        read_splits(tmp_path)
+
+
+def test_label_studio_result_json_finds_images_named_with_their_folder(tmp_path: Path) -> None:
+    """Label Studio names images "images/a.jpg" beside result.json; other tools give Windows paths."""
+    image(tmp_path / "images" / "a.jpg")
+    image(tmp_path / "images" / "b.jpg")
+    doc = coco_doc(["images/a.jpg", "C:\\Users\\me\\labels\\b.jpg"])
+    (tmp_path / "result.json").write_text(json.dumps(doc))
+    for data in (read_splits(tmp_path)[0]["train"], read_splits(tmp_path / "result.json")[0]["train"]):
+        assert [r.path for r in data.records] == [tmp_path / "images" / "a.jpg", tmp_path / "images" / "b.jpg"]
+    assert is_split(tmp_path / "result.json", "coco")
+
+
+def test_xml_files_beside_their_images_are_voc_splits_with_one_class_list(tmp_path: Path) -> None:
+    """LabelImg saves each XML file beside its image; Roboflow's VOC export does so in train/ and valid/.
+    A class seen in one split only must keep one index across splits."""
+    image(tmp_path / "train" / "a.jpg")
+    (tmp_path / "train" / "a.xml").write_text(voc_xml("a.jpg", "vest"))
+    image(tmp_path / "train" / "b.jpg")
+    (tmp_path / "train" / "b.xml").write_text(voc_xml("b.jpg", "hat"))
+    image(tmp_path / "valid" / "c.jpg")
+    (tmp_path / "valid" / "c.xml").write_text(voc_xml("c.jpg", "vest"))
+    splits, fmt = read_splits(tmp_path)
+    assert fmt == "voc" and splits["train"].classes == splits["val"].classes == ["hat", "vest"]
+    assert splits["val"].records[0].labels.tolist() == [1] and splits["train"].records[1].labels.tolist() == [0]
+    assert read_dataset(tmp_path / "train", "voc").records[0].boxes.tolist() == [[10, 10, 30, 30]]  # parts left out
+
+
+def test_the_voc_download_splits_by_its_image_sets(tmp_path: Path) -> None:
+    """VOC2012: ImageSets/Main/train.txt and val.txt name each split's files; <filename> may lack its
+    suffix, and an image converted after labelling (a.png for a.jpg) is still found."""
+    (tmp_path / "Annotations").mkdir()
+    for stem, filename, suffix in (("a", "a.jpg", ".png"), ("b", "b", ".JPG"), ("c", "c.jpg", ".jpg")):
+        image(tmp_path / "JPEGImages" / f"{stem}{suffix}")
+        (tmp_path / "Annotations" / f"{stem}.xml").write_text(voc_xml(filename, size=False))
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Main" / "trainval.txt").write_text("a\nb\n")
+    (tmp_path / "ImageSets" / "Main" / "val.txt").write_text("c\n")
+    assert not is_split(tmp_path, "voc")
+    splits, _ = read_splits(tmp_path)
+    assert [r.path.name for r in splits["train"].records] == ["a.png", "b.JPG"]
+    assert [r.path.name for r in splits["val"].records] == ["c.jpg"] and splits["val"].classes == ["hat"]
+    out = tmp_path / "as-yolo"
+    assert data_cli(["convert", "--data", str(tmp_path), "--to", "yolo", "--out", str(out)]) == 0
+    assert (out / "train" / "labels" / "b.txt").is_file() and (out / "val" / "labels" / "c.txt").is_file()
+
+
+def test_a_file_an_image_set_names_that_is_missing_is_named(tmp_path: Path) -> None:
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Main" / "train.txt").write_text("gone\n")
+    with pytest.raises(DatasetError, match="gone.xml"):
+        read_splits(tmp_path)
+
+
+def test_class_lists_written_on_windows_are_read_as_their_names(tmp_path: Path) -> None:
+    image(tmp_path / "voc" / "JPEGImages" / "a.jpg")
+    (tmp_path / "voc" / "Annotations").mkdir()
+    (tmp_path / "voc" / "Annotations" / "a.xml").write_text(voc_xml("a.jpg", "vest"))
+    (tmp_path / "voc" / "classes.txt").write_bytes("\ufeffhat\r\nvest\r\n".encode())
+    assert read_dataset(tmp_path / "voc", "voc").records[0].labels.tolist() == [1]
+    yolo = tmp_path / "yolo"
+    image(yolo / "images" / "a.jpg")
+    (yolo / "labels").mkdir()
+    (yolo / "labels" / "a.txt").write_bytes(b"1 0.5 0.5 0.2 0.2\r\n")
+    (yolo / "classes.txt").write_bytes("\ufeffhat\r\nvest\r\n".encode())
+    data = read_dataset(yolo, "yolo")
+    assert data.classes == ["hat", "vest"] and data.records[0].labels.tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    ("line", "box"),
+    [("0 0.1 0.1 0.3 0.1 0.3 0.4 0.1 0.4", [10, 8, 30, 32]),  # a segmentation polygon, boxed
+     ("0.0 0.5 0.5 0.2 0.2", [40, 32, 60, 48]),  # a class written as a float
+     ("0 0.5 0.5 0.2 1.0000001", [40, 0, 60, 80])],  # rounding past 1, clipped
+)  # fmt: skip
+def test_yolo_lines_as_exporters_write_them_are_read(tmp_path: Path, line: str, box: list[float]) -> None:
+    image(tmp_path / "images" / "a.jpg")
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text(line + "\n")
+    (tmp_path / "classes.txt").write_text("hat\n")
+    records = read_dataset(tmp_path, "yolo").records
+    assert records[0].labels.tolist() == [0]
+    assert records[0].boxes[0].tolist() == pytest.approx(box)
