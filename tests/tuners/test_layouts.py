@@ -33,13 +33,15 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("layout", ["ultralytics", "roboflow"])
+@pytest.mark.parametrize("layout", ["ultralytics", "roboflow", "darknet"])
 def test_a_converted_layout_is_detected_read_back_and_trains_without_format(synth: Path, tmp_path: Path, layout: str):
     out = tmp_path / layout
     assert data_cli(["convert", "--data", str(synth), "--to", layout, "--out", str(out)]) == 0
     if layout == "ultralytics":
         spec = yaml.safe_load((out / "data.yaml").read_text())
         assert spec["train"] == "images/train" and spec["names"][0] == "0" and (out / "labels" / "val").is_dir()
+    elif layout == "darknet":
+        assert "valid = valid.txt" in (out / "obj.data").read_text() and (out / "obj_valid_data").is_dir()
     else:
         assert (out / "train" / "_annotations.coco.json").is_file() and (out / "valid").is_dir()
     assert detect_format(out) == layout

@@ -160,3 +160,43 @@ def test_yolo_lines_as_exporters_write_them_are_read(tmp_path: Path, line: str, 
     records = read_dataset(tmp_path, "yolo").records
     assert records[0].labels.tolist() == [0]
     assert records[0].boxes[0].tolist() == pytest.approx(box)
+
+
+def test_a_darknet_obj_data_reads_its_lists_with_labels_beside_the_images(tmp_path: Path) -> None:
+    """CVAT's "YOLO 1.1" export: obj.data names its files as darknet sees them, under data/."""
+    for split, stem in (("train", "a"), ("valid", "b")):
+        image(tmp_path / f"obj_{split}_data" / f"{stem}.jpg")
+        (tmp_path / f"obj_{split}_data" / f"{stem}.txt").write_text("1 0.5 0.5 0.2 0.2\n")
+        (tmp_path / f"{split}.txt").write_text(f"data/obj_{split}_data/{stem}.jpg\n")
+    (tmp_path / "obj.names").write_text("hat\nvest\n")
+    spec = "classes = 2\nnames = data/obj.names\ntrain = data/train.txt\nvalid = data/valid.txt  # optional\n"
+    (tmp_path / "obj.data").write_text(spec + "backup = backup/\n")
+    splits, fmt = read_splits(tmp_path)
+    assert fmt == "darknet" and splits["val"].records[0].path == tmp_path / "obj_valid_data" / "b.jpg"
+    assert splits["train"].classes == ["hat", "vest"] and splits["train"].records[0].labels.tolist() == [1]
+    assert splits["train"].records[0].boxes.tolist() == [[40, 32, 60, 48]]
+
+
+def test_an_image_list_naming_a_missing_image_is_refused_naming_it(tmp_path: Path) -> None:
+    """Before, an Ultralytics train.txt naming a missing image raised FileNotFoundError."""
+    image(tmp_path / "images" / "train" / "a.jpg")
+    (tmp_path / "labels" / "train").mkdir(parents=True)
+    (tmp_path / "data.yaml").write_text("path: .\ntrain: train.txt\nnames: [hat]\n")
+    (tmp_path / "train.txt").write_text("images/train/a.jpg\nimages/train/gone.jpg\n")
+    with pytest.raises(DatasetError, match="gone.jpg: the image file is missing"):
+        read_splits(tmp_path)
+
+
+def test_label_studio_voc_and_a_coco_file_without_sizes_are_read(tmp_path: Path) -> None:
+    """Label Studio's VOC export keeps its images in images/, not JPEGImages/; some COCO writers give no
+    image size, which is then read from the image."""
+    image(tmp_path / "voc" / "images" / "a.jpg")
+    (tmp_path / "voc" / "Annotations").mkdir()
+    (tmp_path / "voc" / "Annotations" / "a.xml").write_text(voc_xml("a.jpg"))
+    assert read_dataset(tmp_path / "voc", "voc").records[0].path == tmp_path / "voc" / "images" / "a.jpg"
+    image(tmp_path / "coco" / "images" / "a.jpg")
+    doc = coco_doc(["a.jpg"])
+    del doc["images"][0]["width"]
+    (tmp_path / "coco" / "annotations.json").write_text(json.dumps(doc))
+    record = read_dataset(tmp_path / "coco", "coco").records[0]
+    assert (record.width, record.height) == (100, 80)

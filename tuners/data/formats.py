@@ -50,13 +50,16 @@ def read_lines(path: Path) -> list[str]:
 
 
 def locate(folders: Sequence[Path], name: str) -> Path:
-    """The image an annotation names (relative, maybe under folders, maybe with Windows separators)
-    in the first of ``folders`` that has it, else its bare file name in them; else where the first
-    folder would hold it (validation then reports it missing)."""
+    """The file an annotation names (relative or absolute, maybe with Windows separators) in the first
+    of ``folders`` that holds it, or holds the tail of its path (its last folders and file name, as a
+    darknet list's ``data/obj_train_data/a.jpg`` is ``obj_train_data/a.jpg`` here); else where the
+    first folder would hold it (validation then reports it missing)."""
     named = Path(name.replace("\\", "/"))
-    for path in [f / named for f in folders] + [f / named.name for f in folders]:
-        if path.is_file():
-            return path
+    parts = [p for p in named.parts if p not in (named.anchor, "")]
+    for tail in [Path(*parts[k:]) for k in range(len(parts))]:
+        for folder in folders:
+            if (folder / tail).is_file():
+                return folder / tail
     return folders[0] / named
 
 
@@ -124,8 +127,8 @@ def _coco_data(doc: dict, images: Sequence[Path]) -> DetectionData:
     records = [
         ImageRecord(
             locate(images, str(img["file_name"])),
-            img["width"],
-            img["height"],
+            img.get("width", 0),  # 0: read from the image
+            img.get("height", 0),
             _boxes(per_image[img["id"]][0]),
             _labels(per_image[img["id"]][1]),
             torch.tensor(per_image[img["id"]][2], dtype=torch.bool),
@@ -208,22 +211,25 @@ def read_voc(root: Path, ids: Sequence[str] | None = None, classes: Sequence[str
     return DetectionData(list(classes), records)
 
 
-def voc_folders(root: Path) -> tuple[Path, Path]:
-    """(annotations, images) of a VOC split: ``Annotations/`` and ``JPEGImages/``, or ``root`` for both."""
-    return (root / "Annotations", root / "JPEGImages") if (root / "Annotations").is_dir() else (root, root)
+def voc_folders(root: Path) -> tuple[Path, list[Path]]:
+    """(annotations, image folders) of a VOC split: ``Annotations/`` with ``JPEGImages/`` (or ``images/``,
+    as Label Studio writes), or ``root`` for both (XML files beside their images)."""
+    if (root / "Annotations").is_dir():
+        return root / "Annotations", [root / "JPEGImages", root / "images", root]
+    return root, [root]
 
 
-def _voc_image(folder: Path, filename: str, stem: str) -> Path:
+def _voc_image(folders: list[Path], filename: str, stem: str) -> Path:
     """A VOC file's image: its ``<filename>``; else that name, or the XML file's stem, with an image
     suffix (some tools write the name without one, or the images were converted after labelling)."""
-    named = locate([folder], filename) if filename else folder / stem
+    named = locate(folders, filename or stem)
     if named.is_file():
         return named
     for base in dict.fromkeys((named.name, named.stem, stem)):
         for suffix in sorted(IMAGE_SUFFIXES):
-            for path in (folder / f"{base}{suffix}", folder / f"{base}{suffix.upper()}"):
-                if path.is_file():
-                    return path
+            for folder, case in ((f, c) for f in folders for c in (suffix, suffix.upper())):
+                if (folder / f"{base}{case}").is_file():
+                    return folder / f"{base}{case}"
     return named
 
 
@@ -291,8 +297,12 @@ def read_yolo(root: Path) -> DetectionData:
 
 
 def yolo_record(image: Path, label_file: Path) -> ImageRecord:
-    """One image and its YOLO label file (absent: no objects); boxes in the upright image's pixels."""
-    w, h = upright_size(image)
+    """One image and its YOLO label file (absent: no objects); boxes in the upright image's pixels. An
+    image that is missing or unreadable gets a record with no size, which validation reports."""
+    try:
+        w, h = upright_size(image)
+    except (OSError, SyntaxError, ValueError):
+        return ImageRecord(image, 0, 0)
     rows, labels = [], []
     for line in read_lines(label_file) if label_file.is_file() else []:
         try:

@@ -11,6 +11,8 @@ Roboflow COCO export, with the format detected when it is not given.
                list of images, or a list of either) and ``names`` (a list, or a mapping id -> name);
                each image's labels are in the parallel ``labels/`` folder (``images`` -> ``labels``).
   roboflow:    ``DATA/train/_annotations.coco.json`` with the images beside it, ``valid/``, ``test/``.
+  darknet:     ``DATA/obj.data`` naming ``obj.names`` and ``train.txt`` / ``valid.txt`` lists of images,
+               each image's YOLO labels beside it (darknet's own layout; CVAT's "YOLO 1.1" export).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tuners.data.formats import (
     FORMATS,
     IMAGE_SUFFIXES,
     coco_file,
+    locate,
     place_images,
     read_coco,
     read_coco_file,
@@ -39,7 +42,7 @@ from tuners.data.formats import (
 )
 from tuners.data.records import DatasetError, DetectionData
 
-LAYOUTS = ("ultralytics", "roboflow")
+LAYOUTS = ("ultralytics", "roboflow", "darknet")
 DATASET_FORMATS = ("auto", *FORMATS, *LAYOUTS)
 ROBOFLOW = "_annotations.coco.json"
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "test": "test"}
@@ -67,6 +70,8 @@ def detect_format(root: Path) -> str:
     """The format of a dataset folder (or of a ``data.yaml`` or COCO ``.json`` file)."""
     if root.suffix in (".yaml", ".yml") or (root / "data.yaml").is_file():
         return "ultralytics"
+    if root.suffix == ".data" or (root / "obj.data").is_file():
+        return "darknet"
     if root.suffix == ".json" or coco_annotation_files(root):
         return "coco"
     if (root / "train" / ROBOFLOW).is_file():
@@ -98,6 +103,8 @@ def read_splits(root: Path, fmt: str = "auto") -> tuple[dict[str, DetectionData]
         return read_ultralytics(root if root.suffix in (".yaml", ".yml") else root / "data.yaml"), fmt
     if fmt == "roboflow":
         return read_roboflow(root), fmt
+    if fmt == "darknet":
+        return read_darknet(root if root.suffix == ".data" else root / "obj.data"), fmt
     if fmt == "coco" and (root.suffix == ".json" or coco_annotation_files(root)):
         return read_coco_layout(root), fmt
     if fmt == "voc" and voc_image_sets(root):
@@ -245,6 +252,26 @@ def read_ultralytics(path: Path) -> dict[str, DetectionData]:
     return splits
 
 
+def read_darknet(path: Path) -> dict[str, DetectionData]:
+    """A darknet ``obj.data`` (``names = obj.names``, ``train = train.txt``, ``valid = valid.txt``, as
+    ``key = value`` lines). Its paths are relative to where darknet runs (often ``data/...``), so each
+    is found by :func:`locate` under the file's folder; each image's labels are beside it."""
+    if not path.is_file():
+        raise DatasetError(f"{path} does not exist")
+    spec = {k.strip(): v.split("#")[0].strip() for k, _, v in (line.partition("=") for line in read_lines(path))}
+    base = path.parent
+    classes = read_lines(locate([base], spec.get("names") or "obj.names"))
+    splits = {}
+    for key, split in (("train", "train"), ("valid", "val"), ("test", "test")):
+        if spec.get(key):
+            images = [locate([base], line) for line in read_lines(locate([base], spec[key]))]
+            splits[split] = DetectionData(classes, [yolo_record(i, i.with_suffix(".txt")) for i in images])
+            splits[split].validate()
+    if "train" not in splits:
+        raise DatasetError(f"{path} names no 'train' list of images")
+    return splits
+
+
 def write_splits(splits: dict[str, DetectionData], root: Path, fmt: str) -> None:
     """Writes ``splits`` as a dataset in ``fmt`` (a split format: one folder per split; or a layout)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -255,6 +282,8 @@ def write_splits(splits: dict[str, DetectionData], root: Path, fmt: str) -> None
         classes = next(iter(splits.values())).classes
         spec = {"path": ".", **{s: f"images/{s}" for s in splits}, "names": dict(enumerate(classes))}
         (root / "data.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    elif fmt == "darknet":
+        _write_darknet(splits, root)
     elif fmt == "roboflow":
         for split, data in splits.items():
             folder = root / {"val": "valid"}.get(split, split)
@@ -262,3 +291,20 @@ def write_splits(splits: dict[str, DetectionData], root: Path, fmt: str) -> None
     else:
         for split, data in splits.items():
             write_dataset(data, root / split, fmt)
+
+
+def _write_darknet(splits: dict[str, DetectionData], root: Path) -> None:
+    """``obj.data``, ``obj.names``, and per split ``obj_<split>_data/`` (images, labels beside) listed in
+    ``<split>.txt``, as CVAT's "YOLO 1.1" export (``val`` is darknet's ``valid``)."""
+    lists = {}
+    for split, data in splits.items():
+        key = {"val": "valid"}.get(split, split)
+        folder = root / f"obj_{key}_data"
+        place_images(data, folder, True)
+        write_yolo_labels(data, folder)
+        (root / f"{key}.txt").write_text("".join(f"{folder.name}/{r.path.name}\n" for r in data.records))
+        lists[key] = f"{key}.txt"
+    classes = next(iter(splits.values())).classes
+    (root / "obj.names").write_text("\n".join(classes) + "\n")
+    spec = {"classes": len(classes), "names": "obj.names", **lists}
+    (root / "obj.data").write_text("".join(f"{k} = {v}\n" for k, v in spec.items()))

@@ -68,7 +68,7 @@ class ImageRecord:
             width, height = upright_size(self.path)
         except (OSError, SyntaxError, ValueError) as e:
             return [f"{self.path}: the image cannot be read ({e})"]
-        if (self.width, self.height) not in ((width, height), (height, width), (0, 0)):
+        if (self.width, self.height) not in ((width, height), (height, width)) and 0 not in (self.width, self.height):
             return [f"{self.path.name}: the annotations give {self.width}x{self.height} pixels, the image is "
                     f"{width}x{height}; its boxes would not match it"]  # fmt: skip
         self.width, self.height = width, height
