@@ -200,3 +200,32 @@ def test_label_studio_voc_and_a_coco_file_without_sizes_are_read(tmp_path: Path)
     (tmp_path / "coco" / "annotations.json").write_text(json.dumps(doc))
     record = read_dataset(tmp_path / "coco", "coco").records[0]
     assert (record.width, record.height) == (100, 80)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["train: ../train/images\nval: ../valid/images\nnc: 1\nnames: ['hat']\nroboflow:\n  version: 1\n",
+     "path: /content/datasets/hats\ntrain: train/images\nval: valid/images\nnames:\n  0: hat\n",
+     "train: hats-1/train/images\nval: hats-1/valid/images\nnames: [hat]\n",
+     "path: .\ntrain: train.txt\nval: valid/images\nnames: [hat]\n"],
+)  # fmt: skip
+def test_data_yaml_entries_written_for_another_folder_are_found(tmp_path: Path, spec: str) -> None:
+    """Roboflow's YOLO exports name ../train/images (Ultralytics strips the ../); notebooks leave a Colab
+    path or the download's folder name in front; a list may give another machine's absolute paths."""
+    for split in ("train", "valid"):
+        image(tmp_path / split / "images" / f"{split}.jpg")
+        (tmp_path / split / "labels").mkdir()
+        (tmp_path / split / "labels" / f"{split}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "train.txt").write_text("/content/hats/train/images/train.jpg\n")
+    (tmp_path / "data.yaml").write_text(spec)
+    splits, fmt = read_splits(tmp_path)
+    assert fmt == "ultralytics" and splits["val"].records[0].path == tmp_path / "valid" / "images" / "valid.jpg"
+    assert splits["train"].records[0].path == tmp_path / "train" / "images" / "train.jpg"
+    assert [len(r.boxes) for r in splits["train"].records + splits["val"].records] == [1, 1]
+
+
+def test_a_data_yaml_entry_found_nowhere_is_still_refused(tmp_path: Path) -> None:
+    image(tmp_path / "images" / "a.jpg")
+    (tmp_path / "data.yaml").write_text("train: ../elsewhere/images\nnames: [hat]\n")
+    with pytest.raises(DatasetError, match="data.yaml names '../elsewhere/images'"):
+        read_splits(tmp_path)

@@ -18,6 +18,7 @@ Roboflow COCO export, with the format detected when it is not given.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -41,6 +42,8 @@ from tuners.data.formats import (
     yolo_record,
 )
 from tuners.data.records import DatasetError, DetectionData
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("ultralytics", "roboflow", "darknet")
 DATASET_FORMATS = ("auto", *FORMATS, *LAYOUTS)
@@ -209,18 +212,34 @@ def _drop_group_category(data: DetectionData, path: Path) -> DetectionData:
     return DetectionData(data.classes[1:], data.records, data.description)
 
 
-def _images(entry: str | list[str], base: Path) -> list[Path]:
+def _images(entry: str | list[str], bases: list[Path]) -> list[Path]:
     """Images named by one ``data.yaml`` split entry: folders, ``.txt`` lists of paths, or lists of both."""
     found: list[Path] = []
     for item in [entry] if isinstance(entry, str) else entry:
-        path = (base / item).resolve()
-        if path.suffix == ".txt":
-            found += [(path.parent / line).resolve() for line in read_lines(path)]
-        elif path.is_dir():
+        path = _entry(str(item), bases)
+        if path is not None and path.suffix == ".txt":
+            found += [locate([path.parent, *bases], line) for line in read_lines(path)]
+        elif path is not None and path.is_dir():
             found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         else:
-            raise DatasetError(f"data.yaml names {item!r}, which is not a folder or a .txt list under {base}")
+            raise DatasetError(f"data.yaml names {item!r}, which is not a folder or a .txt list under {bases[0]}")
     return found
+
+
+def _entry(item: str, bases: list[Path]) -> Path | None:
+    """Where a ``data.yaml`` entry is: under ``path``, else under the file's folder. An entry written for
+    another folder (Roboflow's ``../train/images``, a Colab ``/content/...`` path, ``name-1/train/images``)
+    is found by its tail of two parts or more, as Ultralytics finds Roboflow's ``../`` entries."""
+    named = Path(item)
+    parts = [p for p in named.parts if p not in (named.anchor, "")]
+    for k in range(max(1, len(parts) - 1)):
+        for base in bases:
+            path = base / (Path(*parts[k:]) if k else named)
+            if path.exists():
+                if k or base != bases[0]:
+                    log.info("data.yaml's %r is read from %s", item, path)
+                return path.resolve()
+    return None
 
 
 def _labels_for(image: Path) -> Path:
@@ -242,11 +261,11 @@ def read_ultralytics(path: Path) -> dict[str, DetectionData]:
         raise DatasetError(f"{path} needs at least 'train' and 'names' (and usually 'path' and 'val')")
     names = spec["names"]
     classes = [str(names[k]) for k in sorted(names)] if isinstance(names, dict) else [str(n) for n in names]
-    base = path.parent / str(spec.get("path") or ".")
+    bases = list(dict.fromkeys([path.parent / str(spec.get("path") or "."), path.parent]))
     splits = {}
     for split in ("train", "val", "test"):
         if spec.get(split):
-            records = [yolo_record(image, _labels_for(image)) for image in _images(spec[split], base)]
+            records = [yolo_record(image, _labels_for(image)) for image in _images(spec[split], bases)]
             splits[split] = DetectionData(classes, records)
             splits[split].validate()
     return splits
