@@ -15,6 +15,7 @@ from tuners.data.cli import main as data_cli
 from tuners.data.formats import read_dataset
 from tuners.data.layouts import detect_format, is_split, read_splits
 from tuners.data.records import DatasetError
+from tuners.tools.common import image_paths
 
 
 def image(path: Path, size: tuple[int, int] = (100, 80)) -> Path:
@@ -229,3 +230,28 @@ def test_a_data_yaml_entry_found_nowhere_is_still_refused(tmp_path: Path) -> Non
     (tmp_path / "data.yaml").write_text("train: ../elsewhere/images\nnames: [hat]\n")
     with pytest.raises(DatasetError, match="data.yaml names '../elsewhere/images'"):
         read_splits(tmp_path)
+
+
+def test_what_macos_leaves_in_an_archive_is_not_read_as_images_or_annotations(tmp_path: Path) -> None:
+    """A zip made on a Mac holds ._a.jpg beside a.jpg and a __MACOSX/ copy of the tree: AppleDouble files
+    that end in .jpg or .xml but are not images or XML. Before, they refused the whole dataset."""
+    litter = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
+    yolo = tmp_path / "yolo"
+    image(yolo / "images" / "a.jpg")
+    (yolo / "labels").mkdir()
+    (yolo / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (yolo / "classes.txt").write_text("hat\n")
+    (yolo / "images" / "._a.jpg").write_bytes(litter)
+    assert [r.path.name for r in read_dataset(yolo, "yolo").records] == ["a.jpg"]
+    labelimg = tmp_path / "labelimg"
+    image(labelimg / "a.jpg")
+    (labelimg / "a.xml").write_text(voc_xml("a.jpg"))
+    (labelimg / "._a.xml").write_bytes(litter)
+    assert len(read_splits(labelimg)[0]["train"].records) == 1
+    ultralytics = tmp_path / "ultralytics"
+    image(ultralytics / "images" / "train" / "a.jpg")
+    (ultralytics / "__MACOSX" / "images" / "train").mkdir(parents=True)
+    (ultralytics / "images" / "train" / "._a.jpg").write_bytes(litter)
+    (ultralytics / "data.yaml").write_text("path: .\ntrain: images/train\nnames: [hat]\n")
+    assert len(read_splits(ultralytics)[0]["train"].records) == 1
+    assert image_paths([ultralytics]) == [ultralytics / "images" / "train" / "a.jpg"]

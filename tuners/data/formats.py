@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -34,6 +34,20 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".g
 COCO_FILES = ("annotations.json", "_annotations.coco.json")  # ours and Roboflow's; else a folder's one .json
 # YOLO values may pass 0 or 1 by rounding (1.0000001); pixel coordinates, a common mix-up, pass by far more.
 YOLO_SLACK = 0.01
+
+
+def listed(folder: Path, suffixes: Collection[str], recursive: bool = False) -> list[Path]:
+    """The files of ``folder`` (and below it, when ``recursive``) whose suffix, in any case, is one of
+    ``suffixes``, sorted; without hidden files and what macOS leaves in the archives it makes
+    (``._a.jpg`` beside each file, a ``__MACOSX/`` folder), which look like images but are not."""
+    found = folder.rglob("*") if recursive else folder.glob("*")
+    return sorted(
+        p
+        for p in found
+        if p.suffix.lower() in suffixes
+        and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts)
+        and p.is_file()
+    )
 
 
 def read_lines(path: Path) -> list[str]:
@@ -89,7 +103,7 @@ def coco_file(folder: Path) -> Path | None:
     for name in COCO_FILES:
         if (folder / name).is_file():
             return folder / name
-    found = sorted(folder.glob("*.json"))
+    found = listed(folder, {".json"})
     return found[0] if len(found) == 1 else None
 
 
@@ -186,7 +200,7 @@ def read_voc(root: Path, ids: Sequence[str] | None = None, classes: Sequence[str
             object whose class is not in ``classes.txt``.
     """
     annotations, images = voc_folders(root)
-    files = sorted(annotations.glob("*.xml")) if ids is None else [annotations / f"{i}.xml" for i in ids]
+    files = listed(annotations, {".xml"}) if ids is None else [annotations / f"{i}.xml" for i in ids]
     if not files:
         raise DatasetError(f"no XML files in {annotations}")
     parsed = [_voc_file(f) for f in files]
@@ -290,7 +304,7 @@ def read_yolo(root: Path) -> DetectionData:
     classes_file = root / "classes.txt"
     if not classes_file.is_file():
         raise DatasetError(f"{classes_file} is missing")
-    images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = listed(root / "images", IMAGE_SUFFIXES)
     return DetectionData(
         read_lines(classes_file), [yolo_record(image, root / "labels" / f"{image.stem}.txt") for image in images]
     )

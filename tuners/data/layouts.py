@@ -29,6 +29,7 @@ from tuners.data.formats import (
     FORMATS,
     IMAGE_SUFFIXES,
     coco_file,
+    listed,
     locate,
     place_images,
     read_coco,
@@ -61,7 +62,7 @@ def detect_split_format(folder: Path) -> str:
         return "yolo"
     if coco_file(folder) is not None:  # Label Studio's result.json, ...
         return "coco"
-    if any(folder.glob("*.xml")):  # LabelImg and Roboflow write each image's XML file beside it
+    if listed(folder, {".xml"}):  # LabelImg and Roboflow write each image's XML file beside it
         return "voc"
     raise DatasetError(
         f"{folder}: no annotations.json or other one .json file (coco), Annotations/ or .xml files (voc), or "
@@ -127,7 +128,7 @@ def coco_annotation_files(root: Path) -> dict[str, Path]:
     folder = root / "annotations"
     if not folder.is_dir() or coco_file(root) is not None:
         return {}
-    files = sorted(folder.glob("instances_*.json")) or sorted(folder.glob("*.json"))
+    files = [p for p in listed(folder, {".json"}) if p.name.startswith("instances_")] or listed(folder, {".json"})
     splits: dict[str, Path] = {}
     for path in files:
         name = path.stem.removeprefix("instances_").lower()
@@ -220,7 +221,7 @@ def _images(entry: str | list[str], bases: list[Path]) -> list[Path]:
         if path is not None and path.suffix == ".txt":
             found += [locate([path.parent, *bases], line) for line in read_lines(path)]
         elif path is not None and path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += listed(path, IMAGE_SUFFIXES, recursive=True)
         else:
             raise DatasetError(f"data.yaml names {item!r}, which is not a folder or a .txt list under {bases[0]}")
     return found

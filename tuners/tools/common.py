@@ -20,7 +20,7 @@ from models.transform import ImageMeta, ImageTransform, PreprocessSpec
 from models.types import Detections
 from tuners.artifact import load_artifact, read_manifest
 from tuners.commands import UsageError, add_common, positive_int
-from tuners.data.formats import IMAGE_SUFFIXES
+from tuners.data.formats import IMAGE_SUFFIXES, listed
 from tuners.task_model import TaskModel
 
 
@@ -60,7 +60,7 @@ def image_paths(sources: list[Path]) -> list[Path]:
     found: list[Path] = []
     for source in sources:
         if source.is_dir():
-            found += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += listed(source, IMAGE_SUFFIXES, recursive=True)
         elif source.is_file():
             found.append(source)
         else:
