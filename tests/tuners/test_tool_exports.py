@@ -255,3 +255,47 @@ def test_what_macos_leaves_in_an_archive_is_not_read_as_images_or_annotations(tm
     (ultralytics / "data.yaml").write_text("path: .\ntrain: images/train\nnames: [hat]\n")
     assert len(read_splits(ultralytics)[0]["train"].records) == 1
     assert image_paths([ultralytics]) == [ultralytics / "images" / "train" / "a.jpg"]
+
+
+def test_a_zip_export_is_unpacked_beside_itself_once_and_read(tmp_path: Path) -> None:
+    """Roboflow and CVAT hand out zips; --data export.zip reads them as Ultralytics' data= does. A zip
+    made on a Mac holds one top folder and __MACOSX/ beside it."""
+    import zipfile
+
+    source = tmp_path / "src"
+    for split in ("train", "valid"):
+        image(source / split / "a.jpg")
+        (source / split / "a.xml").write_text(voc_xml("a.jpg"))
+    archive = tmp_path / "hats.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(source.rglob("*")):
+            zf.write(path, Path("hats-voc") / path.relative_to(source))
+        zf.writestr("__MACOSX/hats-voc/._train", b"\x00")
+    size = archive.stat().st_size
+    splits, fmt = read_splits(archive)
+    assert fmt == "voc" and set(splits) == {"train", "val"} and not is_split(archive, fmt)
+    assert splits["val"].records[0].path == tmp_path / "hats" / "hats-voc" / "valid" / "a.jpg"
+    assert archive.stat().st_size == size and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    (tmp_path / "hats" / "hats-voc" / "train" / "a.xml").write_text(voc_xml("a.jpg", "vest"))
+    again = read_splits(archive)[0]["train"]  # the unpacked folder is read again, not unpacked over
+    assert again.classes == ["hat", "vest"] and again.records[0].labels.tolist() == [1]
+    out = tmp_path / "as-coco"
+    assert data_cli(["convert", "--data", str(archive), "--to", "coco", "--out", str(out)]) == 0
+    assert (out / "train" / "annotations.json").is_file() and (out / "val" / "annotations.json").is_file()
+
+
+def test_a_zip_that_is_not_one_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(DatasetError, match="cannot unpack .*broken.zip"):
+        read_splits(tmp_path / "broken.zip")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.zip"]
+
+
+def test_server_train_takes_every_format_the_readers_read() -> None:
+    """Before, server-train's --format lacked a layout the readers had (darknet)."""
+    from typing import get_args
+
+    from tuners.data.layouts import DATASET_FORMATS
+    from tuners.trainer.config import TrainConfig
+
+    assert get_args(TrainConfig.model_fields["format"].annotation) == DATASET_FORMATS

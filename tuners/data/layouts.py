@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from tuners.data.archives import unpacked
 from tuners.data.formats import (
     COCO_FILES,
     FORMATS,
@@ -89,6 +90,8 @@ def is_split(root: Path, fmt: str) -> bool:
     """Whether ``root`` is one split (a split folder of a split format, or one COCO ``.json`` file)."""
     if root.suffix == ".json":
         return True
+    if root.suffix.lower() == ".zip" and root.is_file():
+        root = unpacked(root)
     several = len(coco_annotation_files(root)) > 1 or bool(voc_image_sets(root))
     return fmt in FORMATS and not several and not any((root / name).is_dir() for name in SPLIT_NAMES)
 
@@ -96,10 +99,13 @@ def is_split(root: Path, fmt: str) -> bool:
 def read_splits(root: Path, fmt: str = "auto") -> tuple[dict[str, DetectionData], str]:
     """Every split of the dataset at ``root`` (``train``, ``val``, maybe ``test``), and its format.
 
-    A folder that is itself one split (no ``train/``) is returned as ``{"train": ...}``.
+    A folder that is itself one split (no ``train/``) is returned as ``{"train": ...}``. A ``.zip``
+    file is read from the folder it unpacks into (:func:`~tuners.data.archives.unpacked`).
     """
     if not root.exists():
         raise DatasetError(f"{root} does not exist")
+    if root.suffix.lower() == ".zip" and root.is_file():
+        root = unpacked(root)
     if fmt not in DATASET_FORMATS:
         raise DatasetError(f"unknown format {fmt!r}; use one of {', '.join(DATASET_FORMATS)}")
     fmt = detect_format(root) if fmt == "auto" else fmt

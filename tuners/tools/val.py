@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="server-val", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_task_arguments(p)
-    p.add_argument("--data", type=Path, required=True, help="dataset folder, one split, data.yaml or COCO .json")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder, one split, data.yaml, COCO .json or .zip")
     p.add_argument("--format", choices=DATASET_FORMATS, default="auto", help="(default: auto, detected)")
     p.add_argument("--split", default="val", help="split to score, when the dataset has several (default: val)")
     p.add_argument("--out", type=Path, help="folder for metrics.json and the pictures")

@@ -37,8 +37,10 @@ class TrainConfig(BaseModel):
     weights: str | None = Field(None, description="weights path, or 'random' (default: offline package)")
     allow_download: bool = Field(False, description="let torchvision download weights when nothing is local")
     image_size: int = Field(320, ge=32, le=4096, description="longest image side on the backbone's canvas")
-    data: Path = Field(..., description="dataset folder: train/ and val/ splits inside, or one split")
-    format: Literal["auto", "coco", "voc", "yolo", "ultralytics", "roboflow"] = Field(
+    data: Path = Field(
+        ..., description="dataset: a folder (splits inside, or one split), a data.yaml, a COCO .json or a .zip"
+    )
+    format: Literal["auto", "coco", "voc", "yolo", "ultralytics", "roboflow", "darknet"] = Field(
         "auto", description="dataset format (auto: detected from the files, and logged)"
     )
     val_data: Path | None = Field(None, description="validation split (default: DATA/val)")
