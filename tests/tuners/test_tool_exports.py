@@ -299,3 +299,26 @@ def test_server_train_takes_every_format_the_readers_read() -> None:
     from tuners.trainer.config import TrainConfig
 
     assert get_args(TrainConfig.model_fields["format"].annotation) == DATASET_FORMATS
+
+
+def test_a_coco_annotation_without_bbox_is_boxed_from_its_polygon(tmp_path: Path) -> None:
+    """Segmentation tools may leave bbox out (pycocotools derives it); an RLE mask cannot be boxed here."""
+    image(tmp_path / "images" / "a.jpg")
+    doc = coco_doc(["a.jpg"])
+    doc["annotations"][0] = {"id": 0, "image_id": 0, "category_id": 7, "segmentation": [[10, 8, 30, 8, 30, 32]]}
+    (tmp_path / "annotations.json").write_text(json.dumps(doc))
+    assert read_dataset(tmp_path, "coco").records[0].boxes.tolist() == [[10, 8, 30, 32]]
+    doc["annotations"][0]["segmentation"] = {"counts": "abc", "size": [80, 100]}
+    (tmp_path / "annotations.json").write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match="annotation 0 has no bbox, nor a polygon segmentation"):
+        read_dataset(tmp_path, "coco")
+
+
+@pytest.mark.parametrize(("key", "words"), [("image_id", "names image 5"), ("category_id", "names category 5")])
+def test_a_coco_annotation_naming_what_is_not_listed_is_refused_saying_so(tmp_path: Path, key: str, words: str):
+    image(tmp_path / "images" / "a.jpg")
+    doc = coco_doc(["a.jpg"])
+    doc["annotations"][0][key] = 5
+    (tmp_path / "annotations.json").write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match=f"annotation 0 {words}, which is not listed"):
+        read_dataset(tmp_path, "coco")

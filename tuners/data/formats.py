@@ -19,62 +19,20 @@ from __future__ import annotations
 import json
 import shutil
 import xml.etree.ElementTree as ET
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from models.imaging import upright_size
 from tuners.artifact import parse_json
+from tuners.data.files import IMAGE_SUFFIXES, listed, locate, read_lines
 from tuners.data.records import DatasetError, DetectionData, ImageRecord
 
 FORMATS = ("coco", "voc", "yolo")
-# Every format models.imaging reads, as Ultralytics lists its IMG_FORMATS.
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".mpo", ".avif"}
 COCO_FILES = ("annotations.json", "_annotations.coco.json")  # ours and Roboflow's; else a folder's one .json
 # YOLO values may pass 0 or 1 by rounding (1.0000001); pixel coordinates, a common mix-up, pass by far more.
 YOLO_SLACK = 0.01
-
-
-def listed(folder: Path, suffixes: Collection[str], recursive: bool = False) -> list[Path]:
-    """The files of ``folder`` (and below it, when ``recursive``) whose suffix, in any case, is one of
-    ``suffixes``, sorted; without hidden files and what macOS leaves in the archives it makes
-    (``._a.jpg`` beside each file, a ``__MACOSX/`` folder), which look like images but are not."""
-    found = folder.rglob("*") if recursive else folder.glob("*")
-    return sorted(
-        p
-        for p in found
-        if p.suffix.lower() in suffixes
-        and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts)
-        and p.is_file()
-    )
-
-
-def read_lines(path: Path) -> list[str]:
-    """A text file's non-empty lines, stripped of spaces, Windows line ends and a byte-order mark.
-
-    Raises:
-        DatasetError: the file cannot be read, or is not UTF-8 text.
-    """
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read {path}: {e}") from e
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def locate(folders: Sequence[Path], name: str) -> Path:
-    """The file an annotation names (relative or absolute, maybe with Windows separators) in the first
-    of ``folders`` that holds it, or holds the tail of its path (its last folders and file name, as a
-    darknet list's ``data/obj_train_data/a.jpg`` is ``obj_train_data/a.jpg`` here); else where the
-    first folder would hold it (validation then reports it missing)."""
-    named = Path(name.replace("\\", "/"))
-    parts = [p for p in named.parts if p not in (named.anchor, "")]
-    for tail in [Path(*parts[k:]) for k in range(len(parts))]:
-        for folder in folders:
-            if (folder / tail).is_file():
-                return folder / tail
-    return folders[0] / named
 
 
 def _boxes(rows: list[list[float]]) -> torch.Tensor:
@@ -133,9 +91,13 @@ def _coco_data(doc: dict, images: Sequence[Path]) -> DetectionData:
     index = {c["id"]: i for i, c in enumerate(categories)}
     per_image: dict[int, tuple[list, list, list]] = {img["id"]: ([], [], []) for img in doc["images"]}
     for ann in doc["annotations"]:
-        x, y, w, h = ann["bbox"]
+        for what, known in (("image", per_image), ("category", index)):
+            if ann[f"{what}_id"] not in known:
+                raise ValueError(
+                    f"annotation {ann.get('id')!r} names {what} {ann[f'{what}_id']!r}, which is not listed"
+                )
         boxes, labels, crowd = per_image[ann["image_id"]]
-        boxes.append([x, y, x + w, y + h])
+        boxes.append(_coco_box(ann))
         labels.append(index[ann["category_id"]])
         crowd.append(bool(ann.get("iscrowd", 0)))
     records = [
@@ -152,6 +114,20 @@ def _coco_data(doc: dict, images: Sequence[Path]) -> DetectionData:
     info = doc.get("info")
     description = str(info.get("description", "")) if isinstance(info, dict) else ""
     return DetectionData([str(c["name"]) for c in categories], records, description)
+
+
+def _coco_box(ann: dict) -> list[float]:
+    """An annotation's ``[x1, y1, x2, y2]``: its ``bbox`` (x, y, w, h), else the extremes of its polygon
+    ``segmentation``, as pycocotools derives a missing ``bbox``."""
+    if ann.get("bbox"):
+        x, y, w, h = ann["bbox"]
+        return [x, y, x + w, y + h]
+    polygons = ann.get("segmentation")
+    if not isinstance(polygons, list) or not all(isinstance(p, list) for p in polygons):
+        raise ValueError(f"annotation {ann.get('id')!r} has no bbox, nor a polygon segmentation to box")
+    points = [float(v) for polygon in polygons for v in polygon]
+    xs, ys = points[0::2], points[1::2]
+    return [min(xs), min(ys), max(xs), max(ys)]
 
 
 def to_coco(data: DetectionData) -> dict:

@@ -25,18 +25,15 @@ import torch
 import yaml
 
 from tuners.data.archives import unpacked
+from tuners.data.files import IMAGE_SUFFIXES, listed, locate, read_lines
 from tuners.data.formats import (
     COCO_FILES,
     FORMATS,
-    IMAGE_SUFFIXES,
     coco_file,
-    listed,
-    locate,
     place_images,
     read_coco,
     read_coco_file,
     read_dataset,
-    read_lines,
     read_voc,
     write_coco,
     write_dataset,

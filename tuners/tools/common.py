@@ -20,7 +20,7 @@ from models.transform import ImageMeta, ImageTransform, PreprocessSpec
 from models.types import Detections
 from tuners.artifact import load_artifact, read_manifest
 from tuners.commands import UsageError, add_common, positive_int
-from tuners.data.formats import IMAGE_SUFFIXES, listed
+from tuners.data.files import IMAGE_SUFFIXES, listed
 from tuners.task_model import TaskModel
 
 
