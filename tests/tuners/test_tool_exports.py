@@ -322,3 +322,26 @@ def test_a_coco_annotation_naming_what_is_not_listed_is_refused_saying_so(tmp_pa
     (tmp_path / "annotations.json").write_text(json.dumps(doc))
     with pytest.raises(DatasetError, match=f"annotation 0 {words}, which is not listed"):
         read_dataset(tmp_path, "coco")
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [(b"train: images\nnames: [h\xb5t]\n", "cannot read"),
+     (b"train: images\nnames:\n", "'names' must be a list"),
+     (b"train: images\nnames: {0: a, 2: b}\n", "'names' must be a list"),
+     (b"train: 5\nnames: [a]\n", "'train' must be a folder")],
+)  # fmt: skip
+def test_a_malformed_data_yaml_is_a_dataset_error(tmp_path: Path, spec: bytes, words: str) -> None:
+    """Found by fuzzing the readers: these raised UnicodeDecodeError or TypeError."""
+    image(tmp_path / "images" / "a.jpg")
+    (tmp_path / "data.yaml").write_bytes(spec)
+    with pytest.raises(DatasetError, match=words):
+        read_splits(tmp_path)
+
+
+def test_an_image_set_line_with_a_nul_is_a_dataset_error(tmp_path: Path) -> None:
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Main" / "train.txt").write_bytes(b"a\x00b\n")
+    with pytest.raises(DatasetError, match="embedded null"):
+        read_splits(tmp_path)

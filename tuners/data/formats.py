@@ -227,7 +227,7 @@ def _voc_file(f: Path) -> tuple[str, int, int, list[tuple[str, list[float], bool
     """One VOC XML file: (image file name, width, height, [(class, [x1, y1, x2, y2], difficult)])."""
     try:
         tree = ET.parse(f).getroot()
-    except (ET.ParseError, OSError) as e:
+    except (ET.ParseError, OSError, ValueError) as e:  # ValueError: a NUL in a listed name
         raise DatasetError(f"{f}: {e}") from e
     try:
         objects = [

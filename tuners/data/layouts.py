@@ -259,20 +259,30 @@ def _labels_for(image: Path) -> Path:
 def read_ultralytics(path: Path) -> dict[str, DetectionData]:
     try:
         spec = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8
         raise DatasetError(f"cannot read {path}: {e}") from e
     if not isinstance(spec, dict) or "names" not in spec or "train" not in spec:
         raise DatasetError(f"{path} needs at least 'train' and 'names' (and usually 'path' and 'val')")
-    names = spec["names"]
-    classes = [str(names[k]) for k in sorted(names)] if isinstance(names, dict) else [str(n) for n in names]
+    classes = _class_names(spec["names"], path)
     bases = list(dict.fromkeys([path.parent / str(spec.get("path") or "."), path.parent]))
     splits = {}
     for split in ("train", "val", "test"):
         if spec.get(split):
+            if not isinstance(spec[split], str | list):
+                raise DatasetError(f"{path}: '{split}' must be a folder or .txt list, or a list of them")
             records = [yolo_record(image, _labels_for(image)) for image in _images(spec[split], bases)]
             splits[split] = DetectionData(classes, records)
             splits[split].validate()
     return splits
+
+
+def _class_names(names: object, path: Path) -> list[str]:
+    """``data.yaml``'s ``names``: a list, or a mapping from each id 0..N-1 to its name."""
+    if isinstance(names, dict) and sorted(names, key=str) == sorted(range(len(names)), key=str):
+        return [str(names[k]) for k in range(len(names))]
+    if isinstance(names, list) and all(isinstance(n, str | int | float) for n in names):
+        return [str(n) for n in names]
+    raise DatasetError(f"{path}: 'names' must be a list of class names, or a mapping from 0..N-1 to them")
 
 
 def read_darknet(path: Path) -> dict[str, DetectionData]:
