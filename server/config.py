@@ -58,7 +58,11 @@ class Settings(BaseSettings):
     )
     cache_dir: Path = Field(Path(".cache"), description="exported ONNX graphs (backbone and compiled tasks)")
     device_cache_bytes: int = Field(256 * MiB, gt=0, description="byte budget of task models on the device")
-    host_cache_bytes: int = Field(1024 * MiB, ge=0, description="byte budget of task models parked in host memory")
+    host_cache_bytes: int = Field(
+        1024 * MiB,
+        ge=0,
+        description="byte budget of task models parked in host memory (on a CPU: added to the device's)",
+    )
     cache_wait_s: float = Field(
         10.0, ge=0, description="how long a request waits for room in the device tier held by other requests' tasks"
     )

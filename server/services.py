@@ -105,6 +105,15 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def cache_budgets(settings: Settings, device: torch.device) -> dict[str, int]:
+    """The tuner cache's byte budget per tier. On a CPU the device is host memory, so the two tiers
+    are one: the device tier gets both budgets, and nothing is parked only to be moved back (at 100
+    tasks uniformly, serving 6% fewer requests than with one tier; ``docs/BENCHMARKS.md``)."""
+    if device.type == "cpu":
+        return {"device": settings.device_cache_bytes + settings.host_cache_bytes, "host": 0}
+    return {"device": settings.device_cache_bytes, "host": settings.host_cache_bytes}
+
+
 def default_concurrent_batches(runtime: BackboneRuntime) -> int:
     """2 where passes can run at once on the CPU (ONNX Runtime): with 4 clients on 2 cores, 2 batches'
     passes at once served 1.11 times the requests of 1 (median of alternated rounds). 3 served 1.08
@@ -151,7 +160,7 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
         if task_runtime == "onnx"
         else None
     )
-    budgets = {"device": settings.device_cache_bytes, "host": settings.host_cache_bytes}
+    budgets = cache_budgets(settings, device)
     cache = TunerCache(store, backbone, device, budgets, metrics, compiler, wait_s=settings.cache_wait_s)
     features = FeatureCache(settings.feature_cache_bytes) if settings.feature_cache_bytes else None
     stack = settings.stack_tasks == "on" or (settings.stack_tasks == "auto" and device.type == "cuda")
