@@ -302,8 +302,9 @@ class TunerCache:
                     if not complete(version.path):
                         raise VersionGone(f"task {version.task_id!r} has no version {version.version} now") from None
                     raise
-                entry = Entry(key, model, manifest, entry_bytes(model, self.compiler is not None))
-                self._sizes[key] = entry.nbytes  # verified in full by now
+                nbytes = self._sizes.get(key) or entry_bytes(model, self.compiler is not None)
+                entry = Entry(key, model, manifest, nbytes)
+                self._sizes[key] = nbytes  # verified in full by now
                 self.metrics.cold_load_seconds.observe(time.perf_counter() - start)
             with self._lock:
                 try:
@@ -334,7 +335,7 @@ class TunerCache:
                 if not problems:
                     # a new generation: whatever held this object (a stack) must not take it for the old task
                     spare.labels, spare.generation = list(manifest["labels"]), spare.generation + 1
-                    return spare.eval(), manifest
+                    return spare, manifest  # on the device and in eval mode since its first load
                 log.warning("task %s v%d did not fit a spare model (%s); building it", *key, problems[0])
         model, manifest = load_artifact(version.path, self.backbone, verify=key not in self._sizes, from_store=True)
         return model.to(self.device).eval(), manifest
@@ -351,7 +352,7 @@ class TunerCache:
                 if victim is not None and self._tier_bytes(tier) + victim.nbytes > self.budgets[tier]:
                     del self.tiers[tier][victim.key]
                     self.metrics.cache_events.labels(tier=tier, event="eviction").inc()
-                    return victim.model.to(self.device)
+                    return victim.model if tier == "device" else victim.model.to(self.device)
             return None
 
     def _evictable(self, entry: Entry) -> bool:

@@ -362,6 +362,7 @@ def test_cold_loads_reuse_model_objects_and_serve_exactly_what_a_fresh_load_does
     async def lease_run(task: str) -> tuple[int, object, object]:
         lease = await cache.acquire(task)
         try:
+            assert not any(m.training for m in lease.model.modules())  # a refilled model is not put in eval again
             result = executor.run([WorkItem(image, "x", {task: lease.model})]).detections[0][task]
             return id(lease.model), lease.model.generation, result
         finally:
