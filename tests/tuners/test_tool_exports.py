@@ -345,3 +345,11 @@ def test_an_image_set_line_with_a_nul_is_a_dataset_error(tmp_path: Path) -> None
     (tmp_path / "ImageSets" / "Main" / "train.txt").write_bytes(b"a\x00b\n")
     with pytest.raises(DatasetError, match="embedded null"):
         read_splits(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["voc", "yolo", "coco", "roboflow", "ultralytics", "darknet"])
+def test_a_format_given_for_what_it_does_not_read_is_a_dataset_error(tmp_path: Path, fmt: str) -> None:
+    """A file where --format names a folder layout raised NotADirectoryError; an empty Roboflow read passed."""
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(DatasetError):
+        read_splits(tmp_path / "notes.json" if fmt != "roboflow" else tmp_path, fmt)

@@ -4,7 +4,7 @@ Roboflow COCO export, with the format detected when it is not given.
   splits:      ``DATA/train/`` and ``DATA/val/`` (and ``DATA/test/``), each a coco, voc or yolo split.
   coco:        ``DATA/annotations/instances_<name>.json`` with the images in ``DATA/<name>/`` (COCO's
                own download, Detectron2, CVAT); ``<name>`` says the split (``train2017``, ``val2017``).
-               Or one COCO ``.json`` file, with its images in ``images/`` beside it or beside it.
+               Or one COCO ``.json`` file, its images in an ``images/`` folder next to it, or next to it.
   voc:         ``DATA/Annotations`` + ``DATA/JPEGImages`` with ``ImageSets/Main/train.txt``, ``val.txt``
                (``trainval.txt``), ``test.txt`` naming each split's files (the VOC2007/2012 download).
   ultralytics: ``DATA/data.yaml`` with ``path``, ``train``, ``val`` (a folder of images, a ``.txt``
@@ -116,6 +116,8 @@ def read_splits(root: Path, fmt: str = "auto") -> tuple[dict[str, DetectionData]
         return read_coco_layout(root), fmt
     if fmt == "voc" and voc_image_sets(root):
         return read_voc_sets(root), fmt
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder, which --format {fmt} reads")
     folders = {SPLIT_NAMES[p.name]: p for p in sorted(root.iterdir()) if p.is_dir() and p.name in SPLIT_NAMES}
     if not folders:
         return {"train": read_dataset(root, fmt)}, fmt
@@ -200,6 +202,8 @@ def read_roboflow(root: Path) -> dict[str, DetectionData]:
             data = _drop_group_category(read_coco(root / name, ROBOFLOW, "."), root / name / ROBOFLOW)
             data.validate()
             splits[split] = data
+    if not splits:
+        raise DatasetError(f"{root}: no train/{ROBOFLOW}, nor valid/ or test/ (a Roboflow COCO export)")
     return splits
 
 
