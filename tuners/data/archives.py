@@ -32,7 +32,7 @@ def unpacked(archive: Path) -> Path:
     if not folder.exists():
         _unpack(archive, folder)
     else:
-        log.info("reading %s, unpacked from %s before", folder, archive.name)
+        log.info("reading %s, the folder beside %s (remove it to unpack the archive again)", folder, archive.name)
     inside = [p for p in folder.iterdir() if p.name != "__MACOSX" and not p.name.startswith(".")]
     return inside[0] if len(inside) == 1 and inside[0].is_dir() else folder
 
