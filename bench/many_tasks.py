@@ -52,9 +52,8 @@ def side(store: Path, cwd: Path | None, tasks: list[Path], image: bytes, args: a
             for name, request in list(loads.items())[:: 1 if i % 2 == 0 else -1]:
                 cpu, moved = cpu_seconds(server.process.pid), promotions(server.url)
                 result = closed_loop(server.url, args.clients, args.seconds, request)
-                step = (result.requests, result.seconds, cpu_seconds(server.process.pid) - cpu, 0.0)
-                totals[name] = [a + b for a, b in zip(totals[name], step)]
-                totals[name][3] += promotions(server.url) - moved
+                cpu, moved = cpu_seconds(server.process.pid) - cpu, promotions(server.url) - moved
+                totals[name] = [a + b for a, b in zip(totals[name], (result.requests, result.seconds, cpu, moved))]
     return dict(totals)
 
 

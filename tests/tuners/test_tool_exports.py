@@ -293,12 +293,14 @@ def test_a_zip_that_is_not_one_is_refused_and_leaves_nothing(tmp_path: Path) -> 
 
 def test_server_train_takes_every_format_the_readers_read() -> None:
     """Before, server-train's --format lacked a layout the readers had (darknet)."""
-    from typing import get_args
+    from pydantic import ValidationError
 
     from tuners.data.layouts import DATASET_FORMATS
     from tuners.trainer.config import TrainConfig
 
-    assert get_args(TrainConfig.model_fields["format"].annotation) == DATASET_FORMATS
+    assert [TrainConfig(data=Path("d"), format=fmt).format for fmt in DATASET_FORMATS] == list(DATASET_FORMATS)
+    with pytest.raises(ValidationError):
+        TrainConfig(data=Path("d"), format="labelme")
 
 
 def test_a_coco_annotation_without_bbox_is_boxed_from_its_polygon(tmp_path: Path) -> None:

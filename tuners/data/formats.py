@@ -125,9 +125,13 @@ def _coco_box(ann: dict) -> list[float]:
     polygons = ann.get("segmentation")
     if not isinstance(polygons, list) or not all(isinstance(p, list) for p in polygons):
         raise ValueError(f"annotation {ann.get('id')!r} has no bbox, nor a polygon segmentation to box")
-    points = [float(v) for polygon in polygons for v in polygon]
+    return list(_extremes([float(v) for polygon in polygons for v in polygon]))
+
+
+def _extremes(points: list[float]) -> tuple[float, float, float, float]:
+    """``(x1, y1, x2, y2)`` around a polygon given as ``[x, y, x, y, ...]``."""
     xs, ys = points[0::2], points[1::2]
-    return [min(xs), min(ys), max(xs), max(ys)]
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 def to_coco(data: DetectionData) -> dict:
@@ -166,10 +170,10 @@ def write_coco(
     (root / annotations).write_text(json.dumps(to_coco(data), indent=1, sort_keys=True))
 
 
-def read_voc(root: Path, ids: Sequence[str] | None = None, classes: Sequence[str] | None = None) -> DetectionData:
+def read_voc(root: Path, ids: Sequence[str] | None = None) -> DetectionData:
     """A VOC split: ``root/Annotations/*.xml`` naming images in ``root/JPEGImages``, or XML files beside
     their images in ``root``; only the files ``ids`` (stems, as ``ImageSets/Main`` lists them) when
-    given. The classes are ``classes``, else ``root/classes.txt``, else the objects' names, sorted.
+    given. The classes are ``root/classes.txt``, else the objects' names, sorted.
 
     Raises:
         DatasetError: no XML file, one that is not XML or lacks a readable box or size, or an
@@ -181,8 +185,7 @@ def read_voc(root: Path, ids: Sequence[str] | None = None, classes: Sequence[str
         raise DatasetError(f"no XML files in {annotations}")
     parsed = [_voc_file(f) for f in files]
     names = {n for *_, objs in parsed for n, _, _ in objs}
-    if classes is None:
-        classes = read_lines(root / "classes.txt") if (root / "classes.txt").is_file() else sorted(names)
+    classes = read_lines(root / "classes.txt") if (root / "classes.txt").is_file() else sorted(names)
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(names - set(index))
     if unknown:
@@ -198,7 +201,7 @@ def read_voc(root: Path, ids: Sequence[str] | None = None, classes: Sequence[str
         )
         for f, (name, w, h, objs) in zip(files, parsed)
     ]
-    return DetectionData(list(classes), records)
+    return DetectionData(classes, records)
 
 
 def voc_folders(root: Path) -> tuple[Path, list[Path]]:
@@ -320,8 +323,7 @@ def _yolo_row(values: list[str]) -> tuple[int, tuple[float, float, float, float]
         cx, cy, bw, bh = coords
         return int(label), (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
     if len(coords) >= 6 and len(coords) % 2 == 0:
-        xs, ys = coords[0::2], coords[1::2]
-        return int(label), (min(xs), min(ys), max(xs), max(ys))
+        return int(label), _extremes(coords)
     raise ValueError(f"{len(values)} values")
 
 

@@ -145,21 +145,22 @@ def coco_annotation_files(root: Path) -> dict[str, Path]:
 
 
 def read_coco_layout(root: Path) -> dict[str, DetectionData]:
-    """A COCO ``.json`` file, or :func:`coco_annotation_files`' splits, their images found by name in
-    ``<name>/``, ``images/<name>/``, ``images/`` or the dataset folder (in that order)."""
+    """A COCO ``.json`` file (its images in ``images/`` beside it, or beside it), or the splits of
+    :func:`coco_annotation_files` (each one's images in ``<name>/``, ``images/<name>/``, ``images/`` or
+    the dataset folder, in that order)."""
     if root.suffix == ".json":
-        files = {"train": root}
-        folders = [root.parent / "images", root.parent]
+        sources = {"train": (root, [root.parent / "images", root.parent])}
     else:
-        files = coco_annotation_files(root)
-    splits = {}
-    for split, path in files.items():
-        name = path.stem.removeprefix("instances_")
-        if root.suffix != ".json":
-            folders = [root / name, root / "images" / name, root / "images", root]
-        splits[split] = read_coco_file(path, folders)
-        splits[split].validate()
+        sources = {split: (path, _coco_images(root, path)) for split, path in coco_annotation_files(root).items()}
+    splits = {split: read_coco_file(path, folders) for split, (path, folders) in sources.items()}
+    for data in splits.values():
+        data.validate()
     return splits
+
+
+def _coco_images(root: Path, annotations: Path) -> list[Path]:
+    name = annotations.stem.removeprefix("instances_")
+    return [root / name, root / "images" / name, root / "images", root]
 
 
 def voc_image_sets(root: Path) -> dict[str, list[str]]:

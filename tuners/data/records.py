@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from models.imaging import upright_size
+from tuners.errors import counted
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,7 @@ class DetectionData:
         if not self.classes:
             problems.insert(0, "no classes")
         if problems:
-            count = f"{len(problems)} problem" + ("" if len(problems) == 1 else "s")
-            raise DatasetError(f"{count}: " + "; ".join(problems[:20]))
+            raise DatasetError(f"{counted(len(problems), 'problem')}: " + "; ".join(problems[:20]))
         counts = {r.path.name: r.clip() for r in self.records}
         changed = [name for name, (clipped, dropped) in counts.items() if clipped or dropped]
         if changed:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.backbones import list_backbones
 from models.heads import HeadConfigError, check_head_options
 from tuners.base import TUNERS
+from tuners.data.layouts import DATASET_FORMATS
 from tuners.data.transforms import AUGMENTATIONS
 from tuners.errors import TunerError
 
@@ -40,7 +41,7 @@ class TrainConfig(BaseModel):
     data: Path = Field(
         ..., description="dataset: a folder (splits inside, or one split), a data.yaml, a COCO .json or a .zip"
     )
-    format: Literal["auto", "coco", "voc", "yolo", "ultralytics", "roboflow", "darknet"] = Field(
+    format: Literal[DATASET_FORMATS] = Field(  # type: ignore[valid-type]
         "auto", description="dataset format (auto: detected from the files, and logged)"
     )
     val_data: Path | None = Field(None, description="validation split (default: DATA/val)")
