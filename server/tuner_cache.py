@@ -39,7 +39,7 @@ from server.admission import Admission, NoRoom
 from server.cache_entries import Entry, Key, Lease, entry_bytes, model_bytes, to_host
 from server.exceptions import CacheBudget, Overloaded, UnknownVersion
 from server.store import TaskVersion, VersionedStore, complete
-from tuners.artifact import WEIGHTS, load_artifact, read_into, read_manifest
+from tuners.artifact import WEIGHTS, load_artifact, read_manifest, read_weights
 from tuners.compiled import CompiledTask
 from tuners.errors import ArtifactError
 from tuners.task_model import TaskModel, architecture_key
@@ -331,7 +331,7 @@ class TunerCache:
             arch = architecture_key(manifest["method"], manifest["config"], manifest["head"], len(manifest["labels"]))
             spare = self._take_spare(arch)
             if spare is not None:
-                problems = read_into(version.path / WEIGHTS, spare.state_dict())
+                problems = read_weights(version.path / WEIGHTS, spare)
                 if not problems:
                     # a new generation: whatever held this object (a stack) must not take it for the old task
                     spare.labels, spare.generation = list(manifest["labels"]), spare.generation + 1

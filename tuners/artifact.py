@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from models.backbones.base import FrozenBackbone
 from tuners.base import TUNERS
 from tuners.errors import ArtifactError, IncompatibleBackboneError, TunerError
+from tuners.flat_weights import FlatWeights
 from tuners.task_model import TaskModel, build_task_model
 
 # 2: the manifest's "head" holds every option of the head. A version-1 manifest holds only the options
@@ -152,11 +154,10 @@ DTYPES = {
 
 
 def _read_header(f: Any, size: int) -> tuple[dict[str, Any], int]:
-    """The header's tensor entries, and the offset where tensor data starts.
+    """The header's entries (unchecked, see :func:`_check_entries`) and the offset where tensor data starts.
 
     Raises:
-        ValueError: the header does not fit the file, is not JSON, or an entry lacks a string
-            ``dtype``, a ``shape`` of integers or two integer ``data_offsets``.
+        ValueError: the header does not fit the file, or is not a JSON object.
     """
     raw = f.read(8)
     if len(raw) < 8:
@@ -168,6 +169,12 @@ def _read_header(f: Any, size: int) -> tuple[dict[str, Any], int]:
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
     header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def _check_entries(header: dict[str, Any]) -> None:
+    """Raises ``ValueError`` unless every entry has a string ``dtype``, a ``shape`` of integers and two
+    integer ``data_offsets``."""
     for key, info in header.items():
         if not (
             isinstance(info, dict)
@@ -177,7 +184,6 @@ def _read_header(f: Any, size: int) -> tuple[dict[str, Any], int]:
             and len(info["data_offsets"]) == 2
         ):
             raise ValueError(f"the header's entry for {key!r} is not a dtype, a shape and two data offsets")
-    return header, 8 + length
 
 
 def _ints(value: Any) -> bool:
@@ -188,13 +194,13 @@ def _unreadable(e: ValueError) -> str:
     return f"{WEIGHTS} is not a readable safetensors file ({e}); pickle files are never read"
 
 
-def _layout(f: Any, size: int, state: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, Any], int]:
-    """Every problem of the file's header against ``state`` (missing, extra or mis-shaped key, wrong
-    dtype, bad offsets), which may be on the meta device; and the header and where its data starts."""
+def _problems(header: dict[str, Any], base: int, size: int, state: dict[str, torch.Tensor]) -> list[str]:
+    """Every problem of a file's header against ``state`` (missing, extra or mis-shaped key, wrong dtype,
+    bad offsets), which may be on the meta device."""
     try:
-        header, base = _read_header(f, size)
+        _check_entries(header)
     except ValueError as e:
-        return [_unreadable(e)], {}, 0
+        return [_unreadable(e)]
     problems = [f"missing key {k}" for k in sorted(set(state) - set(header))]
     problems += [f"extra key {k}" for k in sorted(set(header) - set(state))]
     for k in sorted(set(state) & set(header)):
@@ -206,35 +212,60 @@ def _layout(f: Any, size: int, state: dict[str, torch.Tensor]) -> tuple[list[str
             problems.append(f"{k}: dtype {info['dtype']}, expected {t.dtype}")
         elif end - begin != t.numel() * t.element_size() or begin < 0 or base + end > size:
             problems.append(f"{k}: data offsets {begin}..{end} do not fit the tensor or the file")
-    return problems, header, base
+    return problems
 
 
 def layout_problems(path: Path, state: dict[str, torch.Tensor]) -> list[str]:
-    """:func:`read_into`'s checks alone, for tensors that need not exist yet (meta tensors)."""
+    """:func:`read_weights`'s checks alone, for tensors that need not exist yet (meta tensors)."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        return _layout(f, path.stat().st_size, state)[0]
+        try:
+            header, base = _read_header(f, size)
+        except ValueError as e:
+            return [_unreadable(e)]
+    return _problems(header, base, size, state)
 
 
-def read_into(path: Path, state: dict[str, torch.Tensor]) -> list[str]:
-    """Reads ``path`` (safetensors) straight into the preallocated tensors of ``state``.
+def read_weights(path: Path, model: nn.Module) -> list[str]:
+    """Reads ``path`` (safetensors) straight into the tensors of ``model`` (``model.state_dict()``'s keys).
 
-    Each tensor's bytes go from the file into the tensor's own memory (``readinto``), with no
-    intermediate copy and without ``safe_open``, which leaks about 8 KB per read (ENVIRONMENT.md).
-    Returns every problem (missing, extra or mis-shaped key, wrong dtype, bad offsets); the
-    tensors are only written when there is none.
+    The bytes go from the file into the tensors' own memory (``readinto``), with no intermediate copy
+    and without ``safe_open``, which leaks about 8 KB per read (ENVIRONMENT.md). The first read lays
+    the model's tensors out as views of one buffer shaped like the file's data section
+    (:class:`~tuners.flat_weights.FlatWeights`); a later file with the same header entries (a reload
+    into a spare model of the same architecture) is then read in one call, with nothing else to check.
+    Returns every problem (missing, extra or mis-shaped key, wrong dtype, bad offsets, a file shorter
+    than its header says); the tensors are only written when there is none.
     """
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        problems, header, base = _layout(f, path.stat().st_size, state)
-        if problems:
-            return problems
-        for k, t in state.items():
-            f.seek(base + header[k]["data_offsets"][0])
-            target = t.detach().cpu() if t.is_contiguous() else t.detach().cpu().contiguous()
-            if target.numel():
-                f.readinto(memoryview(target.reshape(-1).view(torch.uint8).numpy()))
-            if target.data_ptr() != t.data_ptr():
-                t.detach().copy_(target)
-    return []
+        try:
+            header, base = _read_header(f, size)
+        except ValueError as e:
+            return [_unreadable(e)]
+        flat = FlatWeights.of(model, header)
+        if flat is None or base + flat.buffer.numel() > size:
+            state = model.state_dict()
+            problems = _problems(header, base, size, state)
+            if problems:
+                return problems
+            flat = FlatWeights.lay_out(model, state, header)
+            if flat is None:
+                _read_each(f, base, header, state)
+                return []
+        f.seek(base)
+        return [] if flat.read(f) else [f"{WEIGHTS} is shorter than its header says"]
+
+
+def _read_each(f: Any, base: int, header: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Reads every tensor of ``state`` on its own, where :class:`FlatWeights` cannot hold them."""
+    for k, t in state.items():
+        f.seek(base + header[k]["data_offsets"][0])
+        target = t.detach().cpu() if t.is_contiguous() else t.detach().cpu().contiguous()
+        if target.numel():
+            f.readinto(memoryview(target.reshape(-1).view(torch.uint8).numpy()))
+        if target.data_ptr() != t.data_ptr():
+            t.detach().copy_(target)
 
 
 def _build(manifest: dict[str, Any], backbone: FrozenBackbone, device: str | None = None) -> TaskModel:
@@ -284,7 +315,7 @@ def load_artifact(
     if model is None:
         raise ArtifactError(problems)
     if weights.is_file():
-        problems += read_into(weights, model.state_dict())
+        problems += read_weights(weights, model)
     if verify and not problems:
         problems += nonfinite(model.state_dict())
     if problems:
