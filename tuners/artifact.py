@@ -26,7 +26,7 @@ from torch import nn
 from models.backbones.base import FrozenBackbone
 from tuners.base import TUNERS
 from tuners.errors import ArtifactError, IncompatibleBackboneError, TunerError
-from tuners.flat_weights import FlatWeights
+from tuners.read_plan import ReadPlan
 from tuners.task_model import TaskModel, build_task_model
 
 # 2: the manifest's "head" holds every option of the head. A version-1 manifest holds only the options
@@ -229,13 +229,13 @@ def layout_problems(path: Path, state: dict[str, torch.Tensor]) -> list[str]:
 def read_weights(path: Path, model: nn.Module) -> list[str]:
     """Reads ``path`` (safetensors) straight into the tensors of ``model`` (``model.state_dict()``'s keys).
 
-    The bytes go from the file into the tensors' own memory (``readinto``), with no intermediate copy
-    and without ``safe_open``, which leaks about 8 KB per read (ENVIRONMENT.md). The first read lays
-    the model's tensors out as views of one buffer shaped like the file's data section
-    (:class:`~tuners.flat_weights.FlatWeights`); a later file with the same header entries (a reload
-    into a spare model of the same architecture) is then read in one call, with nothing else to check.
-    Returns every problem (missing, extra or mis-shaped key, wrong dtype, bad offsets, a file shorter
-    than its header says); the tensors are only written when there is none.
+    The bytes go from the file into the tensors' own memory, with no intermediate copy and without
+    ``safe_open``, which leaks about 8 KB per read (ENVIRONMENT.md). A file whose header entries this
+    model was read from before (a reload into a spare model of the same architecture) is read with
+    one system call and nothing else to check (:class:`~tuners.read_plan.ReadPlan`); any other is
+    checked against the model first. Returns every problem (missing, extra or mis-shaped key, wrong
+    dtype, bad offsets, a file shorter than its header says); the tensors are only written when there
+    is none.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -243,22 +243,24 @@ def read_weights(path: Path, model: nn.Module) -> list[str]:
             header, base = _read_header(f, size)
         except ValueError as e:
             return [_unreadable(e)]
-        flat = FlatWeights.of(model, header)
-        if flat is None or base + flat.buffer.numel() > size:
+        plan = ReadPlan.of(model, header)
+        if plan is None or base + plan.nbytes > size:
             state = model.state_dict()
             problems = _problems(header, base, size, state)
             if problems:
                 return problems
-            flat = FlatWeights.lay_out(model, state, header)
-            if flat is None:
-                _read_each(f, base, header, state)
-                return []
-        f.seek(base)
-        return [] if flat.read(f) else [f"{WEIGHTS} is shorter than its header says"]
+            plan = ReadPlan.make(model, state, header)
+        buffers = plan.buffers() if plan is not None else None
+        if plan is None or buffers is None:
+            _read_each(f, base, header, model.state_dict())
+            return []
+        if os.preadv(f.fileno(), buffers, base) != plan.nbytes:
+            return [f"{WEIGHTS} is shorter than its header says"]
+    return []
 
 
 def _read_each(f: Any, base: int, header: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
-    """Reads every tensor of ``state`` on its own, where :class:`FlatWeights` cannot hold them."""
+    """Reads every tensor of ``state`` on its own, where one :class:`ReadPlan` call cannot fill them."""
     for k, t in state.items():
         f.seek(base + header[k]["data_offsets"][0])
         target = t.detach().cpu() if t.is_contiguous() else t.detach().cpu().contiguous()
