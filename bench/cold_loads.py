@@ -19,7 +19,7 @@ import httpx
 import torch
 
 from bench.common import scratch
-from bench.load import Server, closed_loop, histogram_count, histogram_quantile, jpeg
+from bench.load import Server, ab_arguments, closed_loop, histogram_count, histogram_quantile, jpeg
 from bench.serve_load import make_tasks, uniform, upload
 from models import PreprocessSpec, build_backbone
 from tuners.artifact import WEIGHTS
@@ -41,13 +41,7 @@ def one_round(store: Path, cwd: Path | None, tasks: list[Path], image: bytes, ar
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compare-to", type=Path, help="another checkout (a git worktree) to load the same way")
-    parser.add_argument("--tasks", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--clients", type=int, default=4)
-    args = parser.parse_args()
+    args = ab_arguments(__doc__, tasks=20, rounds=4, seconds=10.0)
     torch.set_num_threads(2)
     sides = [("this", None), *([(str(args.compare_to), args.compare_to)] if args.compare_to else [])]
     rows: dict[str, list[list[float]]] = {label: [] for label, _ in sides}

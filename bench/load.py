@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import random
@@ -164,3 +165,15 @@ def histogram_quantile(metrics: str, name: str, q: float) -> float:
 
 def histogram_count(metrics: str, name: str) -> float:
     return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(f"{name}_count")), 0.0)
+
+
+def ab_arguments(description: str, tasks: int, rounds: int, seconds: float) -> argparse.Namespace:
+    """The options of a benchmark that loads this checkout's server and ``--compare-to``'s in turn:
+    ``--compare-to``, ``--tasks``, ``--rounds``, ``--seconds`` (per load) and ``--clients``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare-to", type=Path, help="another checkout (a git worktree) to load the same way")
+    parser.add_argument("--tasks", type=int, default=tasks)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--seconds", type=float, default=seconds)
+    parser.add_argument("--clients", type=int, default=4)
+    return parser.parse_args()

@@ -21,7 +21,7 @@ import httpx
 import torch
 
 from bench.common import scratch
-from bench.load import Request, Server, closed_loop, jpeg
+from bench.load import Request, Server, ab_arguments, closed_loop, jpeg
 from bench.serve_load import detect, make_tasks, uniform, upload, warm
 from models import PreprocessSpec, build_backbone
 
@@ -58,13 +58,7 @@ def side(store: Path, cwd: Path | None, tasks: list[Path], image: bytes, args: a
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compare-to", type=Path, help="another checkout (a git worktree) to load the same way")
-    parser.add_argument("--tasks", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--clients", type=int, default=4)
-    args = parser.parse_args()
+    args = ab_arguments(__doc__, tasks=100, rounds=6, seconds=5.0)
     torch.set_num_threads(2)
     with scratch("sidecar-many-") as work:
         backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
