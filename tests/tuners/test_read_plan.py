@@ -194,16 +194,18 @@ def test_tensors_one_call_cannot_fill_are_read_tensor_by_tensor(
     assert calls["each"] == 2 and calls["preadv"] == 0
 
 
-def test_tied_tensors_stay_tied(tmp_path: Path) -> None:
-    """A module whose state lists one tensor under two keys keeps one tensor."""
+def test_tied_tensors_stay_tied_and_are_read_in_one_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module whose state lists one tensor under two keys keeps one tensor, which the call fills twice."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False))
     model[1].weight = model[0].weight
     tensors = {"0.weight": torch.randn(4, 4)}
     tensors["1.weight"] = tensors["0.weight"].clone()
     _write(tmp_path / "tied.safetensors", tensors, sorted(tensors))
+    calls = _count(monkeypatch)
     for _ in range(2):
         assert read_weights(tmp_path / "tied.safetensors", model) == []
         assert model[0].weight is model[1].weight and torch.equal(model[0].weight, tensors["0.weight"])
+    assert calls == {"plans": 1, "preadv": 2, "each": 0}
 
 
 @pytest.mark.parametrize("method", ["linear_probe", "lora", "hst", "full_finetune"])
