@@ -1,18 +1,18 @@
 """A task store behind an fsspec URL: an object store (``s3://``, ``gs://``, ``az://``), a shared
 filesystem (``file://``), or ``memory://`` in tests.
 
-The layout is the local store's: ``URL/<task id>/v<N>/{tuner.safetensors,tuner.json}`` and
-``URL/<task id>/CURRENT``. Object stores have no rename and no folders, so the writes differ while
-keeping the local store's guarantees:
+The layout is the local store's: ``URL/<task id>/v<N>/{tuner.safetensors,tuner.json}``,
+``URL/<task id>/CURRENT`` and, on a pinned task, ``URL/<task id>/PINNED``. Object stores have no
+rename and no folders, so the writes differ while keeping the local store's guarantees:
 
 - **One PUT is atomic** (S3, GCS and Azure never show half an object). Publishing writes and
   validates the version in a local temp folder first, then uploads the weights, then the
   manifest (a version is complete when both exist), then replaces ``CURRENT``. A crash leaves the
   old ``CURRENT`` or the new one. Version numbers only grow, so an incomplete upload is never
   listed and its number never reused.
-- **A task exists while its ``CURRENT`` does.** Delete removes ``CURRENT`` first (every reader
-  sees the task gone at once), then the versions; a first upload is invisible until its
-  ``CURRENT`` is written.
+- **A task exists while its ``CURRENT`` does.** Delete removes ``PINNED``, then ``CURRENT`` (every
+  reader sees the task gone at once), then the versions; a first upload is invisible until its
+  ``CURRENT`` is written, and a task published again under a deleted one's id is not pinned.
 - On a filesystem (``file://``), ``CURRENT`` is written under a temp name and renamed into place.
 - **One writer**, as for the local store: the single-process server, or the Ray app's ``Writer``.
   Writers in several processes are not coordinated.
@@ -27,6 +27,7 @@ instance roles, ``GOOGLE_APPLICATION_CREDENTIALS``); install ``s3fs`` or ``gcsfs
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import logging
@@ -44,6 +45,7 @@ import fsspec
 from server.exceptions import UnknownTask
 from server.store import (
     CURRENT,
+    PINNED,
     TASK_ID,
     VERSION,
     TaskVersion,
@@ -175,6 +177,19 @@ class ObjectTaskStore(VersionedStore):
         numbers = (VERSION.fullmatch(name) for name in names)
         return sorted(int(m[1]) for m in numbers if m and self._complete(task_id, m[0]))
 
+    def _is_pinned(self, task_id: str) -> bool:
+        path = self._path(task_id, PINNED)
+        self.fs.invalidate_cache(path)
+        return self.fs.exists(path)
+
+    def _mark_pinned(self, task_id: str, pinned: bool) -> None:
+        path = self._path(task_id, PINNED)
+        if pinned:
+            self._put(path, b"")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(path)
+
     def version_info(self, task_id: str) -> list[dict[str, Any]]:
         """Per kept version: as :meth:`TaskStore.version_info`."""
         current = None if task_id in self.quarantined else self.get(task_id).version
@@ -250,6 +265,7 @@ class ObjectTaskStore(VersionedStore):
         with self._lock(task_id):
             if not self.is_task(task_id):
                 raise UnknownTask.of(task_id)
+            self._mark_pinned(task_id, False)  # first: an id published again after a crash here is not pinned
             self.fs.rm(self._path(task_id, CURRENT))
             self._known.pop(task_id, None)
             self._kept = {k: v for k, v in self._kept.items() if k[0] != task_id}

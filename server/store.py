@@ -1,4 +1,5 @@
-"""The task store: ``ROOT/<task id>/v<N>/`` artifact folders and a ``CURRENT`` pointer per task.
+"""The task store: ``ROOT/<task id>/v<N>/`` artifact folders, a ``CURRENT`` pointer per task, and a
+``PINNED`` marker on the tasks a user pinned (a restarted server pins them again).
 
 The store never deletes what a user uploaded, except when they ask (delete) or by the documented
 retention at publish time (the last ``keep_versions`` versions are kept). Like a database's
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 TASK_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
 CURRENT = "CURRENT"
+PINNED = "PINNED"  # an empty marker in a task's folder: the task is pinned (kept resident)
 OWN_LEFTOVERS = (".upload-", ".trash-")
 
 
@@ -106,6 +108,30 @@ class VersionedStore:
 
     def versions(self, task_id: str) -> list[int]:
         raise NotImplementedError
+
+    def _is_pinned(self, task_id: str) -> bool:
+        raise NotImplementedError
+
+    def _mark_pinned(self, task_id: str, pinned: bool) -> None:
+        """Writes or removes the task's ``PINNED`` marker durably."""
+        raise NotImplementedError
+
+    # Pins: the one piece of serving state kept in the store, so a restart keeps what users pinned.
+    def pinned(self) -> list[str]:
+        """The ids of the tasks pinned with :meth:`set_pinned`, servable or not."""
+        return [task_id for task_id in self.task_ids() if self._is_pinned(task_id)]
+
+    def set_pinned(self, task_id: str, pinned: bool) -> None:
+        """Records that ``task_id`` is pinned, or no longer, durably. Deleting the task removes its pin.
+
+        Raises:
+            UnknownTask, InsufficientStorage: nothing changed.
+        """
+        with self._lock(check_task_id(task_id)):
+            if not self.is_task(task_id):
+                raise UnknownTask.of(task_id)
+            with disk_errors():
+                self._mark_pinned(task_id, pinned)
 
     # Shared reads.
     def _read_current(self, task_id: str) -> TaskVersion | None:
@@ -242,6 +268,17 @@ class TaskStore(VersionedStore):
             raise UnknownTask.of(task_id) from None
         numbers = (VERSION.fullmatch(name) for name in names)
         return sorted(int(m[1]) for m in numbers if m and complete(folder / m[0]))
+
+    def _is_pinned(self, task_id: str) -> bool:
+        return (self.root / task_id / PINNED).is_file()
+
+    def _mark_pinned(self, task_id: str, pinned: bool) -> None:
+        folder = self.root / task_id
+        if pinned:
+            (folder / PINNED).touch()  # creating a file is atomic: the marker is there or not
+        else:
+            (folder / PINNED).unlink(missing_ok=True)
+        fsync_dir(folder)
 
     def version_info(self, task_id: str) -> list[dict[str, Any]]:
         """Per kept version: number, whether current, metrics and creation time from its manifest."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
-from server.exceptions import UnknownTask
+from server.exceptions import SidecarError, UnknownTask
 from server.executor import Executor
 from server.schemas import QuarantinedTask, TaskInfo, TaskList, TaskVersions, VersionInfo
 from server.store import TaskVersion, VersionedStore, check_task_id, complete
@@ -20,6 +21,8 @@ from server.tuner_cache import TunerCache
 from tuners.artifact import MANIFEST, load_artifact, parse_json, read_manifest
 from tuners.errors import ArtifactError
 from tuners.task_model import TaskModel
+
+log = logging.getLogger(__name__)
 
 
 class Tasks:
@@ -124,12 +127,43 @@ class Tasks:
         self.cache.forget(task_id)
 
     async def pin(self, task_id: str) -> TaskInfo:
-        """Loads the task and keeps it resident until unpinned."""
+        """Loads the task and keeps it resident until unpinned, across restarts (the pin is kept in the store).
+
+        Raises:
+            UnknownTask, TaskQuarantined, CacheBudget, InsufficientStorage: the task is not pinned.
+        """
         found = self.store.get(check_task_id(task_id))
+        was = self.cache.is_pinned(task_id)
         await self.cache.pin(task_id)
+        try:
+            await asyncio.to_thread(self.store.set_pinned, task_id, True)
+        except Exception:
+            if not was:
+                self.cache.unpin(task_id)
+            raise
         return self.info(found)
 
     async def unpin(self, task_id: str) -> TaskInfo:
         found = self.store.get(check_task_id(task_id))
+        await asyncio.to_thread(self.store.set_pinned, task_id, False)
         self.cache.unpin(task_id)
         return self.info(found)
+
+    async def restore_pins(self) -> list[str]:
+        """Pins again the tasks pinned in the store (call once at start-up); returns those now pinned.
+
+        A task that cannot be loaded now (quarantined, unreadable, over the cache's budget) is logged and
+        stays pinned in the store, so a later start, or a pin call, tries again.
+        """
+        restored = []
+        for task_id in await asyncio.to_thread(self.store.pinned):
+            try:
+                self.store.get(task_id)
+                await self.cache.pin(task_id)
+            except (SidecarError, ArtifactError, OSError) as e:
+                log.warning("task %s is pinned in the store but was not loaded: %s", task_id, e)
+            else:
+                restored.append(task_id)
+        if restored:
+            log.info("pinned again from the store: %s", ", ".join(restored))
+        return restored

@@ -116,10 +116,6 @@ class EngineReplica:
         for task_id in (t for t in pinned if not cache.is_pinned(t)):
             asyncio.get_running_loop().create_task(cache.pin(task_id))
 
-    async def pinned(self) -> list[str]:
-        """The tasks this replica keeps resident (a restarted writer recovers its pinned set from these)."""
-        return self.services.tuner_cache.pinned()
-
     async def snapshot(self) -> dict[str, Any]:
         """What this replica holds and has done: for routing checks, ``/metrics`` and ``GET /v1/tasks``."""
         cache, executor = self.services.tuner_cache, self.services.executor
@@ -141,15 +137,13 @@ class StoreWriter:
     def __init__(self, settings: Settings) -> None:
         self.services = _services(settings)  # its backbone validates uploads (the dry-run forward)
         self.incarnation, self.epoch = uuid.uuid4().hex, 0  # a restart is a new incarnation: replicas resync
-        self.pinned: set[str] | None = None  # recovered from the replicas on first use
+        self.pinned: set[str] | None = None  # read from the store on first use
 
     async def _pins(self) -> set[str]:
-        """The pinned set. A restarted writer rebuilds it from the replicas, which all apply every pin;
-        the versions need no rebuilding, since every replica reads them from the store."""
+        """The pinned set, kept in the store: a restarted writer, or a restarted app, reads it back
+        (the versions need no rebuilding either, since every replica reads them from the store)."""
         if self.pinned is None:
-            engines = serve.get_deployment_handle("Engine", serve.get_replica_context().app_name)
-            found = await engines.broadcast("pinned").results_async(timeout_s=10, return_exceptions=True)
-            self.pinned = {t for pins in found if isinstance(pins, list) for t in pins}
+            self.pinned = set(await asyncio.to_thread(self.services.store.pinned))
         return self.pinned
 
     async def state(self) -> tuple[tuple[str, int], list[str]]:
@@ -187,6 +181,7 @@ class StoreWriter:
 
     async def pin(self, task_id: str, pinned: bool) -> TaskInfo:
         info = await self.services.tasks.get(task_id)  # raises for an unknown task
+        await asyncio.to_thread(self.services.store.set_pinned, task_id, pinned)
         pins = await self._pins()
         pins.add(task_id) if pinned else pins.discard(task_id)
         await self._changed(task_id, pinned=pinned)

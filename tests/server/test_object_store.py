@@ -60,6 +60,27 @@ def test_publish_read_rollback_prune_and_delete_on_an_object_store(tmp_path: Pat
         store.get("t")
 
 
+def test_a_pin_is_an_object_of_its_own_and_delete_takes_it_first(tmp_path: Path, artifacts, monkeypatch):
+    url = _memory_url()
+    store = ObjectTaskStore(url, tmp_path / "mirror")
+    store.publish("t", *_files(artifacts["side0"]), lambda _: None)
+    store.set_pinned("t", True)
+    assert "/t/PINNED" in _objects(url) and ObjectTaskStore(url, tmp_path / "other").pinned() == ["t"]
+    store.set_pinned("t", False)
+    store.set_pinned("t", False)  # twice is once
+    assert "/t/PINNED" not in _objects(url) and store.pinned() == []
+    store.set_pinned("t", True)
+    removed: list[str] = []
+    rm = store.fs.rm
+    monkeypatch.setattr(store.fs, "rm", lambda path, **kw: (removed.append(path.rsplit("/t/", 1)[-1]), rm(path, **kw)))
+    store.delete("t")
+    assert _objects(url) == {} and removed[:2] == ["PINNED", "CURRENT"]  # a crash after either: not pinned
+    store.publish("t", *_files(artifacts["side1"]), lambda _: None)
+    assert store.pinned() == [] and store.versions("t") == [1]
+    with pytest.raises(UnknownTask):
+        store.set_pinned("nobody", True)
+
+
 def test_another_process_sees_each_new_version_and_never_a_stale_copy(tmp_path: Path, artifacts):
     url = _memory_url()
     writer = ObjectTaskStore(url, tmp_path / "writer")

@@ -194,7 +194,7 @@ def test_a_restarted_writer_keeps_pins_and_its_next_write_reaches_every_replica(
             timeout_s=30
         )
         assert len(everywhere) == 2 and {r.results[0].version for r in everywhere} == {2}
-        assert client.get_task("t2").pinned is True  # the pinned set, rebuilt from the replicas
+        assert client.get_task("t2").pinned is True  # the pinned set, read back from the store
         assert all(s["pinned"] == ["t2"] for s in cluster.snapshots())
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from clients import SidecarClient, SidecarError
-from server.exceptions import InsufficientStorage, TaskQuarantined
+from server.exceptions import InsufficientStorage, TaskQuarantined, UnknownTask
 from server.main import create_app
 from server.store import TaskStore
 from tests.server.conftest import LiveServer, settings
@@ -53,6 +53,40 @@ def test_a_restart_keeps_every_version_and_rollback_brings_one_back(tmp_path: Pa
         with pytest.raises(SidecarError, match="unknown_version"):
             client.detect(photo_bytes, ["digits@7"])
     assert TaskStore(store).get("digits").version == 1  # the rollback is on disk
+
+
+def test_pins_survive_a_restart_and_a_pinned_task_that_cannot_load_does_not_stop_it(
+    tmp_path: Path, backbone, artifacts, caplog
+):
+    store = tmp_path / "store"
+    with LiveServer(create_app(settings(store), backbone=backbone)) as live, SidecarClient(live.url) as client:
+        for name in ("kept", "dropped", "broken", "gone"):
+            client.upload_task(name, artifacts["side1"])
+            assert client.pin(name).pinned
+        assert not client.pin("dropped", pinned=False).pinned
+        client.delete_task("gone")
+        client.upload_task("gone", artifacts["side2"])  # the same id again: a new task, not pinned
+    assert TaskStore(store).pinned() == ["broken", "kept"]
+    (store / "broken" / "CURRENT").write_text("v9")  # quarantined at the next start
+    with LiveServer(create_app(settings(store), backbone=backbone)) as live, SidecarClient(live.url) as client:
+        kept = client.get_task("kept")
+        assert kept.pinned and kept.residency == "device"  # loaded before the server said it was ready
+        assert [client.get_task(t).pinned for t in ("dropped", "gone")] == [False, False]
+        assert [q["id"] for q in httpx.get(f"{live.url}/v1/tasks").json()["quarantined"]] == ["broken"]
+    assert any("broken is pinned in the store but was not loaded" in r.getMessage() for r in caplog.records)
+    assert TaskStore(store).pinned() == ["broken", "kept"]  # a pin is only dropped when a user asks
+
+
+def test_a_pin_is_refused_for_an_unknown_task_and_leaves_no_marker(tmp_path: Path, artifacts):
+    store = TaskStore(tmp_path)
+    with pytest.raises(UnknownTask):
+        store.set_pinned("nobody", True)
+    store.publish("t", *_files(artifacts["side0"]), lambda _: None)
+    store.set_pinned("t", True)
+    store.set_pinned("t", True)  # twice is once
+    assert store.pinned() == ["t"] and store.versions("t") == [1] and store.recover() == []
+    store.set_pinned("t", False)
+    assert store.pinned() == [] and sorted(p.name for p in (tmp_path / "t").iterdir()) == ["CURRENT", "v1"]
 
 
 def test_versions_beyond_the_retention_are_pruned_at_publish_only(tmp_path: Path, artifacts):
