@@ -42,10 +42,11 @@ def _services(settings: Settings) -> Services:
 class EngineReplica:
     """One engine; ``detect`` is routed here by the multiplexed id the ingress sets (a task id)."""
 
-    def __init__(self, settings: Settings) -> None:
+    async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]  (Ray awaits an async constructor)
         self.settings, self.services = settings, _services(settings)
         self.state: tuple[str, int] | None = None  # the writer's (incarnation, epoch) last applied
         self._started = False
+        await self._start()  # pulls the writer's state (the pinned tasks) within SYNC_S, before any request
 
     async def resident(self, task_id: str) -> str:
         """Replaced by :meth:`with_routing` with Serve's multiplexed loader of this body."""

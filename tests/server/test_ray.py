@@ -147,6 +147,8 @@ def test_a_new_version_is_what_every_replica_serves_once_the_upload_answers(clus
 
 
 def test_a_killed_replica_costs_at_most_its_requests_in_flight(cluster: Cluster, photo_bytes):
+    with SidecarClient(cluster.url) as client:
+        client.pin("t3")
     victim = cluster.snapshots()[0]["pid"]
     statuses: list[tuple[int, str | None]] = []
 
@@ -173,6 +175,12 @@ def test_a_killed_replica_costs_at_most_its_requests_in_flight(cluster: Cluster,
         time.sleep(0.5)
     else:
         pytest.fail("the killed replica was not replaced within 60 s")
+    deadline = time.time() + 15
+    while not all(s["pinned"] == ["t3"] for s in cluster.snapshots()):  # the new one pins t3 unasked
+        assert time.time() < deadline, cluster.snapshots()
+        time.sleep(0.5)
+    with SidecarClient(cluster.url) as client:
+        client.pin("t3", pinned=False)
 
 
 def test_a_restarted_writer_keeps_pins_and_its_next_write_reaches_every_replica(
