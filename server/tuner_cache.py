@@ -6,10 +6,11 @@
 - Loads run on their own thread (``tuner-loader``), so a request for a cold task waits for its
   load while requests for resident tasks go straight to the batcher. A request naming several
   cold tasks queues all their loads at once (:meth:`TunerCache.acquire_many`).
-- A version is verified in full once (sha256, NaN/Inf) at upload or first load. Later reloads
-  read its tensors straight into a preallocated model of the same architecture when one is spare
-  (a dropped entry nobody holds; spares count against the tier's budget and go first), else into
-  a freshly built one (building a model is Python module construction; reading fills its tensors).
+- A load reads a version's tensors straight into a preallocated model of the same architecture
+  when one is spare (a dropped entry nobody holds, or the idle entry a full tier would drop next;
+  spares count against the tier's budget and go first), else into a freshly built one (building
+  a model is most of a load: Python module construction). A version is verified in full once
+  (sha256, NaN/Inf), at upload or at its first load after a start, whichever model it fills.
 - When the device tier is full of tasks that other requests are using, a request waits for room
   (:mod:`server.admission`); one whose tasks cannot fit together even alone gets
   :class:`CacheBudget`. A load whose size is known fails before it reads anything when there is
@@ -325,35 +326,50 @@ class TunerCache:
             raise NoRoom("the device tuner cache is full of pinned or in-use tasks", nbytes=nbytes)
 
     def _read(self, version: TaskVersion, key: Key) -> tuple[TaskModel, dict[str, Any]]:
-        """A verified version read into a spare model of its architecture, else a full (first) load."""
-        if key in self._sizes:
-            manifest = read_manifest(version.path)
-            arch = architecture_key(manifest["method"], manifest["config"], manifest["head"], len(manifest["labels"]))
-            spare = self._take_spare(arch)
-            if spare is not None:
-                problems = read_weights(version.path / WEIGHTS, spare)
-                if not problems:
-                    # a new generation: whatever held this object (a stack) must not take it for the old task
-                    spare.labels, spare.generation = list(manifest["labels"]), spare.generation + 1
-                    return spare, manifest  # on the device and in eval mode since its first load
-                log.warning("task %s v%d did not fit a spare model (%s); building it", *key, problems[0])
-        model, manifest = load_artifact(version.path, self.backbone, verify=key not in self._sizes, from_store=True)
+        """``version`` read into a spare model of its architecture, else into a model built for it. Its
+        first load (after a start) also checks the sha256 and looks for NaN or Inf, on a spare too."""
+        manifest, verified = read_manifest(version.path), key in self._sizes
+        arch = architecture_key(manifest["method"], manifest["config"], manifest["head"], len(manifest["labels"]))
+        spare = self._take_spare(arch)
+        if spare is not None:
+            try:
+                self._refill(spare, version, manifest, verified)
+            except ArtifactError as e:  # a bad file fails again below, with its every problem
+                log.warning("task %s v%d did not fit a spare model (%s); building it", *key, e.problems[0])
+            else:
+                # a new generation: whatever held this object (a stack) must not take it for the old task
+                spare.generation += 1
+                return spare, manifest  # on the device and in eval mode since its first load
+        model, manifest = load_artifact(
+            version.path, self.backbone, manifest=manifest, verify=not verified, from_store=True
+        )
         return model.to(self.device).eval(), manifest
+
+    def _refill(self, spare: TaskModel, version: TaskVersion, manifest: dict[str, Any], verified: bool) -> None:
+        """Reads ``version`` into ``spare``: only the layout is checked again for a version verified once."""
+        if not verified:
+            load_artifact(version.path, self.backbone, manifest=manifest, verify=True, from_store=True, into=spare)
+            return
+        problems = read_weights(version.path / WEIGHTS, spare)
+        if problems:
+            raise ArtifactError(problems)
+        spare.labels = list(manifest["labels"])
 
     def _take_spare(self, arch: str) -> TaskModel | None:
         """A model of ``arch`` to read weights into: a spare, else the idle entry of that architecture
-        that is least recently used in a tier that is full (it would be dropped to make room anyway)."""
+        that is least recently used in the last tier, when that is full (it would be dropped to make
+        room anyway; with a host tier, a device entry would be parked there instead)."""
         with self._lock:
             found = next((k for k, (a, _, _) in self._spares.items() if a == arch), None)
             if found is not None:
                 return self._spares.pop(found)[1]
-            for tier in ("host", "device") if self.budgets["host"] else ("device",):
-                victim = next((e for e in self.tiers[tier].values() if e.arch == arch and self._evictable(e)), None)
-                if victim is not None and self._tier_bytes(tier) + victim.nbytes > self.budgets[tier]:
-                    del self.tiers[tier][victim.key]
-                    self.metrics.cache_events.labels(tier=tier, event="eviction").inc()
-                    return victim.model if tier == "device" else victim.model.to(self.device)
-            return None
+            tier = "host" if self.budgets["host"] else "device"
+            victim = next((e for e in self.tiers[tier].values() if e.arch == arch and self._evictable(e)), None)
+            if victim is None or self._tier_bytes(tier) + victim.nbytes <= self.budgets[tier]:
+                return None
+            del self.tiers[tier][victim.key]
+            self.metrics.cache_events.labels(tier=tier, event="eviction").inc()
+            return victim.model if tier == "device" else victim.model.to(self.device)
 
     def _evictable(self, entry: Entry) -> bool:
         return entry.refs == 0 and entry.key[0] not in self._pinned

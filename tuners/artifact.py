@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -276,8 +277,25 @@ def _build(manifest: dict[str, Any], backbone: FrozenBackbone, device: str | Non
 
 
 def nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
-    """Every floating-point tensor holding NaN or Inf."""
+    """Every floating-point tensor holding NaN or Inf. The tensors of each device and dtype are checked
+    together, in one concatenation (for a ``cst`` task, 136 checks one by one took 3 ms of a 7 ms load),
+    and one by one only to name those that fail."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in state.values():
+        if t.is_floating_point():
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    if all(_all_finite(tensors) for tensors in groups.values()):
+        return []
     return [f"{k}: contains NaN or Inf" for k, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of same-device, same-dtype ``tensors`` is finite; in NumPy where it can view
+    them (no intra-op threads to wait for on a loaded machine), else in torch (CUDA, bfloat16)."""
+    try:
+        return bool(np.isfinite(np.concatenate([t.numpy().ravel() for t in tensors])).all())
+    except TypeError:
+        return bool(torch.cat([t.flatten() for t in tensors]).isfinite().all())
 
 
 def load_artifact(
@@ -286,6 +304,7 @@ def load_artifact(
     manifest: dict[str, Any] | None = None,
     verify: bool = True,
     from_store: bool = False,
+    into: TaskModel | None = None,
 ) -> tuple[TaskModel, dict[str, Any]]:
     """Reads, checks and builds an artifact for ``backbone``. See the module docstring for the checks.
 
@@ -295,6 +314,9 @@ def load_artifact(
             checked once (at upload) is reloaded without them; keys, shapes and dtypes are always checked.
         from_store: a version from the server's store, whose layout was checked when it was published:
             the meta-device pass (about as long as building the model) is left off a cold load.
+        into: a model of the same architecture to read the weights into instead of building one (most
+            of a cold load's time is building it), left in the mode it is in. Its old weights are lost,
+            even when this raises.
     """
     manifest = manifest if manifest is not None else read_manifest(folder)
     fp = manifest["backbone"].get("fingerprint") if isinstance(manifest["backbone"], dict) else None
@@ -311,7 +333,7 @@ def load_artifact(
     try:  # the layout is checked on the meta device first: options that ask for terabytes allocate nothing
         if verify and not from_store and weights.is_file():
             problems += layout_problems(weights, _build(manifest, backbone, "meta").state_dict())
-        model = None if problems else _build(manifest, backbone)
+        model = None if problems else into if into is not None else _build(manifest, backbone)
     except (TunerError, KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch's, on a bad size
         raise ArtifactError(problems + [f"cannot build {manifest['method']}: {e}"]) from e
     if model is None:
@@ -322,4 +344,5 @@ def load_artifact(
         problems += nonfinite(model.state_dict())
     if problems:
         raise ArtifactError(problems)
-    return model.eval(), manifest
+    model.labels = list(manifest["labels"])
+    return (model if into is not None else model.eval()), manifest

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +28,7 @@ from server.store import TaskStore
 from server.tuner_cache import TunerCache, model_bytes
 from tests.conftest import on_device
 from tuners.artifact import MANIFEST, WEIGHTS, load_artifact
+from tuners.errors import ArtifactError
 
 
 def _publish(store: TaskStore, task_id: str, artifact: Path) -> None:
@@ -120,6 +123,47 @@ def test_in_use_models_are_never_evicted(tmp_path: Path, backbone, artifacts):
         assert cache.residency("t0") == "device"
         cache.release(held)
         cache.release(await cache.acquire("t1"))
+
+    asyncio.run(run())
+    cache.close()
+
+
+@pytest.mark.parametrize("damage", ["altered", "nan_with_its_sha256"])
+def test_a_first_load_into_a_spare_model_is_verified_in_full(tmp_path: Path, backbone, artifacts, damage, monkeypatch):
+    """After a start, a version's first load checks its sha256 and looks for NaN or Inf even when it
+    refills another task's model instead of building one; the task refused, the other still loads."""
+    import server.tuner_cache as module
+
+    loads: list[tuple[str, bool]] = []
+    real = module.load_artifact
+    monkeypatch.setattr(
+        module, "load_artifact", lambda f, b, **k: loads.append((f.parent.name, "into" in k)) or real(f, b, **k)
+    )
+    store = TaskStore(tmp_path)
+    _publish(store, "good", artifacts["side1"])
+    _publish(store, "bad", artifacts["side1"])
+    folder = store.get("bad").path
+    weights = bytearray((folder / WEIGHTS).read_bytes())
+    if damage == "altered":
+        weights[-4:] = b"\x00\x00\x80\x7f"  # the last float becomes +Inf; the sha256 no longer matches
+    else:
+        weights[-4:] = b"\x00\x00\xc0\x7f"  # NaN, with the manifest's sha256 made to match
+        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+    (folder / WEIGHTS).write_bytes(bytes(weights))
+    size = model_bytes(load_artifact(artifacts["side1"], backbone)[0])
+    cache = _cache(store, backbone, budget=size)
+
+    async def run() -> None:
+        cache.release(await cache.acquire("good"))  # built; then the tier is full, so it is the spare
+        with pytest.raises(ArtifactError, match="sha256 does not match" if damage == "altered" else "NaN or Inf"):
+            await cache.acquire("bad")
+        assert loads[:2] == [("good", False), ("bad", True)]  # bad's first load read into good's model
+        lease = await cache.acquire("good")
+        fresh = load_artifact(artifacts["side1"], backbone)[0].state_dict()
+        assert all(torch.equal(v, fresh[k]) for k, v in lease.model.state_dict().items())
+        cache.release(lease)
 
     asyncio.run(run())
     cache.close()
