@@ -6,6 +6,11 @@ requests load their task from the store while the other clients' requests run. E
 a fresh server of each checkout in turn, flipping the order every round, and prints the requests
 per second, the client's p99, and the server's cold-load histogram (p50, p99, count).
 
+The tasks are uploaded to the measured server, which verifies each version in full at upload, so
+its loads are reloads. With ``--restart`` they are uploaded to a first server, which then stops,
+and the measured server starts on that store: each task's first load is then its first after a
+start, and checks its sha256 and looks for NaN or Inf as well.
+
 Run: ``.venv/bin/python -m bench.cold_loads --compare-to /path/to/old-worktree``.
 """
 
@@ -19,7 +24,7 @@ import httpx
 import torch
 
 from bench.common import scratch
-from bench.load import Server, ab_arguments, closed_loop, histogram_count, histogram_quantile, jpeg
+from bench.load import Server, ab_parser, closed_loop, histogram_count, histogram_quantile, jpeg
 from bench.serve_load import make_tasks, uniform, upload
 from models import PreprocessSpec, build_backbone
 from tuners.artifact import WEIGHTS
@@ -31,8 +36,12 @@ def one_round(store: Path, cwd: Path | None, tasks: list[Path], image: bytes, ar
     """[req/s, request p99 ms, cold-load p50 ms, cold-load p99 ms, cold loads] of one fresh server."""
     ids = [f"t{i}" for i in range(len(tasks))]
     flags = ["--device-cache-bytes", str(4 * 2 * (tasks[0] / WEIGHTS).stat().st_size), "--host-cache-bytes", "0"]
+    if args.restart:
+        with Server(store, flags, cwd=cwd) as server:
+            for task_id, folder in zip(ids, tasks):
+                upload(server.url, task_id, folder)
     with Server(store, flags, cwd=cwd) as server:
-        for task_id, folder in zip(ids, tasks):
+        for task_id, folder in zip(ids, tasks) if not args.restart else ():
             upload(server.url, task_id, folder)
         result = closed_loop(server.url, args.clients, args.seconds, uniform(ids, image))
         metrics = httpx.get(f"{server.url}/metrics").text
@@ -41,7 +50,9 @@ def one_round(store: Path, cwd: Path | None, tasks: list[Path], image: bytes, ar
 
 
 def main() -> None:
-    args = ab_arguments(__doc__, tasks=20, rounds=4, seconds=10.0)
+    parser = ab_parser(__doc__, tasks=20, rounds=4, seconds=10.0)
+    parser.add_argument("--restart", action="store_true", help="measure a server started on a store it did not fill")
+    args = parser.parse_args()
     torch.set_num_threads(2)
     sides = [("this", None), *([(str(args.compare_to), args.compare_to)] if args.compare_to else [])]
     rows: dict[str, list[list[float]]] = {label: [] for label, _ in sides}

@@ -168,12 +168,17 @@ def histogram_count(metrics: str, name: str) -> float:
 
 
 def ab_arguments(description: str, tasks: int, rounds: int, seconds: float) -> argparse.Namespace:
-    """The options of a benchmark that loads this checkout's server and ``--compare-to``'s in turn:
-    ``--compare-to``, ``--tasks``, ``--rounds``, ``--seconds`` (per load) and ``--clients``."""
+    """The options of a benchmark that loads this checkout's server and ``--compare-to``'s in turn."""
+    return ab_parser(description, tasks, rounds, seconds).parse_args()
+
+
+def ab_parser(description: str, tasks: int, rounds: int, seconds: float) -> argparse.ArgumentParser:
+    """:func:`ab_arguments`'s parser, for a benchmark to add its own: ``--compare-to``, ``--tasks``,
+    ``--rounds``, ``--seconds`` (per load) and ``--clients``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare-to", type=Path, help="another checkout (a git worktree) to load the same way")
     parser.add_argument("--tasks", type=int, default=tasks)
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--seconds", type=float, default=seconds)
     parser.add_argument("--clients", type=int, default=4)
-    return parser.parse_args()
+    return parser
