@@ -1,8 +1,9 @@
-"""What the tuner cache holds: entries (a task version's model and its bookkeeping) and the leases
-that batches take on them."""
+"""What the tuner cache holds: entries (a task version's model and its bookkeeping), the leases
+that batches take on them, and spare models."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from tuners.compiled import CompiledTask
 from tuners.task_model import TaskModel
 
 Key = tuple[str, int]  # (task id, version)
+MAX_SPARES = 8  # spare models kept for reuse, across architectures
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -65,3 +67,31 @@ class Lease:
     @property
     def compiled(self) -> CompiledTask | None:
         return self.entry.compiled
+
+
+class Spares:
+    """Models that hold no task, kept for the next cold load of their architecture: at most ``MAX_SPARES``,
+    the oldest dropped first. Their bytes count against the device tier's budget."""
+
+    def __init__(self) -> None:
+        self._models: OrderedDict[int, tuple[str, TaskModel, int]] = OrderedDict()  # id -> (arch, model, bytes)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes for _, _, nbytes in self._models.values())
+
+    def add(self, model: TaskModel, nbytes: int) -> None:
+        self._models[id(model)] = (model.architecture, model, nbytes)
+        while len(self._models) > MAX_SPARES:
+            self._models.popitem(last=False)
+
+    def take(self, arch: str) -> TaskModel | None:
+        """A spare of architecture ``arch``, no longer kept; None when there is none."""
+        found = next((key for key, (a, _, _) in self._models.items() if a == arch), None)
+        return None if found is None else self._models.pop(found)[1]
+
+    def drop_oldest(self) -> None:
+        self._models.popitem(last=False)

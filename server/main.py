@@ -68,6 +68,7 @@ def create_app(
         else:
             built = build_services(settings, backbone or load_backbone(settings))
             await built.tasks.restore_pins()  # Ray mode: the writer holds the pins, the replicas follow it
+            await built.tasks.build_spares()
         built.start()
         freeze_heap()
         app.state.services, app.state.metrics = built, built.metrics

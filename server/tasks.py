@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from server.cache_entries import MAX_SPARES
 from server.exceptions import SidecarError, UnknownTask
 from server.executor import Executor
 from server.schemas import QuarantinedTask, TaskInfo, TaskList, TaskVersions, VersionInfo
 from server.store import TaskVersion, VersionedStore, check_task_id, complete
 from server.tuner_cache import TunerCache
-from tuners.artifact import MANIFEST, load_artifact, parse_json, read_manifest
+from tuners.artifact import MANIFEST, build_spare, load_artifact, parse_json, read_manifest
 from tuners.errors import ArtifactError
-from tuners.task_model import TaskModel
+from tuners.task_model import TaskModel, architecture_key
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,33 @@ class Tasks:
         await asyncio.to_thread(self.store.set_pinned, task_id, False)
         self.cache.unpin(task_id)
         return self.info(found)
+
+    async def build_spares(self) -> int:
+        """Builds spare models for the store's architectures, the most common first, until the device
+        tier is full (call once at start-up, after :meth:`restore_pins`); returns how many. Each first
+        load after a start then refills one instead of building a model on the request path."""
+        manifests = await asyncio.to_thread(self._current_manifests)
+        counts = Counter(architecture_key(m["method"], m["config"], m["head"], len(m["labels"])) for m in manifests)
+        sample = {architecture_key(m["method"], m["config"], m["head"], len(m["labels"])): m for m in manifests}
+        order = [a for a, _ in counts.most_common()]
+        plan = [a for n in range(max(counts.values(), default=0)) for a in order if counts[a] > n][:MAX_SPARES]
+        built = 0
+        for arch in plan:
+            try:
+                model = await asyncio.to_thread(build_spare, sample[arch], self.executor.backbone)
+            except ArtifactError:
+                continue  # a task of another backbone, or broken: its loads report it
+            if not self.cache.add_spare(model):
+                break
+            built += 1
+        return built
+
+    def _current_manifests(self) -> list[dict[str, Any]]:
+        manifests = []
+        for found in self.store.list():
+            with contextlib.suppress(ArtifactError, OSError):  # deleted since, or unreadable: its loads say so
+                manifests.append(read_manifest(found.path))
+        return manifests
 
     async def restore_pins(self) -> list[str]:
         """Pins again the tasks pinned in the store (call once at start-up); returns those now pinned.

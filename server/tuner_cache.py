@@ -37,7 +37,7 @@ import torch
 
 from models.backbones.base import FrozenBackbone
 from server.admission import Admission, NoRoom
-from server.cache_entries import Entry, Key, Lease, entry_bytes, model_bytes, to_host
+from server.cache_entries import MAX_SPARES, Entry, Key, Lease, Spares, entry_bytes, model_bytes, to_host
 from server.exceptions import CacheBudget, Overloaded, UnknownVersion
 from server.store import TaskVersion, VersionedStore, complete
 from tuners.artifact import WEIGHTS, load_artifact, read_manifest, read_weights
@@ -47,7 +47,6 @@ from tuners.task_model import TaskModel, architecture_key
 
 log = logging.getLogger(__name__)
 TIERS = ("device", "host")
-MAX_SPARES = 8  # spare models kept for reuse, across architectures
 MiB = 1 << 20
 Compiler = Callable[[TaskModel, dict[str, Any]], CompiledTask]
 
@@ -72,7 +71,7 @@ class TunerCache:
     ) -> None:
         self.store, self.backbone, self.device, self.budgets, self.metrics = store, backbone, device, budgets, metrics
         self.compiler, self.compile_after, self.admission = compiler, compile_after, Admission(wait_s)
-        self._spares: OrderedDict[int, tuple[str, TaskModel, int]] = OrderedDict()  # id -> (arch, model, bytes)
+        self._spares = Spares()
         self.tiers: dict[str, OrderedDict[Key, Entry]] = {t: OrderedDict() for t in TIERS}
         self._pinned: set[str] = set()
         self._sizes: dict[Key, int] = {}  # versions verified in full, and their entries' bytes
@@ -93,7 +92,7 @@ class TunerCache:
             return self._tier_bytes(tier)
 
     def _tier_bytes(self, tier: str) -> int:
-        spares = sum(b for _, _, b in self._spares.values()) if tier == "device" else 0
+        spares = self._spares.nbytes if tier == "device" else 0
         return sum(e.nbytes for e in self.tiers[tier].values()) + spares
 
     def residency(self, task_id: str) -> str | None:
@@ -360,9 +359,9 @@ class TunerCache:
         that is least recently used in the last tier, when that is full (it would be dropped to make
         room anyway; with a host tier, a device entry would be parked there instead)."""
         with self._lock:
-            found = next((k for k, (a, _, _) in self._spares.items() if a == arch), None)
-            if found is not None:
-                return self._spares.pop(found)[1]
+            spare = self._spares.take(arch)
+            if spare is not None:
+                return spare
             tier = "host" if self.budgets["host"] else "device"
             victim = next((e for e in self.tiers[tier].values() if e.arch == arch and self._evictable(e)), None)
             if victim is None or self._tier_bytes(tier) + victim.nbytes <= self.budgets[tier]:
@@ -370,6 +369,16 @@ class TunerCache:
             del self.tiers[tier][victim.key]
             self.metrics.cache_events.labels(tier=tier, event="eviction").inc()
             return victim.model if tier == "device" else victim.model.to(self.device)
+
+    def add_spare(self, model: TaskModel) -> bool:
+        """Keeps ``model`` (built for no task) for the next cold load of its architecture, when it fits
+        the device tier beside what is resident; returns whether it was kept."""
+        nbytes = model_bytes(model)
+        with self._lock:
+            if len(self._spares) >= MAX_SPARES or self._tier_bytes("device") + nbytes > self.budgets["device"]:
+                return False
+            self._spares.add(model.to(self.device), nbytes)
+            return True
 
     def _evictable(self, entry: Entry) -> bool:
         return entry.refs == 0 and entry.key[0] not in self._pinned
@@ -380,10 +389,7 @@ class TunerCache:
         nbytes = model_bytes(model)
         if entry.refs or self._tier_bytes("device") + nbytes > self.budgets["device"]:
             return
-        model.to(self.device)
-        self._spares[id(model)] = (model.architecture, model, nbytes)
-        while len(self._spares) > MAX_SPARES:
-            self._spares.popitem(last=False)
+        self._spares.add(model.to(self.device), nbytes)
 
     def _schedule_compile(self, entry: Entry) -> None:
         if self.compiler is None or entry.compiled is not None or entry.model.kind != "side":
@@ -409,7 +415,7 @@ class TunerCache:
         entries = self.tiers[tier]
         while self._tier_bytes(tier) + nbytes > budget:
             if tier == "device" and self._spares:
-                self._spares.popitem(last=False)
+                self._spares.drop_oldest()
                 continue
             victim = next((e for e in entries.values() if self._evictable(e)), None)
             if victim is None:

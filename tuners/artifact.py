@@ -271,6 +271,22 @@ def _read_each(f: Any, base: int, header: dict[str, Any], state: dict[str, torch
             t.detach().copy_(target)
 
 
+def build_spare(manifest: dict[str, Any], backbone: FrozenBackbone) -> TaskModel:
+    """A model of the architecture ``manifest`` (read with :func:`read_manifest`) describes, with fresh
+    weights, in eval mode: one to read a task of that architecture into (:func:`load_artifact`'s ``into``).
+
+    Raises:
+        ArtifactError: the manifest's options do not build, or were made for another backbone.
+    """
+    fp = manifest["backbone"].get("fingerprint") if isinstance(manifest["backbone"], dict) else None
+    if fp != backbone.fingerprint:
+        raise ArtifactError([f"made for another backbone than {backbone.name}"])
+    try:
+        return _build(manifest, backbone).eval()
+    except (TunerError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ArtifactError([f"cannot build {manifest['method']}: {e}"]) from e
+
+
 def _build(manifest: dict[str, Any], backbone: FrozenBackbone, device: str | None = None) -> TaskModel:
     with torch.device(device) if device else contextlib.nullcontext():
         return build_task_model(manifest["method"], manifest["config"], backbone, manifest["labels"], manifest["head"])

@@ -46,6 +46,7 @@ class EngineReplica:
         self.settings, self.services = settings, _services(settings)
         self.state: tuple[str, int] | None = None  # the writer's (incarnation, epoch) last applied
         self._started = False
+        await self.services.tasks.build_spares()
         await self._start()  # pulls the writer's state (the pinned tasks) within SYNC_S, before any request
 
     async def resident(self, task_id: str) -> str:

@@ -383,6 +383,46 @@ def test_cold_loads_reuse_model_objects_and_serve_exactly_what_a_fresh_load_does
     cache.close()
 
 
+def test_a_start_builds_spare_models_so_first_loads_build_none(tmp_path: Path, backbone, photo_bytes, monkeypatch):
+    """Spares are built at start, one per architecture in turn, the most common first, until the device
+    budget is full; a first load then refills one and answers as a fresh load does."""
+    import tuners.artifact as module
+    from server.store import TaskStore
+    from server.tuner_cache import model_bytes
+
+    store = TaskStore(tmp_path / "store")
+    folders = [make_artifact(backbone, tmp_path / f"a{seed}", "cst", seed) for seed in (30, 31, 32)]
+    folders.append(make_artifact(backbone, tmp_path / "other", "linear_probe", 33))
+    for i, folder in enumerate(folders):
+        store.publish(f"t{i}", *_files(folder), lambda _: None)
+    cst, probe = (model_bytes(load_artifact(folders[i], backbone)[0]) for i in (0, 3))
+    built: list[str] = []
+    real = module._build
+    monkeypatch.setattr(module, "_build", lambda m, *a, **k: built.append(m["method"]) or real(m, *a, **k))
+    budget = {"device_cache_bytes": 2 * cst + probe + cst // 2, "host_cache_bytes": 0}
+
+    async def detect(services: object, task: str) -> list[tuple[list[float], float]]:
+        services.start()  # type: ignore[attr-defined]
+        try:
+            answer = await services.engine.detect(photo_bytes, [task], PostprocessConfig())  # type: ignore[attr-defined]
+        finally:
+            await services.stop()  # type: ignore[attr-defined]
+        return [(d.box, d.score) for d in answer.results[0].detections]
+
+    async def run() -> None:
+        services = build_services(settings(tmp_path / "store", **budget), backbone)
+        assert await services.tasks.build_spares() == 3  # a third cst spare did not fit
+        assert built[:3] == ["cst", "linear_probe", "cst"]
+        before = len(built)
+        got = await detect(services, "t1")
+        assert len(built) == before  # t1's first load refilled a spare
+        alone = build_services(settings(tmp_path / "alone"), backbone)
+        await alone.tasks.publish("t1", *_files(folders[1]))
+        assert got and got == await detect(alone, "t1")
+
+    asyncio.run(run())
+
+
 def test_the_runtime_runs_every_batch_bucket_before_serving(tmp_path: Path, backbone, monkeypatch):
     """On CUDA each size captures a CUDA-graph bucket; no capture may start beside the engine's two
     stages once serving, so every bucket up to the largest batch is run at start."""
