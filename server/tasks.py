@@ -156,8 +156,8 @@ class Tasks:
         tier is full (call once at start-up, after :meth:`restore_pins`); returns how many. Each first
         load after a start then refills one instead of building a model on the request path."""
         manifests = await asyncio.to_thread(self._current_manifests)
-        counts = Counter(architecture_key(m["method"], m["config"], m["head"], len(m["labels"])) for m in manifests)
-        sample = {architecture_key(m["method"], m["config"], m["head"], len(m["labels"])): m for m in manifests}
+        keyed = [(architecture_key(m["method"], m["config"], m["head"], len(m["labels"])), m) for m in manifests]
+        counts, sample = Counter(arch for arch, _ in keyed), dict(keyed)
         order = [a for a, _ in counts.most_common()]
         plan = [a for n in range(max(counts.values(), default=0)) for a in order if counts[a] > n][:MAX_SPARES]
         built = 0
