@@ -24,7 +24,7 @@ import httpx
 import torch
 
 from bench.common import scratch
-from bench.load import Server, ab_parser, closed_loop, histogram_count, histogram_quantile, jpeg
+from bench.load import Server, ab_parser, ab_sides, closed_loop, histogram_count, histogram_quantile, jpeg
 from bench.serve_load import make_tasks, uniform, upload
 from models import PreprocessSpec, build_backbone
 from tuners.artifact import WEIGHTS
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--restart", action="store_true", help="measure a server started on a store it did not fill")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    sides = [("this", None), *([(str(args.compare_to), args.compare_to)] if args.compare_to else [])]
+    sides = ab_sides(args)
     rows: dict[str, list[list[float]]] = {label: [] for label, _ in sides}
     with scratch("sidecar-cold-") as work:
         backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))

@@ -172,6 +172,11 @@ def ab_arguments(description: str, tasks: int, rounds: int, seconds: float) -> a
     return ab_parser(description, tasks, rounds, seconds).parse_args()
 
 
+def ab_sides(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
+    """(label, checkout) of each server to load: this checkout's (``None``), then ``--compare-to``'s if given."""
+    return [("this", None), *([(str(args.compare_to), args.compare_to)] if args.compare_to else [])]
+
+
 def ab_parser(description: str, tasks: int, rounds: int, seconds: float) -> argparse.ArgumentParser:
     """:func:`ab_arguments`'s parser, for a benchmark to add its own: ``--compare-to``, ``--tasks``,
     ``--rounds``, ``--seconds`` (per load) and ``--clients``."""

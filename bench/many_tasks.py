@@ -21,7 +21,7 @@ import httpx
 import torch
 
 from bench.common import scratch
-from bench.load import Request, Server, ab_arguments, closed_loop, jpeg
+from bench.load import Request, Server, ab_arguments, ab_sides, closed_loop, jpeg
 from bench.serve_load import detect, make_tasks, uniform, upload, warm
 from models import PreprocessSpec, build_backbone
 
@@ -66,7 +66,7 @@ def main() -> None:
         del backbone
         print(f"| checkout | load, C={args.clients} | req/s | server CPU ms / request | tier moves / s |")
         print("|---|---|---|---|---|")
-        for label, cwd in [("this", None), *([(str(args.compare_to), args.compare_to)] if args.compare_to else [])]:
+        for label, cwd in ab_sides(args):
             totals = side(work / f"store-{label.replace('/', '_')}", cwd, tasks, image, args)
             for name, (requests, seconds, cpu, moved) in totals.items():
                 rate, per = requests / seconds, cpu / requests * 1e3

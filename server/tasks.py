@@ -21,7 +21,7 @@ from server.schemas import QuarantinedTask, TaskInfo, TaskList, TaskVersions, Ve
 from server.store import TaskVersion, VersionedStore, check_task_id, complete
 from server.tuner_cache import TunerCache
 from tuners.artifact import MANIFEST, build_spare, load_artifact, parse_json, read_manifest
-from tuners.errors import ArtifactError
+from tuners.errors import ArtifactError, IncompatibleBackboneError
 from tuners.task_model import TaskModel, architecture_key
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class Tasks:
         for arch in plan:
             try:
                 model = await asyncio.to_thread(build_spare, sample[arch], self.executor.backbone)
-            except ArtifactError:
+            except (ArtifactError, IncompatibleBackboneError):
                 continue  # a task of another backbone, or broken: its loads report it
             if not self.cache.add_spare(model):
                 break

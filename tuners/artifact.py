@@ -35,6 +35,8 @@ from tuners.task_model import TaskModel, build_task_model
 FORMAT_VERSION = 2
 LEGACY_HEAD_DEFAULTS = {"light": {"width": 96, "num_convs": 2}}
 WEIGHTS, MANIFEST = "tuner.safetensors", "tuner.json"
+BUILD_ERRORS = (TunerError, KeyError, TypeError, ValueError, RuntimeError)  # a manifest's options that do not build
+# (RuntimeError: torch's, on a bad size)
 REQUIRED = ("format_version", "method", "config", "head", "labels", "backbone", "preprocess", "weights_sha256")
 
 
@@ -276,15 +278,24 @@ def build_spare(manifest: dict[str, Any], backbone: FrozenBackbone) -> TaskModel
     weights, in eval mode: one to read a task of that architecture into (:func:`load_artifact`'s ``into``).
 
     Raises:
-        ArtifactError: the manifest's options do not build, or were made for another backbone.
+        IncompatibleBackboneError: the manifest was made for another backbone.
+        ArtifactError: its options do not build.
     """
-    fp = manifest["backbone"].get("fingerprint") if isinstance(manifest["backbone"], dict) else None
-    if fp != backbone.fingerprint:
-        raise ArtifactError([f"made for another backbone than {backbone.name}"])
+    check_backbone(manifest, backbone)
     try:
         return _build(manifest, backbone).eval()
-    except (TunerError, KeyError, TypeError, ValueError, RuntimeError) as e:
+    except BUILD_ERRORS as e:
         raise ArtifactError([f"cannot build {manifest['method']}: {e}"]) from e
+
+
+def check_backbone(manifest: dict[str, Any], backbone: FrozenBackbone) -> None:
+    """Raises :class:`IncompatibleBackboneError` unless ``manifest`` was made for ``backbone`` (its fingerprint)."""
+    fp = manifest["backbone"].get("fingerprint") if isinstance(manifest["backbone"], dict) else None
+    if fp != backbone.fingerprint:
+        raise IncompatibleBackboneError(
+            f"artifact was trained on backbone {manifest['backbone']!r}; this server runs {backbone.name} "
+            f"with fingerprint {backbone.fingerprint}"
+        )
 
 
 def _build(manifest: dict[str, Any], backbone: FrozenBackbone, device: str | None = None) -> TaskModel:
@@ -335,12 +346,7 @@ def load_artifact(
             even when this raises.
     """
     manifest = manifest if manifest is not None else read_manifest(folder)
-    fp = manifest["backbone"].get("fingerprint") if isinstance(manifest["backbone"], dict) else None
-    if fp != backbone.fingerprint:
-        raise IncompatibleBackboneError(
-            f"artifact was trained on backbone {manifest['backbone']!r}; this server runs {backbone.name} "
-            f"with fingerprint {backbone.fingerprint}"
-        )
+    check_backbone(manifest, backbone)
     weights, problems = folder / WEIGHTS, []
     if not weights.is_file():
         problems.append(f"{WEIGHTS} is missing")
@@ -350,7 +356,7 @@ def load_artifact(
         if verify and not from_store and weights.is_file():
             problems += layout_problems(weights, _build(manifest, backbone, "meta").state_dict())
         model = None if problems else into if into is not None else _build(manifest, backbone)
-    except (TunerError, KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch's, on a bad size
+    except BUILD_ERRORS as e:
         raise ArtifactError(problems + [f"cannot build {manifest['method']}: {e}"]) from e
     if model is None:
         raise ArtifactError(problems)
