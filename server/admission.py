@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from server.exceptions import Overloaded
+from server.exceptions import CacheBudget, Overloaded
+
+MiB = 1 << 20
 
 
 class NoRoom(Overloaded):
@@ -28,6 +30,29 @@ class NoRoom(Overloaded):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.message, self.nbytes, self.tasks))
+
+
+def fits(full: NoRoom, tasks: int, budget: int, pinned: int, busy: int) -> bool:
+    """Whether ``tasks`` task models look able to fit a tier of ``budget`` bytes now: their bytes
+    (extrapolated from what ``full`` counted; at most what the ``pinned`` bytes leave) are free or held
+    by idle entries, not by the ``busy`` bytes other requests use.
+
+    Raises:
+        CacheBudget: even with no other request they could not fit.
+    """
+    if full.nbytes > budget - pinned:
+        raise too_big(full, tasks, budget, pinned)
+    need = full.nbytes * tasks // max(1, full.tasks)
+    return min(need, budget - pinned) <= budget - pinned - busy
+
+
+def too_big(full: NoRoom, tasks: int, budget: int, pinned: int) -> CacheBudget:
+    """The error for ``tasks`` task models that need ``full.nbytes`` at least, over what ``pinned`` leaves."""
+    return CacheBudget(
+        f"the {tasks} task(s) named need at least {full.nbytes / MiB:.1f} MiB of task models at once; "
+        f"the device cache holds {budget / MiB:.1f} MiB ({pinned / MiB:.1f} MiB pinned): name fewer tasks "
+        "per request, unpin tasks or raise device_cache_bytes"
+    )
 
 
 class Admission:

@@ -36,18 +36,18 @@ from typing import Any
 import torch
 
 from models.backbones.base import FrozenBackbone
-from server.admission import Admission, NoRoom
+from server.admission import Admission, NoRoom, fits, too_big
 from server.cache_entries import MAX_SPARES, Entry, Key, Lease, Spares, entry_bytes, model_bytes, to_host
 from server.exceptions import CacheBudget, Overloaded, UnknownVersion
 from server.store import TaskVersion, VersionedStore, complete
-from tuners.artifact import WEIGHTS, load_artifact, read_manifest, read_weights
+from server.task_reader import read_version
+from tuners.artifact import read_manifest
 from tuners.compiled import CompiledTask
 from tuners.errors import ArtifactError
 from tuners.task_model import TaskModel, architecture_key
 
 log = logging.getLogger(__name__)
 TIERS = ("device", "host")
-MiB = 1 << 20
 Compiler = Callable[[TaskModel, dict[str, Any]], CompiledTask]
 
 
@@ -174,7 +174,7 @@ class TunerCache:
                     pinned, busy = self._room(versions)
                     idle_failures = 0 if busy else idle_failures + 1
                     if idle_failures == 2:
-                        raise self._too_big(full, versions, pinned) from e
+                        raise too_big(full, len(versions), self.budgets["device"], pinned) from e
 
     async def _lease_all(self, versions: list[TaskVersion]) -> list[Lease]:
         """Leases for ``versions``, or none. On :class:`NoRoom`, its ``nbytes`` is what the leases held
@@ -197,17 +197,9 @@ class TunerCache:
         return leases
 
     def _fits(self, full: NoRoom, versions: list[TaskVersion]) -> bool:
-        """Whether the device tier looks able to hold ``versions`` now: their bytes (extrapolated from
-        what ``full`` counted; at most what the pinned tasks leave) are free or held by idle entries.
-
-        Raises:
-            CacheBudget: even with no other request they could not fit.
-        """
-        budget, (pinned, busy) = self.budgets["device"], self._room(versions)
-        if full.nbytes > budget - pinned:
-            raise self._too_big(full, versions, pinned)
-        need = full.nbytes * len({(v.task_id, v.version) for v in versions}) // max(1, full.tasks)
-        return min(need, budget - pinned) <= budget - pinned - busy
+        """Whether the device tier looks able to hold ``versions`` now (:func:`server.admission.fits`)."""
+        tasks = len({(v.task_id, v.version) for v in versions})
+        return fits(full, tasks, self.budgets["device"], *self._room(versions))
 
     def _room(self, versions: list[TaskVersion]) -> tuple[int, int]:
         """Bytes of the device tier's entries that are not ``versions``: pinned, and in use by other requests
@@ -217,14 +209,6 @@ class TunerCache:
             others = [e for e in self.tiers["device"].values() if e.key not in mine]
             pinned = sum(e.nbytes for e in others if e.key[0] in self._pinned)
             return pinned, sum(e.nbytes for e in others if e.refs and e.key[0] not in self._pinned)
-
-    def _too_big(self, full: NoRoom, versions: list[TaskVersion], pinned: int) -> CacheBudget:
-        budget = self.budgets["device"]
-        return CacheBudget(
-            f"the {len(versions)} task(s) named need at least {full.nbytes / MiB:.1f} MiB of task models at once; "
-            f"the device cache holds {budget / MiB:.1f} MiB ({pinned / MiB:.1f} MiB pinned): name fewer tasks "
-            "per request, unpin tasks or raise device_cache_bytes"
-        )
 
     async def _acquire(self, version: TaskVersion) -> Lease:
         key = (version.task_id, version.version)
@@ -325,34 +309,12 @@ class TunerCache:
             raise NoRoom("the device tuner cache is full of pinned or in-use tasks", nbytes=nbytes)
 
     def _read(self, version: TaskVersion, key: Key) -> tuple[TaskModel, dict[str, Any]]:
-        """``version`` read into a spare model of its architecture, else into a model built for it. Its
-        first load (after a start) also checks the sha256 and looks for NaN or Inf, on a spare too."""
-        manifest, verified = read_manifest(version.path), key in self._sizes
+        """``version`` read into a spare model of its architecture, else into a model built for it."""
+        manifest = read_manifest(version.path)
         arch = architecture_key(manifest["method"], manifest["config"], manifest["head"], len(manifest["labels"]))
         spare = self._take_spare(arch)
-        if spare is not None:
-            try:
-                self._refill(spare, version, manifest, verified)
-            except ArtifactError as e:  # a bad file fails again below, with its every problem
-                log.warning("task %s v%d did not fit a spare model (%s); building it", *key, e.problems[0])
-            else:
-                # a new generation: whatever held this object (a stack) must not take it for the old task
-                spare.generation += 1
-                return spare, manifest  # on the device and in eval mode since its first load
-        model, manifest = load_artifact(
-            version.path, self.backbone, manifest=manifest, verify=not verified, from_store=True
-        )
-        return model.to(self.device).eval(), manifest
-
-    def _refill(self, spare: TaskModel, version: TaskVersion, manifest: dict[str, Any], verified: bool) -> None:
-        """Reads ``version`` into ``spare``: only the layout is checked again for a version verified once."""
-        if not verified:
-            load_artifact(version.path, self.backbone, manifest=manifest, verify=True, from_store=True, into=spare)
-            return
-        problems = read_weights(version.path / WEIGHTS, spare)
-        if problems:
-            raise ArtifactError(problems)
-        spare.labels = list(manifest["labels"])
+        verified = key in self._sizes
+        return read_version(version.path, manifest, self.backbone, self.device, spare, verified), manifest
 
     def _take_spare(self, arch: str) -> TaskModel | None:
         """A model of ``arch`` to read weights into: a spare, else the idle entry of that architecture

@@ -132,7 +132,7 @@ def test_in_use_models_are_never_evicted(tmp_path: Path, backbone, artifacts):
 def test_a_first_load_into_a_spare_model_is_verified_in_full(tmp_path: Path, backbone, artifacts, damage, monkeypatch):
     """After a start, a version's first load checks its sha256 and looks for NaN or Inf even when it
     refills another task's model instead of building one; the task refused, the other still loads."""
-    import server.tuner_cache as module
+    import server.task_reader as module
 
     loads: list[tuple[str, bool]] = []
     real = module.load_artifact
@@ -174,7 +174,7 @@ def test_cold_load_does_not_block_resident_tasks(tmp_path: Path, backbone, artif
     _publish(store, "hot", artifacts["side0"])
     _publish(store, "cold", artifacts["side1"])
     cache = _cache(store, backbone, budget=1 << 30)
-    import server.tuner_cache as module
+    import server.task_reader as module
 
     slow = module.load_artifact
 

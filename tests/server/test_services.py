@@ -258,7 +258,7 @@ def test_a_new_version_of_a_compiled_task_serves_its_own_weights(tmp_path: Path,
 
 
 def test_a_fan_out_over_cold_tasks_queues_every_load_at_once(tmp_path: Path, backbone, artifacts, monkeypatch):
-    import server.tuner_cache as module
+    import server.task_reader as module
 
     real = module.load_artifact
 
