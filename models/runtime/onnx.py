@@ -4,11 +4,14 @@ Exports are cached on disk, keyed by backbone fingerprint, taps, opset and canva
 written atomically. Sessions never spin: ONNX Runtime's intra-op threads would otherwise keep
 busy-waiting after each run and take the cores from the torch code that follows (task heads).
 The session asks for CUDA when torch sees a GPU and reports the provider it actually got
-(``session.get_providers()``): onnxruntime falls back to the CPU silently.
+(``session.get_providers()``): onnxruntime falls back to the CPU silently. Runs bind torch tensors
+in and out (I/O binding and DLPack): under the CUDA provider the taps stay in CUDA memory, where
+side tasks read them, with no round trip through the host.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -45,17 +48,61 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
 
 
 def make_session(path: Path, device: str, threads: int = 0) -> ort.InferenceSession:
-    """A session on CUDA when asked for (``cuda``) or available (``auto``), else the CPU.
+    """A session on CUDA when asked for (``cuda`` or ``cuda:N``) or available (``auto``), else the CPU.
+    On CUDA, convolutions run in IEEE float32 (no TF32), as the torch runtime's ``fp32`` does.
 
     Raises:
         RuntimeError: ``cuda`` was asked for and onnxruntime fell back to the CPU.
     """
     want_cuda = device != "cpu" and torch.cuda.is_available()
-    providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
+    providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
+    if want_cuda:
+        _load_cuda_libraries()
+        index = torch.device(device).index if device.startswith("cuda") else None
+        options = {"device_id": str(torch.cuda.current_device() if index is None else index), "use_tf32": "0"}
+        providers.insert(0, ("CUDAExecutionProvider", options))
     session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
     if device.startswith("cuda") and session.get_providers()[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"CUDA was requested but onnxruntime runs on {session.get_providers()}")
     return session
+
+
+@functools.cache
+def _load_cuda_libraries() -> None:
+    """Loads the CUDA and cuDNN libraries ONNX Runtime's CUDA provider links against (torch's, or the
+    ``nvidia-*`` packages'), once: without them the provider falls back to the CPU."""
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # noqa: BLE001  (make_session says whether the provider loaded)
+            logger.warning("onnxruntime could not preload the CUDA libraries: %s", e)
+
+
+def session_device(session: ort.InferenceSession) -> torch.device:
+    """Where ``session`` computes: the CUDA device its CUDA provider was given, else the CPU."""
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return torch.device("cpu")
+    return torch.device("cuda", int(session.get_provider_options()["CUDAExecutionProvider"]["device_id"]))
+
+
+def run_bound(
+    session: ort.InferenceSession, feeds: dict[str, Tensor], outputs: list[str], device: torch.device
+) -> list[Tensor]:
+    """Runs ``session`` on torch tensors with no copy in or out: each input is bound where it lies, and
+    each output is left on ``device`` (:func:`session_device`), where the provider wrote it, and handed
+    to torch through DLPack. Inputs must be float32."""
+    binding = session.io_binding()
+    kept = []  # the contiguous inputs live until the run ends
+    for name, x in feeds.items():
+        x = x.contiguous()
+        if x.is_cuda:
+            torch.cuda.current_stream(x.device).synchronize()  # the provider reads it on a stream of its own
+        binding.bind_input(name, x.device.type, x.device.index or 0, np.float32, list(x.shape), x.data_ptr())
+        kept.append(x)
+    for name in outputs:
+        binding.bind_output(name, device.type, device.index or 0)
+    session.run_with_iobinding(binding)
+    return [torch.from_dlpack(value) for value in binding.get_outputs()]
 
 
 def export_atomic(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str]) -> Path:
@@ -147,8 +194,7 @@ class OnnxRuntime:
         self.exports = 0  # graphs exported or loaded by this runtime (tests read it)
         self.concurrent = True  # InferenceSession.run is thread-safe; only an export reads the torch module
         first = self.prepare(taps)
-        self.provider = first.get_providers()[0]
-        self.device = torch.device("cuda" if self.provider == "CUDAExecutionProvider" else "cpu")
+        self.provider, self.device = first.get_providers()[0], session_device(first)
 
     @property
     def taps(self) -> list[str]:
@@ -175,5 +221,5 @@ class OnnxRuntime:
         (CUDA under the CUDA provider, where side tasks read them; the CPU otherwise)."""
         session = self.prepare(taps)
         names = self._sessions[frozenset(taps)][0]
-        arrays = session.run(names, {"images": to_numpy(images)})
-        return {t: torch.from_numpy(a).to(self.device) for t, a in zip(names, arrays)}
+        feeds = {"images": images.to(self.device, torch.float32)}
+        return dict(zip(names, run_bound(session, feeds, names, self.device)))

@@ -3,6 +3,7 @@ reuses its exports, never spins, and reports the provider it really runs on."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import onnx
@@ -74,3 +75,23 @@ def _onnx_cuda() -> bool:
     """Whether ONNX Runtime can run on CUDA here: a GPU torch sees, and an onnxruntime built with the
     CUDA provider (its provider list is a build-time fact: it names CUDA on machines with no GPU)."""
     return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def test_taps_are_bound_in_and_out_and_outlive_the_run(tmp_path: Path) -> None:
+    """I/O binding hands the session's own output buffers to torch: they must hold what a plain run
+    returns, also after the binding is gone and later runs have allocated again, and a strided input
+    must be read as its values, not its storage."""
+    backbone = _backbone("mobilenet_v2")
+    runtime = OnnxRuntime(backbone, ["c3", "c5"], tmp_path, "cpu")
+    session, names = runtime.prepare(["c3", "c5"]), ["c3", "c5"]
+    x = torch.randn(2, 3, 64, 64)
+    strided = torch.randn(2, 64, 64, 3).permute(0, 3, 1, 2)  # channels-last storage
+    kept = [runtime(x, names), runtime(strided, names)]
+    for _ in range(3):
+        runtime(torch.randn(2, 3, 64, 64), names)
+    gc.collect()
+    for got, given in zip(kept, (x, strided)):
+        plain = session.run(names, {"images": given.contiguous().numpy()})
+        for tap, ref in zip(names, plain):
+            assert got[tap].device.type == "cpu" and got[tap].dtype == torch.float32
+            torch.testing.assert_close(got[tap], torch.from_numpy(ref), rtol=0, atol=0)
