@@ -12,6 +12,10 @@ per precision, ``--dtype fp32`` (the default, IEEE float32) and ``fp16``:
   graphs, input already on the GPU), measured just before and just after, with the server idle;
 - N tasks uniformly against one task, C=4.
 
+Then, when this onnxruntime has its CUDA provider, the same loads on a ``--runtime onnx`` server in
+fp32 (the backbone in ONNX Runtime on the GPU; side tasks in torch), against the same torch baseline:
+whether ONNX Runtime should be the CUDA default too.
+
 Run: ``.venv/bin/python -m bench.gpu_serve``.
 """
 
@@ -21,6 +25,7 @@ import argparse
 import traceback
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
 
 from bench.common import median_seconds, scratch
@@ -42,13 +47,20 @@ def backbone_alone(backbone: FrozenBackbone, dtype: str, repeats: int = 50) -> t
 
 
 def run_server(
-    store: Path, dtype: str, tasks: list[Path], probes: list[Path], backbone: FrozenBackbone, seconds: float
+    store: Path,
+    config: tuple[str, str],
+    tasks: list[Path],
+    probes: list[Path],
+    backbone: FrozenBackbone,
+    seconds: float,
 ) -> tuple[dict[str, LoadResult], dict[str, float]]:
-    """Every load on one ``--device cuda --dtype dtype`` server; returns the loads and the ratios."""
+    """Every load on one ``--device cuda --dtype dtype --runtime runtime`` server (``config``: dtype,
+    runtime); returns the loads and the ratios."""
+    dtype, runtime = config
     ids, probe_ids, image = [f"t{i}" for i in range(len(tasks))], [f"lp{i}" for i in range(len(probes))], jpeg()
     loads: dict[str, LoadResult] = {}
     ratios: dict[str, float] = {}
-    with Server(store, ["--device", "cuda", "--dtype", dtype]) as server:
+    with Server(store, ["--device", "cuda", "--dtype", dtype, "--runtime", runtime]) as server:
         for task_id, folder in zip(ids + probe_ids, tasks + probes):
             upload(server.url, task_id, folder)
         warm(server.url, ids + probe_ids, image, compiles=False)  # side tasks run in torch on CUDA
@@ -87,24 +99,28 @@ def main() -> None:
         probes = make_tasks(backbone, 8, "linear_probe", work / "artifacts")
         backbone.cuda()
         failed = []
-        for dtype in ("fp32", "fp16"):  # a failed server is reported with its log, and the next one still runs
-            store = work / f"store-{dtype}"
+        configs = [("fp32", "torch"), ("fp16", "torch")]
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            configs.append(("fp32", "onnx"))
+        for config in configs:  # a failed server is reported with its log, and the next one still runs
+            store = work / f"store-{'-'.join(config)}"
             try:
-                loads, ratios = run_server(store, dtype, tasks, probes, backbone, args.seconds)
+                loads, ratios = run_server(store, config, tasks, probes, backbone, args.seconds)
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
                 log = store.with_suffix(".log")
                 tail = log.read_text(errors="replace").splitlines()[-60:] if log.is_file() else []
                 print(f"server log ({log}), last {len(tail)} lines:", *tail, sep="\n", flush=True)
-                failed.append(dtype)
+                failed.append(" ".join(config))
                 continue
-            report(dtype, loads, ratios)
+            report(config, loads, ratios)
     if failed:
         raise SystemExit(f"bench.gpu_serve: the {', '.join(failed)} server failed")
 
 
-def report(dtype: str, loads: dict[str, LoadResult], ratios: dict[str, float]) -> None:
-    print(f"\n### server-serve --device cuda --dtype {dtype}, {torch.cuda.get_device_name()}\n")
+def report(config: tuple[str, str], loads: dict[str, LoadResult], ratios: dict[str, float]) -> None:
+    dtype, runtime = config
+    print(f"\n### server-serve --device cuda --dtype {dtype} --runtime {runtime}, {torch.cuda.get_device_name()}\n")
     print("| load | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
     for label, r in loads.items():
         p50, p99 = r.quantile(0.5) * 1e3, r.quantile(0.99) * 1e3
