@@ -12,9 +12,9 @@ per precision, ``--dtype fp32`` (the default, IEEE float32) and ``fp16``:
   graphs, input already on the GPU), measured just before and just after, with the server idle;
 - N tasks uniformly against one task, C=4.
 
-Then, when this onnxruntime has its CUDA provider, the same loads on a ``--runtime onnx`` server in
-fp32 (the backbone in ONNX Runtime on the GPU; side tasks in torch), against the same torch baseline:
-whether ONNX Runtime should be the CUDA default too.
+When this onnxruntime has its CUDA provider, the same loads also run, between those two, on a
+``--runtime onnx`` server in fp32 (the backbone in ONNX Runtime on the GPU, side tasks in torch),
+against the same torch baseline: whether ONNX Runtime should be the CUDA default too.
 
 Run: ``.venv/bin/python -m bench.gpu_serve``.
 """
@@ -101,7 +101,7 @@ def main() -> None:
         failed = []
         configs = [("fp32", "torch"), ("fp16", "torch")]
         if "CUDAExecutionProvider" in ort.get_available_providers():
-            configs.append(("fp32", "onnx"))
+            configs.insert(1, ("fp32", "onnx"))  # beside torch at the same precision
         for config in configs:  # a failed server is reported with its log, and the next one still runs
             store = work / f"store-{'-'.join(config)}"
             try:
