@@ -56,7 +56,7 @@ step() {  # step SECONDS NAME COMMAND...
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   step 100 "CUDA tests" $PY -m pytest -q -p no:cacheprovider -k "cuda or onnx_matches_torch" tests/models/test_runtime_cuda.py \
     tests/models/test_runtime.py tests/server/test_services.py tests/server/test_caches_and_store.py \
-    tests/tuners/test_trainer.py
+    tests/tuners/test_trainer.py tests/tuners/test_read_plan.py
   step 160 bench.gpu $PY -m bench.gpu
   step 210 bench.gpu_serve $PY -m bench.gpu_serve
   if [ ${#failed[@]} -gt 0 ]; then

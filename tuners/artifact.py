@@ -235,10 +235,10 @@ def read_weights(path: Path, model: nn.Module) -> list[str]:
     The bytes go from the file into the tensors' own memory, with no intermediate copy and without
     ``safe_open``, which leaks about 8 KB per read (ENVIRONMENT.md). A file whose header entries this
     model was read from before (a reload into a spare model of the same architecture) is read with
-    one system call and nothing else to check (:class:`~tuners.read_plan.ReadPlan`); any other is
-    checked against the model first. Returns every problem (missing, extra or mis-shaped key, wrong
-    dtype, bad offsets, a file shorter than its header says); the tensors are only written when there
-    is none.
+    one system call and nothing else to check (:class:`~tuners.read_plan.ReadPlan`; tensors on a GPU,
+    or in bfloat16, with one read through a staging buffer); any other is checked against the model
+    first. Returns every problem (missing, extra or mis-shaped key, wrong dtype, bad offsets, a file
+    shorter than its header says); the tensors are only written when there is none.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -253,11 +253,14 @@ def read_weights(path: Path, model: nn.Module) -> list[str]:
             if problems:
                 return problems
             plan = ReadPlan.make(model, state, header)
-        buffers = plan.buffers() if plan is not None else None
-        if plan is None or buffers is None:
+        if plan is None:
             _read_each(f, base, header, model.state_dict())
             return []
-        if os.preadv(f.fileno(), buffers, base) != plan.nbytes:
+        buffers = plan.buffers()
+        read = os.preadv(f.fileno(), buffers, base) if buffers is not None else plan.read_staged(f, base)
+        if read is None:
+            _read_each(f, base, header, model.state_dict())
+        elif read != plan.nbytes:
             return [f"{WEIGHTS} is shorter than its header says"]
     return []
 

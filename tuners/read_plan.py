@@ -8,17 +8,47 @@ header has the same entries (compared as parsed JSON: writers order them freely)
 task of the same architecture refilling a spare model, is then read with one ``os.preadv`` into the
 tensors' own memory: one system call, one release of the GIL, and nothing else to check. The
 tensors stay where they are, so a model computes bit for bit what it did before.
+
+Tensors NumPy cannot view (on a GPU, or bfloat16) are filled from one read of the data section into
+a host staging buffer (page-locked when a GPU is filled), then one copy per tensor (non-blocking to a
+GPU): :meth:`ReadPlan.read_staged`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from typing import BinaryIO
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 PLAN = "_read_plan"  # the attribute of a model that holds its ReadPlan
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+_STAGING_LOCK = threading.Lock()
+_staging: dict[bool, Tensor] = {}  # page-locked or not -> the one reusable host buffer, grown as needed
+_streams: dict[torch.device, torch.cuda.Stream] = {}  # a GPU -> the stream refills copy on
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream that refills tensors on ``device`` (call with ``_STAGING_LOCK`` held). It first waits for
+    the work already queued on the device's current stream, which may still read the old weights; the
+    requests' own streams are never synchronised by a load."""
+    stream = _streams.get(device)
+    if stream is None:
+        stream = _streams[device] = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return stream
+
+
+def _staging_buffer(nbytes: int, pinned: bool) -> Tensor:
+    """A uint8 host buffer of at least ``nbytes`` (call with ``_STAGING_LOCK`` held)."""
+    buffer = _staging.get(pinned)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = _staging[pinned] = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=pinned)
+    return buffer
 
 
 class ReadPlan:
@@ -82,3 +112,34 @@ class ReadPlan:
         except (AttributeError, KeyError, TypeError):
             return None
         return arrays
+
+    def read_staged(self, f: BinaryIO, base: int) -> int | None:
+        """Fills the tensors :meth:`buffers` cannot view (CUDA, bfloat16) from one read of the data section,
+        at ``base`` in ``f``, into a host staging buffer, then one byte copy per tensor (non-blocking from
+        page-locked memory to a GPU, on a stream of its own that is waited for before the buffer is used
+        again). Returns the bytes
+        read (short of :attr:`nbytes` when the file is: nothing is copied then); None when a tensor is
+        missing, not contiguous or not of the planned size (the caller reads tensor by tensor)."""
+        targets = []
+        for _, owner, name, nbytes in self.pieces:
+            t = owner.get(name)
+            if t is None or not t.is_contiguous() or t.numel() * t.element_size() != nbytes:
+                return None
+            targets.append(t.detach().reshape(-1).view(torch.uint8))
+        with _STAGING_LOCK:
+            staging = _staging_buffer(self.nbytes, pinned=any(t.is_cuda for t in targets))[: self.nbytes]
+            f.seek(base)
+            read = f.readinto(memoryview(staging.numpy()))
+            if read != self.nbytes:
+                return read
+            gpu = next((t.device for t in targets if t.is_cuda), None)
+            stream = _copy_stream(gpu) if gpu is not None else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                offset = 0
+                for (gap, _, _, nbytes), target in zip(self.pieces, targets):
+                    offset += gap
+                    target.copy_(staging[offset : offset + nbytes], non_blocking=stream is not None)
+                    offset += nbytes
+            if stream is not None:
+                stream.synchronize()  # the copies read the staging buffer, which the next read overwrites
+        return read

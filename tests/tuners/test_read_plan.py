@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import tuners.artifact as artifact
-from tests.conftest import small_backbone
+from tests.conftest import needs_cuda, small_backbone
 from tuners import build_task_model
 from tuners.artifact import DTYPES, WEIGHTS, load_artifact, read_weights, save_artifact
 from tuners.read_plan import PLAN, ReadPlan
@@ -177,19 +177,44 @@ def test_a_file_cut_short_after_its_header_is_refused(loaded: tuple[TaskModel, P
     assert len(problems) == 1 and "data offsets" in problems[0]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_tensors_one_call_cannot_fill_are_read_tensor_by_tensor(
-    dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_tensors_numpy_cannot_view_are_read_once_through_a_staging_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """bfloat16, which NumPy cannot view; a weight that is a transposed (non-contiguous) view."""
-    model = torch.nn.Linear(4, 3).to(dtype)
-    if dtype == torch.float32:
-        model.weight.data = torch.randn(4, 3).t()
-    tensors = {"weight": torch.randn(3, 4).to(dtype), "bias": torch.randn(3).to(dtype)}
-    _write(tmp_path / "bf16.safetensors", tensors, sorted(tensors))
+    """bfloat16 stands here for what a GPU holds: one read of the file into host memory, then a copy per
+    tensor, never tensor by tensor; a file cut short leaves the tensors as they were."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(torch.bfloat16)
+    tensors = {k: torch.randn(t.shape).to(torch.bfloat16) for k, t in model.state_dict().items()}
+    _write(tmp_path / "bf16.safetensors", tensors, sorted(tensors), gap=2)
     calls = _count(monkeypatch)
+    staged, calls["staged"] = ReadPlan.read_staged, 0
+
+    def counted(*args):  # noqa: ANN002, ANN202
+        calls["staged"] += 1
+        return staged(*args)
+
+    monkeypatch.setattr(ReadPlan, "read_staged", counted)
     for _ in range(2):
         assert read_weights(tmp_path / "bf16.safetensors", model) == []
+        _assert_holds(model, tensors)  # type: ignore[arg-type]
+    assert calls == {"plans": 1, "preadv": 0, "each": 0, "staged": 2}
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    data = (tmp_path / "bf16.safetensors").read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[:-2])
+    plan = ReadPlan.of(model, json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]]))
+    with open(tmp_path / "short.safetensors", "rb") as f:
+        assert plan is not None and plan.read_staged(f, 8 + struct.unpack("<Q", data[:8])[0]) == plan.nbytes - 2
+    _assert_holds(model, before)
+
+
+def test_a_non_contiguous_tensor_is_read_tensor_by_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight that is a transposed view: neither one call nor the staging buffer can fill it in place."""
+    model = torch.nn.Linear(4, 3)
+    model.weight.data = torch.randn(4, 3).t()
+    tensors = {"weight": torch.randn(3, 4), "bias": torch.randn(3)}
+    _write(tmp_path / "strided.safetensors", tensors, sorted(tensors))
+    calls = _count(monkeypatch)
+    for _ in range(2):
+        assert read_weights(tmp_path / "strided.safetensors", model) == []
         _assert_holds(model, tensors)  # type: ignore[arg-type]
     assert calls["each"] == 2 and calls["preadv"] == 0
 
@@ -220,3 +245,16 @@ def test_every_kind_of_task_is_reloaded_in_one_call(
     assert read_weights(second / WEIGHTS, model) == []
     _assert_holds(model, load_file(str(second / WEIGHTS)))
     assert calls == {"plans": 0, "preadv": 1, "each": 0}
+
+
+@needs_cuda
+def test_a_cuda_model_is_refilled_from_one_staged_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _task(1).cuda()
+    tensors = {k: v.cpu() for k, v in _task(2).state_dict().items()}
+    _write(tmp_path / "second.safetensors", tensors, sorted(tensors))
+    calls = _count(monkeypatch)
+    for _ in range(2):
+        assert read_weights(tmp_path / "second.safetensors", model) == []
+        state = model.state_dict()
+        assert all(state[k].is_cuda and torch.equal(state[k].cpu(), t) for k, t in tensors.items())
+    assert calls == {"plans": 1, "preadv": 0, "each": 0}
