@@ -89,8 +89,10 @@ def run_bound(
     session: ort.InferenceSession, feeds: dict[str, Tensor], outputs: list[str], device: torch.device
 ) -> list[Tensor]:
     """Runs ``session`` on torch tensors with no copy in or out: each input is bound where it lies, and
-    each output is left on ``device`` (:func:`session_device`), where the provider wrote it, and handed
-    to torch through DLPack. Inputs must be float32."""
+    the session writes each output into a torch tensor on ``device`` (:func:`session_device`) made for
+    it, so torch owns the memory (ONNX Runtime's arena keeps none of it). An output whose shape is not
+    static past the batch axis is left in the session's memory and handed over through DLPack. Inputs
+    must be float32 and share their batch size."""
     binding = session.io_binding()
     kept = []  # the contiguous inputs live until the run ends
     for name, x in feeds.items():
@@ -99,10 +101,17 @@ def run_bound(
             torch.cuda.current_stream(x.device).synchronize()  # the provider reads it on a stream of its own
         binding.bind_input(name, x.device.type, x.device.index or 0, np.float32, list(x.shape), x.data_ptr())
         kept.append(x)
+    batch, shapes = kept[0].shape[0], {o.name: o.shape[1:] for o in session.get_outputs()}
+    made: dict[str, Tensor] = {}
     for name in outputs:
-        binding.bind_output(name, device.type, device.index or 0)
+        if all(isinstance(d, int) for d in shapes[name]):
+            out = made[name] = torch.empty((batch, *shapes[name]), dtype=torch.float32, device=device)
+            binding.bind_output(name, device.type, device.index or 0, np.float32, list(out.shape), out.data_ptr())
+        else:
+            binding.bind_output(name, device.type, device.index or 0)
     session.run_with_iobinding(binding)
-    return [torch.from_dlpack(value) for value in binding.get_outputs()]
+    values = binding.get_outputs() if len(made) < len(outputs) else [None] * len(outputs)  # in binding order
+    return [made[name] if name in made else torch.from_dlpack(value) for name, value in zip(outputs, values)]
 
 
 def export_atomic(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str]) -> Path:

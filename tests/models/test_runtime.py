@@ -13,7 +13,7 @@ import torch
 
 from models import PreprocessSpec, build_backbone, list_backbones
 from models.runtime import build_runtime
-from models.runtime.onnx import NO_SPIN, OnnxRuntime, export_path
+from models.runtime.onnx import NO_SPIN, OnnxRuntime, export_path, make_session, run_bound
 from models.runtime.torch import default_runtime
 
 
@@ -95,3 +95,37 @@ def test_taps_are_bound_in_and_out_and_outlive_the_run(tmp_path: Path) -> None:
         for tap, ref in zip(names, plain):
             assert got[tap].device.type == "cpu" and got[tap].dtype == torch.float32
             torch.testing.assert_close(got[tap], torch.from_numpy(ref), rtol=0, atol=0)
+
+
+def test_an_output_of_unknown_shape_is_handed_over_through_dlpack(tmp_path: Path) -> None:
+    """Outputs static past the batch axis are written into tensors torch made; one whose spatial size
+    follows the input's (unknown to the graph) is taken from the session's own memory, in its place."""
+
+    class TwoOutputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.conv(x)
+            return y, y.mean(dim=(2, 3), keepdim=True)
+
+    path = tmp_path / "two.onnx"
+    axes = {"x": {0: "b", 2: "h", 3: "w"}, "free": {0: "b", 2: "h", 3: "w"}, "fixed": {0: "b"}}
+    torch.onnx.export(
+        TwoOutputs(),
+        (torch.zeros(1, 3, 8, 8),),
+        str(path),
+        input_names=["x"],
+        output_names=["free", "fixed"],
+        dynamic_axes=axes,
+        dynamo=False,
+    )
+    session = make_session(path, "cpu")
+    x = torch.randn(2, 3, 10, 12)
+    for order in (["free", "fixed"], ["fixed", "free"]):
+        got = run_bound(session, {"x": x}, order, torch.device("cpu"))
+        plain = dict(zip(["free", "fixed"], session.run(["free", "fixed"], {"x": x.numpy()})))
+        assert [tuple(t.shape) for t in got] == [plain[name].shape for name in order]
+        for name, t in zip(order, got):
+            torch.testing.assert_close(t, torch.from_numpy(plain[name]), rtol=0, atol=0)
