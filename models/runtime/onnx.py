@@ -5,7 +5,7 @@ written atomically. Sessions never spin: ONNX Runtime's intra-op threads would o
 busy-waiting after each run and take the cores from the torch code that follows (task heads).
 The session asks for CUDA when torch sees a GPU and reports the provider it actually got
 (``session.get_providers()``): onnxruntime falls back to the CPU silently. Runs bind torch tensors
-in and out (I/O binding and DLPack): under the CUDA provider the taps stay in CUDA memory, where
+in and out (I/O binding): under the CUDA provider the taps stay in CUDA memory, where
 side tasks read them, with no round trip through the host.
 """
 
