@@ -2,9 +2,10 @@
 # The engine's GPU figures in one run (`make bench-gpu`): the CUDA variants of the tests, then
 # `bench.gpu` (precision, backbone throughput, time in kernels, fan-out through the executor,
 # invariant 3 per precision), then `bench.gpu_serve` (a `--device cuda` server over HTTP, fp32 and
-# fp16, and ONNX Runtime's backbone when it has its CUDA provider). Each step has its own time limit, so one that hangs leaves the others their time; the limits
-# add up to 7 min 50 s. Exits non-zero if any step failed. The output also goes to
-# $OUT/bench-gpu.log when OUT is set (the device tool's folder), else to /tmp/bench-gpu.log.
+# fp16, and ONNX Runtime's backbone when it has its CUDA provider). Each step has its own time limit,
+# so one that hangs leaves the others their time; the limits add up to 7 min 50 s. Exits non-zero if
+# any step failed. The output also goes to $OUT/bench-gpu.log when OUT is set (the device tool's
+# folder), else to /tmp/bench-gpu.log.
 #
 # Usage: PY=.venv/bin/python bash bench/gpu.sh             (a machine set up with `make install`)
 #        bash bench/gpu.sh --wheels .whl [--ort-parts .whl-ort]
@@ -54,9 +55,9 @@ step() {  # step SECONDS NAME COMMAND...
 }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  step 100 "CUDA tests" $PY -m pytest -q -p no:cacheprovider -k "cuda or onnx_matches_torch" tests/models/test_runtime_cuda.py \
-    tests/models/test_runtime.py tests/server/test_services.py tests/server/test_caches_and_store.py \
-    tests/tuners/test_trainer.py tests/tuners/test_read_plan.py
+  step 100 "CUDA tests" $PY -m pytest -q -p no:cacheprovider -k "cuda or onnx_matches_torch" \
+    tests/models/test_runtime_cuda.py tests/models/test_runtime.py tests/server/test_services.py \
+    tests/server/test_caches_and_store.py tests/tuners/test_trainer.py tests/tuners/test_read_plan.py
   step 160 bench.gpu $PY -m bench.gpu
   step 210 bench.gpu_serve $PY -m bench.gpu_serve
   if [ ${#failed[@]} -gt 0 ]; then

@@ -20,9 +20,9 @@ from server.executor import Executor
 from server.schemas import QuarantinedTask, TaskInfo, TaskList, TaskVersions, VersionInfo
 from server.store import TaskVersion, VersionedStore, check_task_id, complete
 from server.tuner_cache import TunerCache
-from tuners.artifact import MANIFEST, build_spare, load_artifact, parse_json, read_manifest
+from tuners.artifact import MANIFEST, build_spare, load_artifact, manifest_architecture, parse_json, read_manifest
 from tuners.errors import ArtifactError, IncompatibleBackboneError
-from tuners.task_model import TaskModel, architecture_key
+from tuners.task_model import TaskModel
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Tasks:
         tier is full (call once at start-up, after :meth:`restore_pins`); returns how many. Each first
         load after a start then refills one instead of building a model on the request path."""
         manifests = await asyncio.to_thread(self._current_manifests)
-        keyed = [(architecture_key(m["method"], m["config"], m["head"], len(m["labels"])), m) for m in manifests]
+        keyed = [(manifest_architecture(m), m) for m in manifests]
         counts, sample = Counter(arch for arch, _ in keyed), dict(keyed)
         order = [a for a, _ in counts.most_common()]
         plan = [a for n in range(max(counts.values(), default=0)) for a in order if counts[a] > n][:MAX_SPARES]

@@ -41,10 +41,10 @@ from server.cache_entries import MAX_SPARES, Entry, Key, Lease, Spares, entry_by
 from server.exceptions import CacheBudget, Overloaded, UnknownVersion
 from server.store import TaskVersion, VersionedStore, complete
 from server.task_reader import read_version
-from tuners.artifact import read_manifest
+from tuners.artifact import manifest_architecture, read_manifest
 from tuners.compiled import CompiledTask
 from tuners.errors import ArtifactError
-from tuners.task_model import TaskModel, architecture_key
+from tuners.task_model import TaskModel
 
 log = logging.getLogger(__name__)
 TIERS = ("device", "host")
@@ -311,8 +311,7 @@ class TunerCache:
     def _read(self, version: TaskVersion, key: Key) -> tuple[TaskModel, dict[str, Any]]:
         """``version`` read into a spare model of its architecture, else into a model built for it."""
         manifest = read_manifest(version.path)
-        arch = architecture_key(manifest["method"], manifest["config"], manifest["head"], len(manifest["labels"]))
-        spare = self._take_spare(arch)
+        spare = self._take_spare(manifest_architecture(manifest))
         verified = key in self._sizes
         return read_version(version.path, manifest, self.backbone, self.device, spare, verified), manifest
 

@@ -28,7 +28,7 @@ from models.backbones.base import FrozenBackbone
 from tuners.base import TUNERS
 from tuners.errors import ArtifactError, IncompatibleBackboneError, TunerError
 from tuners.read_plan import ReadPlan
-from tuners.task_model import TaskModel, build_task_model
+from tuners.task_model import TaskModel, architecture_key, build_task_model
 
 # 2: the manifest's "head" holds every option of the head. A version-1 manifest holds only the options
 # given at training, and its head is read with the defaults of that time (LEGACY_HEAD_DEFAULTS).
@@ -253,14 +253,13 @@ def read_weights(path: Path, model: nn.Module) -> list[str]:
             if problems:
                 return problems
             plan = ReadPlan.make(model, state, header)
-        if plan is None:
+        read = None
+        if plan is not None:
+            buffers = plan.buffers()
+            read = os.preadv(f.fileno(), buffers, base) if buffers is not None else plan.read_staged(f, base)
+        if read is None:  # no plan, or one that cannot fill these tensors in place
             _read_each(f, base, header, model.state_dict())
-            return []
-        buffers = plan.buffers()
-        read = os.preadv(f.fileno(), buffers, base) if buffers is not None else plan.read_staged(f, base)
-        if read is None:
-            _read_each(f, base, header, model.state_dict())
-        elif read != plan.nbytes:
+        elif read != plan.nbytes:  # type: ignore[union-attr]
             return [f"{WEIGHTS} is shorter than its header says"]
     return []
 
@@ -289,6 +288,11 @@ def build_spare(manifest: dict[str, Any], backbone: FrozenBackbone) -> TaskModel
         return _build(manifest, backbone).eval()
     except BUILD_ERRORS as e:
         raise ArtifactError([f"cannot build {manifest['method']}: {e}"]) from e
+
+
+def manifest_architecture(manifest: dict[str, Any]) -> str:
+    """The :func:`~tuners.task_model.architecture_key` of the model ``manifest`` describes."""
+    return architecture_key(manifest["method"], manifest["config"], manifest["head"], len(manifest["labels"]))
 
 
 def check_backbone(manifest: dict[str, Any], backbone: FrozenBackbone) -> None:

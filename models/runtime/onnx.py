@@ -110,7 +110,7 @@ def run_bound(
         else:
             binding.bind_output(name, device.type, device.index or 0)
     session.run_with_iobinding(binding)
-    values = binding.get_outputs() if len(made) < len(outputs) else [None] * len(outputs)  # in binding order
+    values = binding.get_outputs()  # in binding order
     return [made[name] if name in made else torch.from_dlpack(value) for name, value in zip(outputs, values)]
 
 
