@@ -1,12 +1,15 @@
 """Dynamic batching with backpressure, and a two-stage pipeline behind it.
 
 Requests wait in a bounded queue; when it is full, :meth:`Batcher.submit` raises ``Overloaded``
-(503 with Retry-After) at once. One collector task takes the first waiting request and every
-other one already queued, up to ``max_batch`` images: under load, the requests that arrived while
-the last batch ran. If none was queued behind the first, the server is idle and the batch runs at
-once. If others were, and ``window_s`` is set, it gathers more for up to ``window_s``. The
-default window is 0, as Triton's ``max_queue_delay_microseconds``: on a CPU a batch of 8 costs
-per image what 8 batches of one do, so waiting only idles the executor (``docs/BENCHMARKS.md``).
+(503 with Retry-After) at once. A request takes its place as it arrives, before its image is
+decoded and its tasks are leased (:meth:`Batcher.admitted`), so requests on their way count against
+the queue's bound too: the backlog stays bounded, and an overloaded server turns a request away
+before it spends a core on decoding it. One collector task takes the first waiting request and
+every other one already queued, up to ``max_batch`` images: under load, the requests that arrived
+while the last batch ran. If none was queued behind the first, the server is idle and the batch
+runs at once. If others were, and ``window_s`` is set, it gathers more for up to ``window_s``. The
+default window is 0, as Triton's ``max_queue_delay_microseconds``: on a CPU a batch of 8 costs per
+image what 8 batches of one do, so waiting only idles the executor (``docs/BENCHMARKS.md``).
 
 A batch runs in two stages on worker threads, so no GPU or CPU-heavy work runs on the event
 loop: :meth:`Executor.prepare` (the shared backbone pass) and :meth:`Executor.finish` (every
@@ -23,8 +26,10 @@ backlog.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -61,6 +66,7 @@ class Batcher:
         self._second = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-tasks")
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
+        self._arriving = 0  # requests admitted and not yet queued (decoding), on the event loop only
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._collect(), name="batcher")
@@ -77,6 +83,26 @@ class Batcher:
         """Queues one image; returns (task id -> detections, backbone passes of its batch)."""
         return await self.enqueue(item)
 
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """A request's place on its way to the queue (while its image decodes and its tasks are leased),
+        on the event loop; the request is queued with no await after leaving it.
+
+        Raises:
+            Overloaded: the queue and the requests already on their way fill ``max_queue``: at once,
+                before the request costs any decoding.
+        """
+        if self._arriving + self.queue.qsize() >= self.queue.maxsize:
+            raise self._full()
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+
+    def _full(self) -> Overloaded:
+        return Overloaded(f"the request queue is full ({self.queue.maxsize}); retry shortly")
+
     def enqueue(self, item: WorkItem) -> asyncio.Future:
         """Queues one image. The future gets (task id -> detections, backbone passes of its batch) when
         the item's batch is done, or the batch's error; the batch runs the item even if nobody waits.
@@ -88,7 +114,7 @@ class Batcher:
         try:
             self.queue.put_nowait(_Pending(item, future, time.perf_counter()))
         except asyncio.QueueFull:
-            raise Overloaded(f"the request queue is full ({self.queue.maxsize}); retry shortly") from None
+            raise self._full() from None
         self.metrics.queue_depth.set(self.queue.qsize())
         return future
 

@@ -1,8 +1,9 @@
 """The Engine service: one call per detect request, no HTTP.
 
-``Engine.detect(image bytes, task ids, options)`` decodes the image onto the canvas with limits (off
-the event loop and the executor's threads), leases every task from the tuner cache (cold ones load
-together, off the request path), queues the work in the batcher (which runs the
+``Engine.detect(image bytes, task ids, options)`` takes a place in the batcher's bounded queue (or is
+turned away at once, before any work), decodes the image onto the canvas with limits (off the event
+loop and the executor's threads), leases every task from the tuner cache (cold ones load together,
+off the request path), queues the work in the batcher (which runs the
 :class:`~server.executor.Executor`'s two stages on two threads of its own), releases the leases and
 records metrics.
 FastAPI routes and the Ray Serve replicas wrap the same object.
@@ -100,9 +101,10 @@ class Engine:
         specs = parse_task_ids(task_ids, self.limits.max_tasks)
         keys = [f"{t}@{v}" if v else t for t, v in specs]
         keyed = self.executor.feature_cache is not None
-        image, meta, key = await asyncio.to_thread(self._decode, data, keyed)
-        leases = await self.cache.acquire_many(specs)
-        pending: asyncio.Future | None = None
+        with self.batcher.admitted():  # a place in the queue from here: when it is full, no work is spent
+            image, meta, key = await asyncio.to_thread(self._decode, data, keyed)
+            leases = await self.cache.acquire_many(specs)
+        pending: asyncio.Future | None = None  # queued with no await since the place was left: it passes on
         try:
             models = {k: lease.model for k, lease in zip(keys, leases)}
             compiled = {k: lease.compiled for k, lease in zip(keys, leases) if lease.compiled is not None}

@@ -1,10 +1,12 @@
-"""The batcher: a full queue answers 503 with Retry-After at once, and the server keeps serving;
+"""The batcher: a full queue answers 503 with Retry-After at once, before the request's image is
+decoded, and the server keeps serving;
 one batch's tasks run while the next batch's backbone pass runs; up to ``first_stages`` batches run
 their backbone pass at once, outside the executor's lock only on a runtime that allows it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,11 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.postprocess import PostprocessConfig
 from models.runtime import build_runtime
 from server.batcher import Batcher
-from server.exceptions import Overloaded, SidecarError
+from server.exceptions import NotAnImage, Overloaded, SidecarError, UnknownTask
 from server.executor import BatchResult, Executor, Prepared, WorkItem
 from server.metrics import Metrics
+from server.services import build_services
+from tests.server.conftest import settings
 from tuners import build_task_model
 
 
@@ -52,6 +57,61 @@ def test_full_queue_answers_503_then_recovers():
         await asyncio.gather(first, *queued)
         assert engine.batches == [1, 2]  # the two queued requests ran as one batch
         await batcher.stop()
+
+    asyncio.run(run())
+
+
+def test_requests_decoding_hold_places_in_the_queue():
+    """Requests on their way to the queue (decoding their image) count against ``max_queue``: one
+    more is turned away as it arrives, and the place comes back when the request leaves."""
+    item = WorkItem(torch.zeros(3, 8, 8, dtype=torch.uint8), "k", {})
+
+    async def run() -> None:
+        batcher = Batcher(BlockingEngine(), Metrics(), max_batch=2, window_s=0, max_queue=2)  # type: ignore[arg-type]
+        with batcher.admitted():
+            batcher.enqueue(item)  # one queued, one decoding: full
+            with pytest.raises(Overloaded, match=r"queue is full \(2\)"), batcher.admitted():
+                pass
+        with batcher.admitted():  # the decoding one left: a place again
+            pass
+        await batcher.stop()
+
+    asyncio.run(run())
+
+
+def test_an_overloaded_engine_turns_a_request_away_before_decoding_it(tmp_path: Path, backbone, photo_bytes):
+    """With the queue's places taken, a request gets 503 (Overloaded) at once: bytes that are no
+    image would otherwise have been found out (415) by decoding them, a core's milliseconds each.
+    A request waiting for its tasks to load holds its place too, so the backlog stays bounded."""
+
+    async def run() -> None:
+        services = build_services(settings(tmp_path / "store", max_queue=3), backbone)
+        services.start()
+        engine, loaded = services.engine, asyncio.Event()
+        try:
+            with contextlib.ExitStack() as places:
+                for _ in range(3):
+                    places.enter_context(services.batcher.admitted())
+                with pytest.raises(Overloaded):
+                    await engine.detect(b"not an image", "a", PostprocessConfig())
+            with pytest.raises(NotAnImage):  # with room, the same request is decoded
+                await engine.detect(b"not an image", "a", PostprocessConfig())
+
+            async def slow_load(specs: list) -> list:
+                await loaded.wait()
+                raise UnknownTask("no task 'a'")
+
+            services.engine.cache.acquire_many = slow_load  # type: ignore[method-assign]
+            waiting = [asyncio.create_task(engine.detect(photo_bytes, "a", PostprocessConfig())) for _ in range(3)]
+            await asyncio.sleep(0.5)  # decoded, and waiting for their task
+            with pytest.raises(Overloaded):
+                await engine.detect(b"not an image", "a", PostprocessConfig())
+            loaded.set()
+            assert all(isinstance(r, UnknownTask) for r in await asyncio.gather(*waiting, return_exceptions=True))
+            with pytest.raises(NotAnImage):  # their places came back
+                await engine.detect(b"not an image", "a", PostprocessConfig())
+        finally:
+            await services.stop()
 
     asyncio.run(run())
 
