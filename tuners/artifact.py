@@ -27,6 +27,7 @@ from torch import nn
 from models.backbones.base import FrozenBackbone
 from tuners.base import TUNERS
 from tuners.errors import ArtifactError, IncompatibleBackboneError, TunerError
+from tuners.manifest import field_problems
 from tuners.read_plan import ReadPlan
 from tuners.task_model import TaskModel, architecture_key, build_task_model
 
@@ -126,8 +127,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise ArtifactError([f"{MANIFEST} is not valid JSON: {e}"]) from e
     if not isinstance(manifest, dict):
         raise ArtifactError([f"{MANIFEST} must hold a JSON object"])
-    problems = [f"{MANIFEST} lacks '{k}'" for k in REQUIRED if k not in manifest]
-    if "method" in manifest and manifest["method"] not in TUNERS:
+    problems = [f"{MANIFEST} lacks '{k}'" for k in REQUIRED if k not in manifest] + field_problems(manifest, MANIFEST)
+    if isinstance(manifest.get("method"), str) and manifest["method"] not in TUNERS:
         problems.append(f"unknown method {manifest['method']!r}; known: {', '.join(TUNERS.names())}")
     if manifest.get("format_version") not in (1, FORMAT_VERSION):
         problems.append(f"format_version {manifest.get('format_version')!r} is not 1 or {FORMAT_VERSION}")

@@ -14,7 +14,15 @@ from models.registry import HEADS
 
 SIZED_BY_THE_TUNER = ("self", "num_classes", "in_channels", "in_strides")
 # Bounds of the options the heads share by name: a manifest's head is checked before anything is built.
-BOUNDS = {"width": Field(gt=0), "num_convs": Field(ge=0), "prior_prob": Field(gt=0, lt=1), "anchor_size": Field(gt=0)}
+# Widths need no upper bound (a manifest's layout is checked on the meta device, which allocates
+# nothing), but a count of layers does: building 2**70 modules never ends, even there.
+MAX_LAYERS = 32
+BOUNDS = {
+    "width": Field(gt=0),
+    "num_convs": Field(ge=0, le=MAX_LAYERS),
+    "prior_prob": Field(gt=0, lt=1),
+    "anchor_size": Field(gt=0),
+}
 
 
 class HeadConfigError(ValueError):
@@ -80,6 +88,7 @@ __all__ = [
     "DetectionHead",
     "HeadConfigError",
     "HeadOutputs",
+    "MAX_LAYERS",
     "build_head",
     "check_head_options",
     "list_heads",

@@ -15,7 +15,8 @@ from tests.conftest import small_backbone
 from tuners import build_task_model
 from tuners.artifact import FORMAT_VERSION, LEGACY_HEAD_DEFAULTS, MANIFEST, WEIGHTS, load_artifact, save_artifact
 from tuners.artifact import _sha256 as sha256
-from tuners.errors import ArtifactError, IncompatibleBackboneError
+from tuners.base import TUNERS
+from tuners.errors import ArtifactError, IncompatibleBackboneError, TunerError
 from tuners.task_model import architecture_key
 
 BACKBONE = small_backbone("resnet18")
@@ -108,7 +109,7 @@ def test_a_header_entry_that_is_not_a_tensor_entry_is_unreadable(artifact: Path,
     assert "not a readable safetensors file (the header's entry for 'tuner.x'" in _problems(artifact)
 
 
-@pytest.mark.parametrize("head", [{"width": 20_000}, {"num_convs": 500}])
+@pytest.mark.parametrize("head", [{"width": 20_000}, {"num_convs": 30}])
 def test_options_the_weights_do_not_fit_are_refused_on_the_meta_device(
     artifact: Path, head: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,11 +130,37 @@ def test_options_the_weights_do_not_fit_are_refused_on_the_meta_device(
     assert devices == ["meta", "meta", "cpu"]
 
 
-@pytest.mark.parametrize(("option", "value"), [("width", -5), ("width", 64.5), ("num_convs", -1), ("prior_prob", 2.0)])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("width", -5), ("width", 64.5), ("num_convs", -1), ("num_convs", 2**70), ("prior_prob", 2.0)],
+)
 def test_head_options_out_of_range_name_the_option(artifact: Path, option: str, value: float) -> None:
+    """2**70 layers: building them would never end, even on the meta device, so counts are bounded."""
     manifest = json.loads((artifact / MANIFEST).read_text())
     (artifact / MANIFEST).write_text(json.dumps({**manifest, "head": {**manifest["head"], option: value}}))
     assert f"head 'light': {option}: Input should be" in _problems(artifact)
+
+
+@pytest.mark.parametrize(("method", "option"), [("hst", "depth"), ("dyn_adapter", "exit_convs")])
+def test_tuner_layer_counts_are_bounded(method: str, option: str) -> None:
+    with pytest.raises(TunerError, match=f"{option} must be"):
+        TUNERS.get(method).config_cls.from_dict({option: 2**70})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [("metrics", [], "'metrics' must be an object"), ("provenance", "x", "'provenance' must be an object"),
+     ("provenance", {"created_at": 5}, "'provenance.created_at' must be a string"),
+     ("kind", -1, "'kind' must be a string"), ("kind", "inline", "'kind' is 'inline', but cst tasks are 'side'"),
+     ("labels", [], "'labels' must list one or more"), ("labels", ["a", 1], "'labels' must list one or more"),
+     ("method", ["cst"], "'method' must be a string"), ("format_version", True, "'format_version' must be an integer"),
+     ("weights_sha256", 5, "'weights_sha256' must be a string")],
+)  # fmt: skip
+def test_manifest_fields_the_server_cannot_use_are_refused(artifact: Path, field: str, value: object, says: str):
+    """At upload, not later: a stored version whose ``metrics`` was a list made every task listing answer 500."""
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    (artifact / MANIFEST).write_text(json.dumps({**manifest, field: value}))
+    assert f"{MANIFEST}: {says}" in _problems(artifact)
 
 
 def test_save_is_atomic_and_replaces(artifact: Path) -> None:

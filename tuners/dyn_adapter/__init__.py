@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones.base import BlockFn, FrozenBackbone
-from models.heads import DetectionHead, build_head
+from models.heads import MAX_LAYERS, DetectionHead, build_head
 from models.postprocess import PostprocessConfig
 from models.types import Detections, Target
 from tuners.base import Tuner, TunerConfig, option, register_tuner, tap_shapes
@@ -48,6 +48,7 @@ class DynAdapterConfig(TunerConfig):
         problems = (
             [] if min(self.gamma, self.exit_convs, self.exit_width) >= 1 else ["gamma, exit_convs, exit_width >= 1"]
         )
+        problems += [] if self.exit_convs <= MAX_LAYERS else [f"exit_convs must be at most {MAX_LAYERS}"]
         if not (0 <= self.max_dropout < 1 and 0 < self.grad_keep <= 1 and 0 <= self.exit_threshold <= 1):
             problems.append("need 0 <= max_dropout < 1, 0 < grad_keep <= 1, 0 <= exit_threshold <= 1")
         return problems

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones.base import FrozenBackbone
+from models.heads import MAX_LAYERS
 from tuners.base import Tuner, TunerConfig, option, register_tuner
 
 
@@ -43,7 +44,8 @@ class HSTConfig(TunerConfig):
     def validate(self) -> list[str]:
         problems = [] if len(self.widths) == 4 else ["widths must list 4 stage widths"]
         problems += [] if all(w >= 32 and w % 32 == 0 for w in self.widths) else ["widths must be multiples of 32"]
-        return problems + ([] if self.depth >= 1 and self.mlp_ratio >= 1 else ["depth and mlp_ratio must be >= 1"])
+        problems += [] if 1 <= self.depth <= MAX_LAYERS else [f"depth must be 1 to {MAX_LAYERS}"]
+        return problems + ([] if self.mlp_ratio >= 1 else ["mlp_ratio must be >= 1"])
 
 
 class ChannelNorm(nn.LayerNorm):
