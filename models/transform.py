@@ -17,9 +17,11 @@ import torchvision.transforms.v2.functional as F
 from torch import Tensor
 
 from models.imaging import decode_reduced
+from models.types import Detections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_BOX_SIZE = 0.01  # pixels: narrower boxes are dropped, as torchvision's remove_small_boxes(boxes, 1e-2) does
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,15 @@ class ImageTransform:
     def boxes_to_canvas(boxes: Tensor, meta: ImageMeta) -> Tensor:
         """``[N, 4]`` x1, y1, x2, y2 boxes in original pixels -> canvas pixels."""
         return boxes * meta.scale
+
+    @staticmethod
+    def to_original(det: Detections, meta: ImageMeta) -> Detections:
+        """``det`` with its canvas boxes in original pixels (:meth:`boxes_to_original`), less those that
+        clipping left under ``MIN_BOX_SIZE`` wide or high: boxes in the canvas's padding, outside the
+        image, which clipping flattens onto its edge (torchvision's detectors drop them too)."""
+        boxes = ImageTransform.boxes_to_original(det.boxes, meta)
+        keep = ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIZE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIZE)
+        return Detections(boxes[keep], det.scores[keep], det.labels[keep], det.depth)
 
     @staticmethod
     def boxes_to_original(boxes: Tensor, meta: ImageMeta) -> Tensor:

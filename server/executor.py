@@ -253,8 +253,7 @@ class Executor:
         canvas = (int(canvases.shape[-2]), int(canvases.shape[-1]))
         finished = finish([c for _, _, c in pending], canvas, [items[r].post for r, _, _ in pending])
         for (r, task_id, _), det in zip(pending, finished):
-            det.boxes = ImageTransform.boxes_to_original(det.boxes, metas[r])
-            results[r][task_id] = det.to("cpu")
+            results[r][task_id] = ImageTransform.to_original(det, metas[r]).to("cpu")
         self.metrics.stage_seconds.labels(stage="tuner_head").observe(time.perf_counter() - start)
         return BatchResult(results, prepared.passes)
 

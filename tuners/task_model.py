@@ -93,9 +93,7 @@ class TaskModel(nn.Module):
             detections = early
         else:
             detections = self.head.predict(self(backbone, images, shared_taps), canvas, config)
-        for det, meta in zip(detections, metas):
-            det.boxes = ImageTransform.boxes_to_original(det.boxes, meta)
-        return detections
+        return [ImageTransform.to_original(det, meta) for det, meta in zip(detections, metas)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -6,6 +6,7 @@ import torch
 from models import ImageTransform, PostprocessConfig, PreprocessSpec, Target, build_head, list_heads
 from models.heads.base import HeadOutputs
 from models.registry import Registry
+from models.types import Detections
 
 
 def test_registry_rejects_duplicates_and_bad_names() -> None:
@@ -68,6 +69,16 @@ def test_decode_and_map_back_through_resize_and_padding() -> None:
     torch.testing.assert_close(original, torch.tensor([[12.5, 12.5, 62.5, 75.0]]))
     clipped = ImageTransform.boxes_to_original(torch.tensor([[20.0, 50.0, 60.0, 70.0]]), meta)
     torch.testing.assert_close(clipped, torch.tensor([[62.5, 156.25, 100.0, 200.0]]))
+
+
+def test_boxes_that_clipping_flattens_onto_the_image_edge_are_dropped() -> None:
+    """A box in the canvas's padding, below a wide image, clips to zero height: no detection."""
+    _, meta = ImageTransform(PreprocessSpec(size=64)).one(torch.zeros(3, 10, 1000, dtype=torch.uint8))
+    boxes = torch.tensor([[8.0, 0.0, 16.0, 0.6], [8.0, 20.0, 16.0, 30.0], [30.0, 0.2, 40.0, 40.0]])
+    det = Detections(boxes, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 1, 2]))
+    found = ImageTransform.to_original(det, meta)
+    assert found.labels.tolist() == [0, 2]  # the second lay wholly in the padding
+    torch.testing.assert_close(found.boxes, torch.tensor([[125.0, 0.0, 250.0, 9.375], [468.75, 3.125, 625.0, 10.0]]))
 
 
 def test_nms_keeps_best_of_overlapping_same_class() -> None:

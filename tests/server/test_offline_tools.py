@@ -108,7 +108,7 @@ def test_the_exported_graph_answers_as_the_server(served, artifacts, photo_bytes
     size = canvas.shape[-2:]
     det = from_dense(torch.from_numpy(boxes), torch.from_numpy(scores), (size[0], size[1]),
                      [PostprocessConfig(score_thresh=0.3)])[0]  # fmt: skip
-    det.boxes = ImageTransform.boxes_to_original(det.boxes, metas[0])
+    det = ImageTransform.to_original(det, metas[0])
     offline = [{"box": b, "label": ["cat", "dog"][c], "score": s}
                for b, s, c in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())]  # fmt: skip
     _same(offline, served.detect(photo_bytes, "t", score_threshold=0.3).results[0].detections, 1e-3 + 0.01, 1e-3)
