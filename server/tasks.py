@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from server.cache_entries import MAX_SPARES
-from server.exceptions import SidecarError, UnknownTask
+from server.exceptions import SidecarError, TaskQuarantined, UnknownTask
 from server.executor import Executor
 from server.schemas import QuarantinedTask, TaskInfo, TaskList, TaskVersions, VersionInfo
 from server.store import TaskVersion, VersionedStore, check_task_id, complete
@@ -70,9 +70,25 @@ class Tasks:
     async def list(self) -> TaskList:
         infos = []
         for found in await asyncio.to_thread(self.store.list):
-            with contextlib.suppress(UnknownTask):  # deleted since the listing
-                infos.append(self.info(found))
+            with contextlib.suppress(UnknownTask, TaskQuarantined):  # deleted since the listing; or listed below
+                infos.append(self._current_info(found))
         return TaskList(tasks=infos, quarantined=self.quarantined())
+
+    def _current_info(self, found: TaskVersion) -> TaskInfo:
+        """:meth:`info` of a task's current version. One whose manifest cannot be read any more (changed
+        on disk since it was published) quarantines its task, as an unreadable ``CURRENT`` does, so that
+        one damaged file neither fails every listing nor hides the other tasks.
+
+        Raises:
+            TaskQuarantined, UnknownTask.
+        """
+        try:
+            return self.info(found)
+        except (ArtifactError, OSError) as e:
+            reason = f"v{found.version} cannot be read ({e})"
+            self.store.quarantine(found.task_id, reason)
+            self.cache.forget(found.task_id)
+            raise TaskQuarantined(f"task {found.task_id!r} is quarantined: {reason}") from None
 
     def quarantined(self) -> list[QuarantinedTask]:
         """Tasks that are kept on disk but not served, with why."""
@@ -96,7 +112,7 @@ class Tasks:
         return self.info(found)
 
     async def get(self, task_id: str) -> TaskInfo:
-        return self.info(await asyncio.to_thread(self.store.get, check_task_id(task_id)))
+        return self._current_info(await asyncio.to_thread(self.store.get, check_task_id(task_id)))
 
     async def publish(self, task_id: str, weights: bytes, config: bytes) -> TaskInfo:
         """Validates and publishes a new version of ``task_id``.

@@ -1,5 +1,6 @@
 """Faults survived: a task that raises or gives NaN at inference fails alone and is quarantined
-after repeated failures; SIGTERM lets in-flight requests finish and exits 0."""
+after repeated failures; a stored version damaged on disk quarantines its task alone; SIGTERM lets
+in-flight requests finish and exits 0."""
 
 from __future__ import annotations
 
@@ -107,6 +108,25 @@ def test_a_task_failing_at_inference_gets_task_failed_and_is_quarantined(
         assert [q["id"] for q in httpx.get(f"{live.url}/v1/tasks").json()["quarantined"]] == ["bad"]
         assert client.detect(photo_bytes, ["good"]).results[0].error is None
     assert (root / "bad" / "v1" / WEIGHTS).is_file()  # quarantined, not deleted
+
+
+def test_a_version_damaged_on_disk_quarantines_its_task_and_the_others_still_list(tmp_path: Path, backbone, artifacts):
+    """A stored manifest that no longer parses (a bad disk, a hand edit) once made every listing
+    answer 422; now its task is listed as quarantined, with why, and kept on disk."""
+    root = tmp_path / "store"
+    store = TaskStore(root)
+    for task in ("damaged", "good"):
+        folder = artifacts["side1"]
+        store.publish(task, (folder / WEIGHTS).read_bytes(), (folder / MANIFEST).read_bytes(), lambda _: None)
+    manifest = root / "damaged" / "v1" / MANIFEST
+    manifest.write_bytes(manifest.read_bytes()[:40])
+    with LiveServer(create_app(settings(root), backbone=backbone)) as live:
+        listing = httpx.get(f"{live.url}/v1/tasks")
+        assert listing.status_code == 200 and [t["id"] for t in listing.json()["tasks"]] == ["good"]
+        [quarantined] = listing.json()["quarantined"]
+        assert quarantined["id"] == "damaged" and "v1 cannot be read" in quarantined["reason"]
+        assert httpx.get(f"{live.url}/v1/tasks/damaged").json()["error"]["code"] == "task_quarantined"
+    assert manifest.is_file()
 
 
 def _big_jpeg() -> bytes:
