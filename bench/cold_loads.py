@@ -24,7 +24,7 @@ import httpx
 import torch
 
 from bench.common import scratch
-from bench.load import Server, ab_parser, ab_sides, closed_loop, histogram_count, histogram_quantile, jpeg
+from bench.load import Server, ab_parser, ab_sides, alternated, closed_loop, histogram_count, histogram_quantile, jpeg
 from bench.serve_load import make_tasks, uniform, upload
 from models import PreprocessSpec, build_backbone
 from tuners.artifact import WEIGHTS
@@ -62,11 +62,10 @@ def main() -> None:
         del backbone
         print(f"| round | checkout | req/s, C={args.clients} | request p99 ms | cold load p50 ms | p99 ms | loads |")
         print("|---|---|---|---|---|---|---|")
-        for i in range(args.rounds):
-            for label, cwd in sides[:: 1 if i % 2 == 0 else -1]:
-                row = one_round(work / f"store-{i}-{label.replace('/', '_')}", cwd, tasks, image, args)
-                rows[label].append(row)
-                print(f"| {i} | {label} | {row[0]:.1f} | {row[1]:.0f} | {row[2]:.1f} | {row[3]:.1f} | {row[4]:.0f} |")
+        for i, label, cwd, store in alternated(sides, args.rounds):
+            row = one_round(work / store, cwd, tasks, image, args)
+            rows[label].append(row)
+            print(f"| {i} | {label} | {row[0]:.1f} | {row[1]:.0f} | {row[2]:.1f} | {row[3]:.1f} | {row[4]:.0f} |")
     for label, found in rows.items():
         medians = [statistics.median(column) for column in zip(*found)]
         print(f"{label}: medians over {len(found)} rounds: {medians[0]:.1f} req/s, request p99 {medians[1]:.0f} ms, "

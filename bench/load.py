@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -175,6 +175,14 @@ def ab_arguments(description: str, tasks: int, rounds: int, seconds: float) -> a
 def ab_sides(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
     """(label, checkout) of each server to load: this checkout's (``None``), then ``--compare-to``'s if given."""
     return [("this", None), *([(str(args.compare_to), args.compare_to)] if args.compare_to else [])]
+
+
+def alternated(sides: list[tuple[str, Path | None]], rounds: int) -> Iterator[tuple[int, str, Path | None, Path]]:
+    """(round, label, checkout, a fresh store folder name's stem) of each of :func:`ab_sides`'s sides in
+    each round, the order flipping every round, so that neither side always runs on the warmer machine."""
+    for i in range(rounds):
+        for label, cwd in sides[:: 1 if i % 2 == 0 else -1]:
+            yield i, label, cwd, Path(f"store-{i}-{label.replace('/', '_')}")
 
 
 def ab_parser(description: str, tasks: int, rounds: int, seconds: float) -> argparse.ArgumentParser:

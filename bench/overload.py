@@ -26,7 +26,7 @@ from urllib.parse import urlencode, urlsplit
 import torch
 
 from bench.common import scratch
-from bench.load import LoadResult, Server, ab_parser, ab_sides, closed_loop, jpeg
+from bench.load import LoadResult, Server, ab_parser, ab_sides, alternated, closed_loop, jpeg
 from bench.serve_load import PHONE, POST, detect, make_tasks, upload, warm
 from models import PreprocessSpec, build_backbone
 
@@ -135,12 +135,10 @@ def main() -> None:
         print(f"arrivals at {args.overload:g} x capacity, --max-queue {args.max_queue}, {args.seconds:g} s each")
         print(f"| round | checkout | {' | '.join(COLUMNS)} |")
         print("|---|---|" + "---|" * len(COLUMNS))
-        for i in range(args.rounds):
-            for label, cwd in sides[:: 1 if i % 2 == 0 else -1]:
-                store = work / f"store-{i}-{label.replace('/', '_')}"
-                row = one_round(store, cwd, task, image, args.overload, args.seconds, args.max_queue)
-                rows[label].append(row)
-                print(f"| {i} | {label} | " + " | ".join(f"{v:.2f}" if v < 10 else f"{v:.1f}" for v in row) + " |")
+        for i, label, cwd, store in alternated(sides, args.rounds):
+            row = one_round(work / store, cwd, task, image, args.overload, args.seconds, args.max_queue)
+            rows[label].append(row)
+            print(f"| {i} | {label} | " + " | ".join(f"{v:.2f}" if v < 10 else f"{v:.1f}" for v in row) + " |")
     for label, found in rows.items():
         medians = ", ".join(f"{name} {statistics.median(c):.2f}" for name, c in zip(COLUMNS, zip(*found)))
         print(f"{label}: medians over {len(found)} rounds: {medians}")
