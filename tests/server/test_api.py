@@ -148,6 +148,9 @@ def test_openapi_health_pins_and_raw_body(live: LiveServer, artifacts, photo_byt
         assert path in spec["paths"]
     assert httpx.get(f"{live.url}/healthz").status_code == 200
     assert httpx.get(f"{live.url}/readyz").json()["ready"] is True
+    for probe in ("/healthz", "/readyz"):  # monitors that probe with HEAD get the status, and no body
+        answer = httpx.head(f"{live.url}{probe}")
+        assert answer.status_code == 200 and answer.content == b""
     page = httpx.get(f"{live.url}/")
     assert page.status_code == 200 and 'id="threshold"' in page.text
     assert "innerHTML" not in page.text  # labels come from uploads: text nodes only

@@ -14,11 +14,13 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
+@router.head("/healthz", include_in_schema=False)  # for probes and monitors that ask with HEAD
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get("/readyz")
+@router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request, settings: SettingsDep, quarantined: QuarantinedDep) -> JSONResponse:
     """503 until the backbone is loaded and warmed up; ``details`` says how management is guarded and
     which tasks are quarantined (kept on disk, not served), with why."""
