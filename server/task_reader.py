@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from models.backbones.base import FrozenBackbone
+from server.exceptions import SidecarError, TaskQuarantined
+from server.store import TaskVersion, VersionedStore
 from tuners.artifact import WEIGHTS, load_artifact, read_weights
 from tuners.errors import ArtifactError
 from tuners.task_model import TaskModel
@@ -58,3 +60,18 @@ def _refill(spare: TaskModel, path: Path, manifest: dict[str, Any], backbone: Fr
     if problems:
         raise ArtifactError(problems)
     spare.labels = list(manifest["labels"])
+
+
+def quarantine_damaged(store: VersionedStore, version: TaskVersion, error: Exception) -> TaskQuarantined | None:
+    """When ``version`` is its task's current one, quarantines the task, since its files no longer read
+    (``error``: damaged on disk since they were published), and gives the error to answer with;
+    ``None`` for another version (a request that named it gets ``error`` itself)."""
+    try:
+        current = store.get(version.task_id).version
+    except SidecarError:
+        return None
+    if current != version.version:
+        return None
+    reason = f"v{version.version} cannot be read ({error})"
+    store.quarantine(version.task_id, reason)
+    return TaskQuarantined(f"task {version.task_id!r} is quarantined: {reason}")

@@ -19,6 +19,7 @@ from server.exceptions import SidecarError, TaskQuarantined, UnknownTask
 from server.executor import Executor
 from server.schemas import QuarantinedTask, TaskInfo, TaskList, TaskVersions, VersionInfo
 from server.store import TaskVersion, VersionedStore, check_task_id, complete
+from server.task_reader import quarantine_damaged
 from server.tuner_cache import TunerCache
 from tuners.artifact import MANIFEST, build_spare, load_artifact, manifest_architecture, parse_json, read_manifest
 from tuners.errors import ArtifactError, IncompatibleBackboneError
@@ -84,11 +85,12 @@ class Tasks:
         """
         try:
             return self.info(found)
-        except (ArtifactError, OSError) as e:
-            reason = f"v{found.version} cannot be read ({e})"
-            self.store.quarantine(found.task_id, reason)
+        except ArtifactError as e:  # not OSError: a full file table or a flaky disk passes, a damaged file stays
             self.cache.forget(found.task_id)
-            raise TaskQuarantined(f"task {found.task_id!r} is quarantined: {reason}") from None
+            quarantined = quarantine_damaged(self.store, found, e)
+            if quarantined is None:
+                raise
+            raise quarantined from e
 
     def quarantined(self) -> list[QuarantinedTask]:
         """Tasks that are kept on disk but not served, with why."""

@@ -40,7 +40,7 @@ from server.admission import Admission, NoRoom, fits, too_big
 from server.cache_entries import MAX_SPARES, Entry, Key, Lease, Spares, entry_bytes, model_bytes, to_host
 from server.exceptions import CacheBudget, Overloaded, UnknownVersion
 from server.store import TaskVersion, VersionedStore, complete
-from server.task_reader import read_version
+from server.task_reader import quarantine_damaged, read_version
 from tuners.artifact import manifest_architecture, read_manifest
 from tuners.compiled import CompiledTask
 from tuners.errors import ArtifactError
@@ -282,10 +282,13 @@ class TunerCache:
             else:
                 try:
                     model, manifest = self._read(version, key)
-                except (ArtifactError, OSError):
+                except (ArtifactError, OSError) as e:
                     if not complete(version.path):
                         raise VersionGone(f"task {version.task_id!r} has no version {version.version} now") from None
-                    raise
+                    quarantined = quarantine_damaged(self.store, version, e) if isinstance(e, ArtifactError) else None
+                    if quarantined is None:
+                        raise
+                    raise quarantined from e
                 nbytes = self._sizes.get(key) or entry_bytes(model, self.compiler is not None)
                 entry = Entry(key, model, manifest, nbytes)
                 self._sizes[key] = nbytes  # verified in full by now

@@ -20,7 +20,7 @@ import torch
 
 from models.postprocess import PostprocessConfig
 from models.runtime import build_runtime
-from server.exceptions import Overloaded, SidecarError, UnknownTask
+from server.exceptions import Overloaded, SidecarError, TaskQuarantined, UnknownTask
 from server.executor import Executor, WorkItem
 from server.imaging import decode_image
 from server.metrics import Metrics
@@ -28,7 +28,6 @@ from server.store import TaskStore
 from server.tuner_cache import TunerCache, model_bytes
 from tests.conftest import on_device
 from tuners.artifact import MANIFEST, WEIGHTS, load_artifact
-from tuners.errors import ArtifactError
 
 
 def _publish(store: TaskStore, task_id: str, artifact: Path) -> None:
@@ -131,7 +130,8 @@ def test_in_use_models_are_never_evicted(tmp_path: Path, backbone, artifacts):
 @pytest.mark.parametrize("damage", ["altered", "nan_with_its_sha256"])
 def test_a_first_load_into_a_spare_model_is_verified_in_full(tmp_path: Path, backbone, artifacts, damage, monkeypatch):
     """After a start, a version's first load checks its sha256 and looks for NaN or Inf even when it
-    refills another task's model instead of building one; the task refused, the other still loads."""
+    refills another task's model instead of building one; the task is quarantined (its files were
+    damaged on disk), the other still loads."""
     import server.task_reader as module
 
     loads: list[tuple[str, bool]] = []
@@ -157,8 +157,9 @@ def test_a_first_load_into_a_spare_model_is_verified_in_full(tmp_path: Path, bac
 
     async def run() -> None:
         cache.release(await cache.acquire("good"))  # built; then the tier is full, so it is the spare
-        with pytest.raises(ArtifactError, match="sha256 does not match" if damage == "altered" else "NaN or Inf"):
+        with pytest.raises(TaskQuarantined, match="sha256 does not match" if damage == "altered" else "NaN or Inf"):
             await cache.acquire("bad")
+        assert "bad" in store.quarantined
         assert loads[:2] == [("good", False), ("bad", True)]  # bad's first load read into good's model
         lease = await cache.acquire("good")
         fresh = load_artifact(artifacts["side1"], backbone)[0].state_dict()

@@ -110,23 +110,32 @@ def test_a_task_failing_at_inference_gets_task_failed_and_is_quarantined(
     assert (root / "bad" / "v1" / WEIGHTS).is_file()  # quarantined, not deleted
 
 
-def test_a_version_damaged_on_disk_quarantines_its_task_and_the_others_still_list(tmp_path: Path, backbone, artifacts):
+def test_a_version_damaged_on_disk_quarantines_its_task_and_the_others_still_list(
+    tmp_path: Path, backbone, artifacts, photo_bytes
+):
     """A stored manifest that no longer parses (a bad disk, a hand edit) once made every listing
-    answer 422; now its task is listed as quarantined, with why, and kept on disk."""
+    answer 422, and a detect request for a version whose weights were cut answered 422
+    invalid_artifact, as if the client had sent a bad artifact; now each task is quarantined (409),
+    listed with why, and kept on disk, and the other tasks serve."""
     root = tmp_path / "store"
     store = TaskStore(root)
-    for task in ("damaged", "good"):
+    for task in ("damaged", "cut", "good"):
         folder = artifacts["side1"]
         store.publish(task, (folder / WEIGHTS).read_bytes(), (folder / MANIFEST).read_bytes(), lambda _: None)
-    manifest = root / "damaged" / "v1" / MANIFEST
+    manifest, weights = root / "damaged" / "v1" / MANIFEST, root / "cut" / "v1" / WEIGHTS
     manifest.write_bytes(manifest.read_bytes()[:40])
-    with LiveServer(create_app(settings(root), backbone=backbone)) as live:
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with LiveServer(create_app(settings(root), backbone=backbone)) as live, SidecarClient(live.url) as client:
+        with pytest.raises(SidecarError) as e:
+            client.detect(photo_bytes, ["cut"])
+        assert (e.value.status, e.value.code) == (409, "task_quarantined")
         listing = httpx.get(f"{live.url}/v1/tasks")
         assert listing.status_code == 200 and [t["id"] for t in listing.json()["tasks"]] == ["good"]
-        [quarantined] = listing.json()["quarantined"]
-        assert quarantined["id"] == "damaged" and "v1 cannot be read" in quarantined["reason"]
+        reasons = {q["id"]: q["reason"] for q in listing.json()["quarantined"]}
+        assert sorted(reasons) == ["cut", "damaged"] and all("v1 cannot be read" in r for r in reasons.values())
         assert httpx.get(f"{live.url}/v1/tasks/damaged").json()["error"]["code"] == "task_quarantined"
-    assert manifest.is_file()
+        assert client.detect(photo_bytes, ["good"]).results[0].error is None
+    assert manifest.is_file() and weights.is_file()
 
 
 def _big_jpeg() -> bytes:
