@@ -66,7 +66,7 @@ class Batcher:
         self._second = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-tasks")
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
-        self._arriving = 0  # requests admitted and not yet queued (decoding), on the event loop only
+        self._arriving = 0  # requests admitted, not yet queued (decoding, leasing); touched on the event loop only
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._collect(), name="batcher")
