@@ -39,7 +39,12 @@ def body_limits(settings: Settings, max_bytes: int) -> BodyLimits:
 
 async def limited_stream(request: Request, limits: BodyLimits) -> AsyncIterator[bytes]:
     """The body's chunks; raises :class:`TooLarge` as soon as their total passes ``limits.max_bytes``,
-    and :class:`RequestTimeout` when the body falls behind its deadline."""
+    :class:`RequestTimeout` when the body falls behind its deadline, and :class:`UnsupportedMediaType`
+    for a compressed body (a ``Content-Encoding`` other than identity: its bytes are not what they say,
+    and images compress no further), as RFC 7694 answers it."""
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {coding!r} is not accepted; send the body uncompressed")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_bytes:
         raise TooLarge(f"the request declares {declared} bytes; the limit is {limits.max_bytes}")

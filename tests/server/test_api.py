@@ -88,6 +88,9 @@ def test_bad_input_gets_its_code(live: LiveServer, artifacts, photo_bytes, tmp_p
         Image.new("L", (20_000, 20_000)).save(bomb, format="PNG")  # 400 MP of zeros, a few hundred KB
         assert code(lambda: client.detect(bomb.getvalue(), ["ok"])) == (413, "too_large")
         assert code(lambda: client.detect(b"x" * (21 << 20), ["ok"])) == (413, "too_large")
+        gzipped = httpx.post(f"{live.url}/v1/detect", params={"tasks": "ok"}, content=photo_bytes,
+                             headers={"content-type": "image/jpeg", "content-encoding": "gzip"})  # fmt: skip
+        assert (gzipped.status_code, gzipped.json()["error"]["code"]) == (415, "unsupported_media_type")
         bad = tmp_path / "bad"
         shutil.copytree(artifacts["side0"], bad)
         manifest = json.loads((bad / "tuner.json").read_text())
