@@ -19,6 +19,7 @@ from models.runtime import build_runtime
 from models.runtime.torch import BackboneRuntime, default_runtime, resolve_device, set_float32_precision
 from models.transform import PreprocessSpec
 from server.batcher import Batcher
+from server.compiling import Compiler
 from server.config import Settings
 from server.engine import Engine, Limits
 from server.executor import Executor
@@ -28,7 +29,7 @@ from server.object_store import ObjectTaskStore
 from server.stacks import StackCache
 from server.store import TaskStore, VersionedStore
 from server.tasks import Tasks
-from server.tuner_cache import Compiler, TunerCache
+from server.tuner_cache import TunerCache
 from tuners.compiled import CompiledTask, graph_key
 from tuners.task_model import TaskModel
 

@@ -16,8 +16,8 @@
   :class:`CacheBudget`. A load whose size is known fails before it reads anything when there is
   no room for it, and a version removed while it loads is looked up again.
 - With a ``compiler``, a side task in use is also compiled (ONNX Runtime) on a background
-  thread once it has served ``compile_after`` requests while resident (tiered, as JITs do: tasks
-  that churn through the cache never pay for it); it is served in torch until the graph is ready.
+  thread once it has served ``compile_after`` requests while resident (:mod:`server.compiling`);
+  it is served in torch until the graph is ready.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -38,17 +37,16 @@ import torch
 from models.backbones.base import FrozenBackbone
 from server.admission import Admission, NoRoom, fits, too_big
 from server.cache_entries import MAX_SPARES, Entry, Key, Lease, Spares, entry_bytes, model_bytes, to_host
+from server.compiling import BackgroundCompiler, Compiler
 from server.exceptions import CacheBudget, Overloaded, UnknownVersion
 from server.store import TaskVersion, VersionedStore, complete
 from server.task_reader import quarantine_damaged, read_version
 from tuners.artifact import manifest_architecture, read_manifest
-from tuners.compiled import CompiledTask
 from tuners.errors import ArtifactError
 from tuners.task_model import TaskModel
 
 log = logging.getLogger(__name__)
 TIERS = ("device", "host")
-Compiler = Callable[[TaskModel, dict[str, Any]], CompiledTask]
 
 
 class VersionGone(UnknownVersion):
@@ -70,7 +68,7 @@ class TunerCache:
         wait_s: float = 10.0,
     ) -> None:
         self.store, self.backbone, self.device, self.budgets, self.metrics = store, backbone, device, budgets, metrics
-        self.compiler, self.compile_after, self.admission = compiler, compile_after, Admission(wait_s)
+        self.compiling, self.admission = BackgroundCompiler(compiler, compile_after), Admission(wait_s)
         self._spares = Spares()
         self.tiers: dict[str, OrderedDict[Key, Entry]] = {t: OrderedDict() for t in TIERS}
         self._pinned: set[str] = set()
@@ -78,13 +76,12 @@ class TunerCache:
         self._loading: dict[Key, Future] = {}
         self._lock = threading.RLock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuner-loader")
-        self._compile = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuner-compiler")
         for tier, budget in budgets.items():
             metrics.budget_bytes.labels(tier=tier).set(budget)
 
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
-        self._compile.shutdown(wait=True, cancel_futures=True)
+        self.compiling.close()
 
     def resident_bytes(self, tier: str) -> int:
         """Bytes of the tier's entries, and of the spare models it keeps (device tier)."""
@@ -94,6 +91,9 @@ class TunerCache:
     def _tier_bytes(self, tier: str) -> int:
         spares = self._spares.nbytes if tier == "device" else 0
         return sum(e.nbytes for e in self.tiers[tier].values()) + spares
+
+    def _entry_bytes(self, model: TaskModel) -> int:
+        return entry_bytes(model, self.compiling.compiler is not None)
 
     def residency(self, task_id: str) -> str | None:
         with self._lock:
@@ -220,8 +220,7 @@ class TunerCache:
                     entry.uses += 1
                     self.tiers["device"].move_to_end(key)
                     self.metrics.cache_events.labels(tier="device", event="hit").inc()
-                    if entry.uses == self.compile_after:
-                        self._schedule_compile(entry)
+                    self.compiling.used(entry, self.snapshot)
                     return Lease(entry)
                 future = self._start_load(version)
             # shielded: a request cancelled while it waits (its client went away) leaves the load to the others
@@ -251,7 +250,7 @@ class TunerCache:
     def admit(self, version: TaskVersion, model: TaskModel, manifest: dict[str, Any]) -> None:
         """Makes a model that was just built and verified (an upload) resident, when it fits without waiting."""
         key = (version.task_id, version.version)
-        entry = Entry(key, model.to(self.device).eval(), manifest, entry_bytes(model, self.compiler is not None))
+        entry = Entry(key, model.to(self.device).eval(), manifest, self._entry_bytes(model))
         entry.uses = 1  # the upload counts as a use: the next request compiles it
         with self._lock:
             self._sizes[key] = entry.nbytes
@@ -289,7 +288,7 @@ class TunerCache:
                     if quarantined is None:
                         raise
                     raise quarantined from e
-                nbytes = self._sizes.get(key) or entry_bytes(model, self.compiler is not None)
+                nbytes = self._sizes.get(key) or self._entry_bytes(model)
                 entry = Entry(key, model, manifest, nbytes)
                 self._sizes[key] = nbytes  # verified in full by now
                 self.metrics.cold_load_seconds.observe(time.perf_counter() - start)
@@ -355,21 +354,13 @@ class TunerCache:
             return
         self._spares.add(model.to(self.device), nbytes)
 
-    def _schedule_compile(self, entry: Entry) -> None:
-        if self.compiler is None or entry.compiled is not None or entry.model.kind != "side":
-            return
-
-        def compile_entry() -> None:
-            with self._lock:  # a resident entry's model is never being refilled: a spare leaves the tiers first
-                if entry.stale or not any(entry is e for t in TIERS for e in self.tiers[t].values()):
-                    return  # dropped while waiting
-                snapshot = copy.deepcopy(entry.model)  # the loader may refill the model once it is evicted
-            try:
-                entry.compiled = self.compiler(snapshot, entry.manifest)  # type: ignore[misc]
-            except Exception:  # noqa: BLE001  (the task keeps serving in torch)
-                log.exception("compiling task %s v%d failed; it is served in torch", *entry.key)
-
-        self._compile.submit(compile_entry)
+    def snapshot(self, entry: Entry) -> TaskModel | None:
+        """A copy of a resident entry's model, to compile (the loader may refill the model once it is
+        evicted; a resident one never is: a spare leaves the tiers first); ``None`` once it has left."""
+        with self._lock:
+            if entry.stale or not any(entry is e for t in TIERS for e in self.tiers[t].values()):
+                return None
+            return copy.deepcopy(entry.model)
 
     def _make_room(self, tier: str, nbytes: int) -> None:
         """Evicts least-recently-used idle, unpinned entries until ``nbytes`` more fit in ``tier``."""

@@ -169,12 +169,12 @@ def test_the_compiler_gets_a_snapshot_of_the_model(tmp_path: Path, backbone, art
     possibly while its compile runs: the compile reads a copy taken while the entry was resident."""
     cache = copies_cache(tmp_path, backbone, artifacts["side1"], tasks=1, room=2, wait_s=0)
     seen = []
-    cache.compiler = lambda model, manifest: seen.append(model)  # type: ignore[assignment]
+    cache.compiling.compiler = lambda model, manifest: seen.append(model)  # type: ignore[assignment]
 
     async def run() -> None:
         lease = await cache.acquire("t0")
-        cache._schedule_compile(lease.entry)
-        cache._compile.submit(lambda: None).result(30)  # the compile thread is done with it
+        cache.compiling.compile(lease.entry, cache.snapshot)
+        cache.compiling.drain()  # the compile thread is done with it
         assert len(seen) == 1 and seen[0] is not lease.model
         assert all(torch.equal(a, b) for a, b in zip(seen[0].state_dict().values(), lease.model.state_dict().values()))
         cache.release(lease)
