@@ -62,16 +62,15 @@ def _refill(spare: TaskModel, path: Path, manifest: dict[str, Any], backbone: Fr
     spare.labels = list(manifest["labels"])
 
 
-def quarantine_damaged(store: VersionedStore, version: TaskVersion, error: Exception) -> TaskQuarantined | None:
-    """When ``version`` is its task's current one, quarantines the task, since its files no longer read
-    (``error``: damaged on disk since they were published), and gives the error to answer with;
-    ``None`` for another version (a request that named it gets ``error`` itself)."""
+def quarantine_damaged(store: VersionedStore, version: TaskVersion, error: ArtifactError) -> None:
+    """Raises :class:`TaskQuarantined` (from ``error``) after quarantining the task, when ``version`` is
+    its current one, whose files no longer read (damaged on disk since they were published); returns
+    for another version, whose request gets ``error`` itself."""
     try:
         current = store.get(version.task_id).version
     except SidecarError:
-        return None
-    if current != version.version:
-        return None
-    reason = f"v{version.version} cannot be read ({error})"
-    store.quarantine(version.task_id, reason)
-    return TaskQuarantined(f"task {version.task_id!r} is quarantined: {reason}")
+        return
+    if current == version.version:
+        reason = f"v{version.version} cannot be read ({error})"
+        store.quarantine(version.task_id, reason)
+        raise TaskQuarantined(f"task {version.task_id!r} is quarantined: {reason}") from error

@@ -87,10 +87,8 @@ class Tasks:
             return self.info(found)
         except ArtifactError as e:  # not OSError: a full file table or a flaky disk passes, a damaged file stays
             self.cache.forget(found.task_id)
-            quarantined = quarantine_damaged(self.store, found, e)
-            if quarantined is None:
-                raise
-            raise quarantined from e
+            quarantine_damaged(self.store, found, e)
+            raise
 
     def quarantined(self) -> list[QuarantinedTask]:
         """Tasks that are kept on disk but not served, with why."""

@@ -284,10 +284,9 @@ class TunerCache:
                 except (ArtifactError, OSError) as e:
                     if not complete(version.path):
                         raise VersionGone(f"task {version.task_id!r} has no version {version.version} now") from None
-                    quarantined = quarantine_damaged(self.store, version, e) if isinstance(e, ArtifactError) else None
-                    if quarantined is None:
-                        raise
-                    raise quarantined from e
+                    if isinstance(e, ArtifactError):  # not OSError: a full file table or a flaky disk passes
+                        quarantine_damaged(self.store, version, e)
+                    raise
                 nbytes = self._sizes.get(key) or self._entry_bytes(model)
                 entry = Entry(key, model, manifest, nbytes)
                 self._sizes[key] = nbytes  # verified in full by now

@@ -31,7 +31,7 @@ FIELD_TYPES: dict[str, type] = {
 JSON_NAMES = {int: "an integer", str: "a string", bool: "true or false", dict: "an object", list: "a list"}
 
 
-def field_problems(manifest: dict[str, Any], name: str = "tuner.json") -> list[str]:
+def field_problems(manifest: dict[str, Any], name: str) -> list[str]:
     """Every field of ``manifest`` (a parsed ``name``) whose JSON type or value the server cannot use."""
     problems = [
         f"{name}: '{key}' must be {JSON_NAMES[kind]}, got {type(manifest[key]).__name__}"
