@@ -177,6 +177,15 @@ def test_a_malformed_voc_file_is_a_dataset_error_naming_it(tmp_path: Path, xml: 
         read_dataset(tmp_path, "voc")
 
 
+def test_an_object_with_no_class_name_is_a_dataset_error(tmp_path: Path) -> None:
+    (tmp_path / "Annotations").mkdir()
+    Image.new("RGB", (20, 10)).save(tmp_path / "a.jpg")
+    box = "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox>"
+    (tmp_path / "Annotations" / "a.xml").write_text(f"<annotation><object><name> </name>{box}</object></annotation>")
+    with pytest.raises(DatasetError, match="a class with no name"):
+        read_dataset(tmp_path, "voc")
+
+
 def test_augmented_samples_keep_valid_canvas_boxes(tmp_path: Path) -> None:
     generate(SynthConfig(task="digits", images=6, size=96, min_scale=16, max_scale=32), tmp_path)
     data = read_dataset(tmp_path / "train", "coco")

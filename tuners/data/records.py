@@ -96,11 +96,13 @@ class DetectionData:
     description: str = ""
 
     def validate(self) -> None:
-        """Refuses the dataset when a record is unusable (:meth:`ImageRecord.validate`, the first 20
-        problems named), then clips every box to its image and drops the empty ones, with a warning."""
+        """Refuses the dataset when a class has no name or a record is unusable (:meth:`ImageRecord.validate`,
+        the first 20 problems named), then clips every box to its image and drops the empty ones, with a warning."""
         problems = [p for r in self.records for p in r.validate(len(self.classes))]
         if not self.classes:
             problems.insert(0, "no classes")
+        if any(not name.strip() for name in self.classes):
+            problems.insert(0, f"a class with no name (classes {self.classes}): an object or category left unnamed")
         if problems:
             raise DatasetError(f"{counted(len(problems), 'problem')}: " + "; ".join(problems[:20]))
         counts = {r.path.name: r.clip() for r in self.records}
