@@ -73,6 +73,17 @@ def test_a_roboflow_group_category_without_boxes_is_left_out(synth: Path, tmp_pa
     assert torch.equal(found["train"].records[0].labels, read_coco(synth / "train").records[0].labels)
 
 
+def test_a_roboflow_supercategory_of_any_json_type_is_read(synth: Path, tmp_path: Path):
+    out = tmp_path / "rf"
+    data_cli(["convert", "--data", str(synth), "--to", "roboflow", "--out", str(out)])
+    path = out / "train" / "_annotations.coco.json"
+    doc = json.loads(path.read_text())
+    for c, group in zip(doc["categories"], [["a", "list"], {"a": "map"}, 3, None] * 3):
+        c["supercategory"] = group
+    path.write_text(json.dumps(doc))
+    assert read_splits(out, "roboflow")[0]["train"].classes == [str(d) for d in range(10)]
+
+
 def test_crowd_and_difficult_boxes_are_ignored_by_evaluation(tmp_path: Path):
     boxes = torch.tensor([[10, 10, 40, 40], [60, 60, 90, 90]], dtype=torch.float64)
     record = ImageRecord(tmp_path / "a.png", 100, 100, boxes, torch.tensor([0, 0]), torch.tensor([False, True]))

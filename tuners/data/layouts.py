@@ -212,9 +212,9 @@ def _drop_group_category(data: DetectionData, path: Path) -> DetectionData:
     """Roboflow lists its dataset's name as category 0, the supercategory of the real classes, with
     no boxes. It is left out (when it has boxes, it is a real class and stays)."""
     categories = sorted(json.loads(path.read_text())["categories"], key=lambda c: c["id"])
-    groups = {c.get("supercategory") for c in categories[1:]}
+    groups = {str(c.get("supercategory")) for c in categories[1:]}  # as text: any JSON value may stand there
     used = {int(label) for r in data.records for label in r.labels.tolist()}
-    if len(categories) < 2 or categories[0]["name"] not in groups or 0 in used:
+    if len(categories) < 2 or data.classes[0] not in groups or 0 in used:
         return data
     for r in data.records:
         r.labels = r.labels - 1
