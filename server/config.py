@@ -17,6 +17,8 @@ from PIL import Image
 from pydantic import Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tuners.artifact import UPLOAD_LIMIT_BYTES
+
 MiB = 1 << 20
 
 
@@ -76,7 +78,7 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(64, ge=1, description="queued requests before answering 503")
     max_request_bytes: int = Field(20 * MiB, gt=0, description="largest accepted request body")
-    max_upload_bytes: int = Field(512 * MiB, gt=0, description="largest accepted artifact upload")
+    max_upload_bytes: int = Field(UPLOAD_LIMIT_BYTES, gt=0, description="largest accepted artifact upload")
     head_timeout_s: float = Field(
         20.0, gt=0, description="seconds a client has to send a request's line and headers before it is disconnected"
     )

@@ -36,6 +36,7 @@ from tuners.task_model import TaskModel, architecture_key, build_task_model
 FORMAT_VERSION = 2
 LEGACY_HEAD_DEFAULTS = {"light": {"width": 96, "num_convs": 2}}
 WEIGHTS, MANIFEST = "tuner.safetensors", "tuner.json"
+UPLOAD_LIMIT_BYTES = 512 << 20  # the largest artifact a server accepts by default (its max_upload_bytes)
 BUILD_ERRORS = (TunerError, KeyError, TypeError, ValueError, RuntimeError)  # a manifest's options that do not build
 # (RuntimeError: torch's, on a bad size)
 REQUIRED = ("format_version", "method", "config", "head", "labels", "backbone", "preprocess", "weights_sha256")

@@ -44,6 +44,9 @@ TRAIN = [
     (["--device", "cuda"], 2, ["no CUDA GPU", "--device cpu"]),
     (["--backbone", "resnet18"], 1, ["no offline weights for 'resnet18'", "--weights PATH"]),
     (["--image-size", "100000"], 2, ["image_size", "less than or equal to 4096"]),  # was an allocation failure
+    (["--lr", "inf"], 2, ["lr", "finite number"]),  # was accepted
+    (["--seed", str(2**80)], 2, ["seed", "less than 4294967296"]),  # was a traceback (Overflow)
+    (["--method", "lora", "--set", "tuner.rank=8000"], 2, ["lora options make a task of 566 MiB", "512 MiB"]),
 ]
 
 

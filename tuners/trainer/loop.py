@@ -26,16 +26,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from models import PostprocessConfig, build_backbone
+from models.backbones.base import FrozenBackbone
 from models.runtime.torch import build_runtime, default_runtime, resolve_device
 from models.transform import ImageTransform, PreprocessSpec
 from models.types import Detections
-from tuners.artifact import WEIGHTS, save_artifact
+from tuners.artifact import UPLOAD_LIMIT_BYTES, WEIGHTS, save_artifact
 from tuners.data.layouts import read_splits
 from tuners.data.records import DatasetError, DetectionData
 from tuners.data.transforms import DetectionDataset, RememberedSamples, Sample, collate
 from tuners.errors import TunerError
 from tuners.task_model import build_task_model
-from tuners.trainer.config import TrainConfig
+from tuners.trainer.config import ConfigError, TrainConfig
 from tuners.trainer.evaluate import coco_map
 from tuners.trainer.features_cache import FeatureCache, TapFn
 from tuners.trainer.loggers import build_logger
@@ -54,6 +55,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_task_size(config: TrainConfig, backbone: FrozenBackbone, classes: list[str]) -> None:
+    """Refuses options whose task (the tensors its artifact holds) is larger than a server accepts by
+    default. The task is built on the meta device, which allocates nothing, so a width or rank typed
+    with a few zeros too many is an error here rather than memory exhausted in training."""
+    with torch.device("meta"):
+        probe = build_task_model(config.method, config.tuner, backbone, classes, config.head)
+    size = sum(t.numel() * t.element_size() for t in probe.state_dict().values())
+    if size > UPLOAD_LIMIT_BYTES:
+        raise ConfigError(
+            f"these {config.method} options make a task of {size / 2**20:,.0f} MiB, more than the "
+            f"{UPLOAD_LIMIT_BYTES >> 20} MiB a server accepts; use smaller widths or ranks (see --list-methods)"
+        )
 
 
 def load_splits(config: TrainConfig) -> tuple[DetectionData, DetectionData]:
@@ -111,6 +126,7 @@ class Trainer:
         transform = ImageTransform(self.backbone.preprocess)
         self.train_set = DetectionDataset(self.train_data, transform, config.augmentation)
         self.val_set = DetectionDataset(self.val_data, transform, "none")
+        check_task_size(config, self.backbone, self.train_data.classes)
         self.model = build_task_model(
             config.method, config.tuner, self.backbone, self.train_data.classes, config.head
         ).to(self.device)
