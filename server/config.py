@@ -10,6 +10,7 @@ turns model management off by default for the same reason.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tuners.artifact import UPLOAD_LIMIT_BYTES
 
 MiB = 1 << 20
+# what a browser sends as its Origin header: scheme://host[:port], the host a name or an address ([::1])
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(\[[0-9a-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?", re.IGNORECASE)
 
 
 class Settings(BaseSettings):
@@ -45,7 +48,7 @@ class Settings(BaseSettings):
     stack_tasks: Literal["auto", "on", "off"] = Field(
         "auto", description="run side tasks of one architecture as one vmapped computation (auto: on CUDA)"
     )
-    threads: int = Field(0, ge=0, description="torch and ONNX Runtime CPU threads (0: their defaults)")
+    threads: int = Field(0, ge=0, le=1024, description="torch and ONNX Runtime CPU threads (0: their defaults)")
     store_dir: Path = Field(
         Path("store"), description="task artifacts, one folder per task and version (with store_url: its local mirror)"
     )
@@ -66,10 +69,14 @@ class Settings(BaseSettings):
         description="byte budget of task models parked in host memory (on a CPU: added to the device's)",
     )
     cache_wait_s: float = Field(
-        10.0, ge=0, description="how long a request waits for room in the device tier held by other requests' tasks"
+        10.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="how long a request waits for room in the device tier held by other requests' tasks",
     )
     feature_cache_bytes: int = Field(0, ge=0, description="byte budget of cached backbone taps (0: off)")
-    max_batch_size: int = Field(8, ge=1, description="images per engine batch")
+    # bounded: the runtime is warmed up at start with a batch of this size (8 x 1.2 MB at 320 px)
+    max_batch_size: int = Field(8, ge=1, le=256, description="images per engine batch")
     batch_window_ms: float = Field(
         0.0, ge=0, description="how long the batcher waits for more requests once several are queued (0: none)"
     )
@@ -107,7 +114,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM); serve HTTPS with ssl_keyfile")
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM)")
-    log_level: str = Field("info")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info")
     ray: bool = Field(False, description="serve on Ray Serve: engine replicas, requests routed to where tasks live")
     ray_address: str | None = Field(None, description="a Ray cluster to join (ray start --head); default: a local one")
     ray_replicas: int = Field(2, ge=1, description="engine replicas (the initial count when autoscaling)")
@@ -129,6 +136,9 @@ class Settings(BaseSettings):
         self._inference_keys = _keys(self.inference_key, self.inference_key_file, "inference_key_file")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
+        wrong = [o for o in self.cors_origin_list if o != "*" and not ORIGIN.fullmatch(o)]
+        if wrong:  # a browser's Origin is scheme://host[:port]; anything else would never match, silently
+            raise ValueError(f"cors_origins {wrong} are not origins: write scheme://host[:port], with no path or '/'")
         return self
 
     @property
@@ -184,4 +194,7 @@ def _keys(value: SecretStr | None, path: Path | None, name: str) -> tuple[Secret
             raw += path.read_text().splitlines()
         except OSError as e:
             raise ValueError(f"{name} {path} cannot be read: {e.strerror}") from None
-    return tuple(SecretStr(k.strip()) for k in raw if k.strip())
+    keys = tuple(SecretStr(k.strip()) for k in raw if k.strip())
+    if path is not None and not keys:  # an empty secret mount would otherwise leave the server without a key
+        raise ValueError(f"{name} {path} holds no key")
+    return keys

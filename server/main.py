@@ -1,7 +1,8 @@
 """App factory, lifespan and ``server-serve``.
 
-The lifespan builds the services once (``server.services``: backbone, runtime warmed up, store
-recovered, caches, batcher) and only then turns ``/readyz`` ready. Routes reach the services
+The services are built once (``server.services``: backbone, runtime warmed up, store recovered,
+caches, batcher): by ``server-serve`` before it serves, so a start-up mistake is one line, or by the
+lifespan of an app made without them (tests). ``/readyz`` turns ready only after that. Routes reach the services
 through the typed dependencies of ``server.deps``.
 """
 
@@ -11,6 +12,7 @@ import argparse
 import gc
 import logging
 import signal
+import socket
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -29,7 +31,7 @@ from server.config import Settings
 from server.errors import install_handlers
 from server.middleware import RequestContext
 from server.protocol import head_deadline_protocol
-from server.services import build_services, freeze_heap, load_backbone
+from server.services import Services, build_services, freeze_heap, load_backbone
 from tuners.commands import UsageError, add_common
 from tuners.commands import run as run_command
 
@@ -42,6 +44,21 @@ def log_management(settings: Settings) -> None:
 
 
 ServicesFactory = Callable[[Settings], Awaitable[Any]]
+
+
+def build_local(settings: Settings, backbone: FrozenBackbone | None = None) -> Services:
+    """This process's services, built and warmed up (:func:`server.services.build_services`)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    return build_services(settings, backbone or load_backbone(settings))
+
+
+async def ready_local(built: Services) -> Services:
+    """What a local server does between being built and being ready: pins restored, spare models built.
+    (Under Ray the writer holds the pins, and the replicas follow it.)"""
+    await built.tasks.restore_pins()
+    await built.tasks.build_spares()
+    return built
 
 
 def create_app(
@@ -61,14 +78,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        if services is not None:
-            built = await services(settings)
-        else:
-            built = build_services(settings, backbone or load_backbone(settings))
-            await built.tasks.restore_pins()  # Ray mode: the writer holds the pins, the replicas follow it
-            await built.tasks.build_spares()
+        built = await (services(settings) if services else ready_local(build_local(settings, backbone)))
         built.start()
         freeze_heap()
         app.state.services, app.state.metrics = built, built.metrics
@@ -163,6 +173,7 @@ def _serve(args: dict[str, object]) -> int:
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu or auto")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_address(settings.host, settings.port)
     if settings.ray:
         from server.scale.ray_app import serve_forever
 
@@ -171,8 +182,24 @@ def _serve(args: dict[str, object]) -> int:
     # uvicorn drains in-flight requests on SIGTERM, then restores the previous handler and raises the
     # signal again; this handler makes that requested, graceful stop exit 0 instead of dying of SIGTERM.
     signal.signal(signal.SIGTERM, lambda *_: log.info("stopped on SIGTERM after finishing in-flight requests"))
-    uvicorn.run(create_app(settings), **uvicorn_options(settings))
+    built = build_local(settings)  # here, not in the lifespan: a wrong path or URL is one line, not a traceback
+    uvicorn.run(create_app(settings, services=lambda _: ready_local(built)), **uvicorn_options(settings))
     return 0
+
+
+def check_address(host: str, port: int) -> None:
+    """Binds ``host:port`` once and lets it go, so that an address that cannot be served is one line
+    before start-up, not uvicorn's error after the backbone has loaded."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as e:  # socket.gaierror
+        raise UsageError(f"--host {host} (env SIDECAR_HOST) cannot be resolved: {e.strerror or e}") from None
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as e:
+        raise RuntimeError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

@@ -89,7 +89,12 @@ def task_compiler(backbone: FrozenBackbone, cache_dir: Path, device: str, thread
 def open_store(settings: Settings) -> VersionedStore:
     """The local store at ``store_dir``, or the one at ``store_url`` mirrored into ``store_dir``."""
     if settings.store_url:
-        return ObjectTaskStore(settings.store_url, settings.store_dir, settings.keep_versions)
+        try:
+            return ObjectTaskStore(settings.store_url, settings.store_dir, settings.keep_versions)
+        except (ImportError, ValueError) as e:  # an fsspec backend not installed, a protocol fsspec does not know
+            raise OSError(f"--store-url {settings.store_url} cannot be opened: {e}") from e
+        except OSError as e:  # a host that does not resolve, a bucket that refuses
+            raise OSError(f"--store-url {settings.store_url} cannot be opened: {e.strerror or e}") from e
     return TaskStore(settings.store_dir, settings.keep_versions)
 
 

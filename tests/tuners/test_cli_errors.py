@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,27 @@ def test_server_serve_settings_mistakes_are_one_line():
     _one_line(bad_env, 2, "--max-batch-size (env SIDECAR_MAX_BATCH_SIZE)", "greater than or equal to 1")
     _one_line(_run("server.main", "--device", "cuda", "--weights", "random"), 1, "no CUDA GPU")
     assert "(default: 64; env SIDECAR_MAX_QUEUE)" in " ".join(_run("server.main", "--help").stdout.split())
+
+
+def test_server_serve_start_up_mistakes_are_one_line_before_serving(tmp_path: Path):
+    """Each was a traceback from the lifespan, an allocation failure, or uvicorn's error after the start-up."""
+    at = ["--store-dir", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache")]
+    sizes = _run("server.main", *at, "--max-batch-size", "100000", "--threads", "100000", "--cache-wait-s", "inf")
+    _one_line(sizes, 2, "--max-batch-size", "less than or equal to 256", "--threads", "--cache-wait-s", "finite")
+    (tmp_path / "keys").write_text("\n")
+    _one_line(_run("server.main", *at, "--admin-key-file", str(tmp_path / "keys")), 2, "keys holds no key")
+    cors = _run("server.main", *at, "--cors-origins", "http://localhost:3000/")
+    _one_line(cors, 2, "are not origins", "no path or '/'")
+    _one_line(_run("server.main", *at, "--log-level", "nope"), 2, "--log-level: invalid choice: 'nope'")
+    _one_line(_run("server.main", *at, "--weights", str(tmp_path / "nope.pt")), 1, "nope.pt does not exist")
+    store = _run("server.main", *at, "--weights", "random", "--image-size", "64", "--store-url", "zzz://bucket")
+    _one_line(store, 1, "--store-url zzz://bucket cannot be opened", "zzz")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = _run("server.main", *at, "--weights", "random", "--port", str(port))
+    _one_line(busy, 1, f"cannot serve on 127.0.0.1:{port}", "in use")
 
 
 @pytest.mark.parametrize("module", ["server.main", "tuners.trainer.cli", "tuners.data.cli", "tuners.tools.predict",
