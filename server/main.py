@@ -179,10 +179,11 @@ def _serve(args: dict[str, object]) -> int:
 
         serve_forever(settings)
         return 0
+    built = build_local(settings)  # here, not in the lifespan: a wrong path or URL is one line, not a traceback
     # uvicorn drains in-flight requests on SIGTERM, then restores the previous handler and raises the
     # signal again; this handler makes that requested, graceful stop exit 0 instead of dying of SIGTERM.
+    # (Set after the build: a SIGTERM while building stops the process at once, as before.)
     signal.signal(signal.SIGTERM, lambda *_: log.info("stopped on SIGTERM after finishing in-flight requests"))
-    built = build_local(settings)  # here, not in the lifespan: a wrong path or URL is one line, not a traceback
     uvicorn.run(create_app(settings, services=lambda _: ready_local(built)), **uvicorn_options(settings))
     return 0
 
