@@ -24,14 +24,33 @@ from clients.client import SidecarClient
 from clients.models import DetectResponse
 
 
+def _seconds(text: str) -> float:
+    """``--timeout``: seconds above 0 (under a year), as ``argparse`` type."""
+    value = float(text)
+    if not 0 < value < 3.2e7:  # also refuses NaN, which no comparison holds for
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
+def _server(text: str) -> str:
+    """``--url``: ``http(s)://host[:port]``, checked before any request (also when it comes from ``SIDECAR_URL``)."""
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL ({e})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a server's URL: write http(s)://host[:port]")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sidecar-client", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--url", default=os.environ.get("SIDECAR_URL", "http://localhost:8000"),
+    p.add_argument("--url", type=_server, default=os.environ.get("SIDECAR_URL", "http://localhost:8000"),
                    help="the server (env SIDECAR_URL)")  # fmt: skip
     p.add_argument("--api-key", default=os.environ.get("SIDECAR_API_KEY"), help="env SIDECAR_API_KEY")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per request")
     sub = p.add_subparsers(dest="command", required=True)
     detect = sub.add_parser("detect", help="detections of one or more tasks on each image")
     detect.add_argument("images", nargs="+", type=Path)

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from clients import AsyncSidecarClient, Retry, SidecarClient, SidecarError
+from clients.cli import main as cli
 from tests.server.conftest import free_port
 
 OVERLOADED = {"error": {"code": "overloaded", "message": "busy", "details": []}}
@@ -81,3 +82,14 @@ def test_a_server_that_is_not_there():
             return await client.ready()
 
     assert asyncio.run(run()) is False
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [(["--url", "http://[::1"], "is not a URL"), (["--url", "localhost:8000"], "write http(s)://host[:port]"),
+     (["--timeout", "0"], "above 0"), (["--timeout", "nan"], "above 0"), (["--timeout", "1e309"], "above 0")],
+)  # fmt: skip
+def test_the_cli_refuses_a_bad_url_or_timeout_before_any_request(flags: list[str], words: str, capsys):
+    with pytest.raises(SystemExit) as stop:  # each was a traceback, or a request that failed oddly
+        cli([*flags, "tasks"])
+    assert stop.value.code == 2 and words in capsys.readouterr().err
