@@ -21,6 +21,7 @@ from models.types import Detections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_CANVAS = 4096  # the longest image side any command accepts (a 4096 px canvas is 201 MB as float32)
 MIN_BOX_SIZE = 0.01  # pixels: narrower boxes are dropped, as torchvision's remove_small_boxes(boxes, 1e-2) does
 
 

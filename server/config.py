@@ -18,6 +18,7 @@ from PIL import Image
 from pydantic import Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.transform import MAX_CANVAS
 from tuners.artifact import UPLOAD_LIMIT_BYTES
 
 MiB = 1 << 20
@@ -33,7 +34,7 @@ class Settings(BaseSettings):
     backbone: str = Field("mobilenet_v2", description="registered backbone name")
     weights: str | None = Field(None, description="weights path (default: the offline package, then download)")
     allow_download: bool = Field(False, description="let torchvision download weights when nothing is local")
-    image_size: int = Field(320, ge=32, le=4096, description="longest image side on the backbone canvas")
+    image_size: int = Field(320, ge=32, le=MAX_CANVAS, description="longest image side on the backbone canvas")
     runtime: Literal["auto", "torch", "onnx"] = Field(
         "auto", description="executor of the shared backbone pass (auto: onnx on the CPU, torch on CUDA)"
     )

@@ -122,3 +122,5 @@ def test_server_data_synth_options_that_cannot_go_together_are_one_line(tmp_path
     """Objects up to 72 px (the default --scale) do not fit a 96 px image twice over; this was a traceback."""
     result = _run("tuners.data.cli", "synth", "--out", str(tmp_path / "d"), "--image-size", "96")
     _one_line(result, 2, "max_scale <= size / 2, got 24 and 72 with size 96", "--scale MIN MAX")
+    huge = _run("tuners.data.cli", "synth", "--out", str(tmp_path / "e"), "--image-size", "100000")  # OOM
+    _one_line(huge, 2, "need size <= 4096 px, got 100000")

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from models.transform import MAX_CANVAS
 from tuners.data.formats import write_coco
 from tuners.data.records import DatasetError, DetectionData, ImageRecord
 
@@ -113,6 +114,8 @@ class SynthConfig:
             problems.append(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
         if not 0 < self.min_objects <= self.max_objects:
             problems.append(f"need 0 < min_objects <= max_objects, got {self.min_objects} and {self.max_objects}")
+        if self.size > MAX_CANVAS:  # as server-train's and server-serve's image_size
+            problems.append(f"need size <= {MAX_CANVAS} px, got {self.size}")
         if not 8 <= self.min_scale <= self.max_scale <= self.size // 2:
             problems.append(
                 f"need 8 <= min_scale <= max_scale <= size / 2, got {self.min_scale} and {self.max_scale} "

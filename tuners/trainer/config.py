@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models.backbones import list_backbones
 from models.heads import HeadConfigError, check_head_options
+from models.transform import MAX_CANVAS
 from tuners.base import TUNERS
 from tuners.data.layouts import DATASET_FORMATS
 from tuners.data.transforms import AUGMENTATIONS
@@ -37,7 +38,7 @@ class TrainConfig(BaseModel):
     backbone: str = Field("mobilenet_v2", description="registered backbone name")
     weights: str | None = Field(None, description="weights path, or 'random' (default: offline package)")
     allow_download: bool = Field(False, description="let torchvision download weights when nothing is local")
-    image_size: int = Field(320, ge=32, le=4096, description="longest image side on the backbone's canvas")
+    image_size: int = Field(320, ge=32, le=MAX_CANVAS, description="longest image side on the backbone's canvas")
     data: Path = Field(
         ..., description="dataset: a folder (splits inside, or one split), a data.yaml, a COCO .json or a .zip"
     )
