@@ -139,6 +139,26 @@ def warm_batches(max_batch: int) -> list[int]:
     return [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
 
 
+def warmed_runtime(settings: Settings, backbone: FrozenBackbone, name: str, device: torch.device) -> BackboneRuntime:
+    """The shared pass's runtime ``name`` on ``device`` (the backbone's), run once at each of
+    :func:`warm_batches` with the taps every task can ask for."""
+    default_taps = sorted(set(backbone.stage_taps) | set(backbone.pyramid_taps))
+    runtime = build_runtime(
+        backbone,
+        name,
+        str(device),
+        dtype=settings.dtype if device.type == "cuda" else "fp32",
+        taps=default_taps,
+        cache_dir=settings.cache_dir / "onnx",
+        threads=settings.threads,
+        cuda_graphs=settings.cuda_graphs,
+    )
+    canvas = backbone.preprocess.canvas
+    for size in warm_batches(settings.max_batch_size):
+        runtime(torch.zeros(size, 3, canvas, canvas), default_taps)
+    return runtime
+
+
 def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     """Runtime (warmed up), store (recovered), caches, executor, batcher and the two services."""
     device = resolve_device(settings.device)
@@ -149,17 +169,7 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     metrics = Metrics()
     store = open_store(settings)
     store.recover()
-    default_taps = sorted(set(backbone.stage_taps) | set(backbone.pyramid_taps))
-    runtime = build_runtime(
-        backbone,
-        runtime_name,
-        str(device),
-        dtype=settings.dtype if device.type == "cuda" else "fp32",
-        taps=default_taps,
-        cache_dir=settings.cache_dir / "onnx",
-        threads=settings.threads,
-        cuda_graphs=settings.cuda_graphs,
-    )
+    runtime = warmed_runtime(settings, backbone, runtime_name, device)
     task_runtime = settings.task_runtime if settings.task_runtime != "auto" else default_runtime(device)
     compiler = (
         task_compiler(backbone, settings.cache_dir / "onnx", str(device), threads=1)  # run side by side, see Executor
@@ -173,9 +183,6 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     executor = Executor(
         backbone, runtime, metrics, features, StackCache() if stack else None, settings.threads, settings.dtype
     )
-    canvas = backbone.preprocess.canvas
-    for size in warm_batches(settings.max_batch_size):
-        runtime(torch.zeros(size, 3, canvas, canvas), default_taps)
     batcher = Batcher(
         executor,
         metrics,
