@@ -50,7 +50,16 @@ import httpx
 import torch
 
 from bench.common import scratch, untrained_tasks
-from bench.load import LoadResult, Server, alternating, closed_loop, histogram_count, histogram_quantile, jpeg
+from bench.load import (
+    KeepAlive,
+    LoadResult,
+    Server,
+    alternating,
+    closed_loop,
+    histogram_count,
+    histogram_quantile,
+    jpeg,
+)
 from models import FrozenBackbone, PreprocessSpec, build_backbone
 from models.runtime import build_runtime
 from tuners.artifact import MANIFEST, WEIGHTS, save_artifact
@@ -132,9 +141,11 @@ def merged(results: list[LoadResult]) -> LoadResult:
 
 def warm(url: str, ids: list[str], image: bytes, compiles: bool = True) -> None:
     """Each task resident, and compiled on a server that ``compiles`` (the CPU default), before anything is timed."""
-    with httpx.Client(base_url=url, timeout=120) as http:
+    with KeepAlive(url, timeout=120) as http:
         for task_id in ids:
-            detect([task_id], image)(http, random.Random(0)).raise_for_status()
+            answer = detect([task_id], image)(http, random.Random(0))
+            if answer.status_code != 200:
+                raise RuntimeError(f"warming {task_id}: {answer.status_code} {answer.content[:300]!r}")
     if compiles:
         wait_compiled(url)
 
