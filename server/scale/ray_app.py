@@ -108,6 +108,18 @@ def build_app(settings: Settings) -> Application:
     return ingress.bind(engine.bind(settings), writer.bind(settings))
 
 
+def replica_error(app: str) -> str:
+    """The exception a failed deployment's replicas raised, as ``Deployment: Error: message``: the last
+    line of the traceback Serve keeps in the deployment's status (a wrong ``--store-url``, a missing
+    weights file), so that ``server-serve --ray`` ends in one line that says why, as without Ray."""
+    status = serve.status().applications.get(app)
+    for name, deployment in status.deployments.items() if status else []:
+        lines = [line.strip() for line in deployment.message.splitlines() if line.strip()]
+        if deployment.status == "DEPLOY_FAILED" and lines:
+            return f"{name}: {lines[-1]}"
+    return ""
+
+
 def serve_forever(settings: Settings) -> None:
     """``server-serve --ray``: joins (or starts) Ray, serves on ``host:port`` until SIGTERM or SIGINT."""
     import ray
@@ -126,7 +138,13 @@ def serve_forever(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings), name=APP, route_prefix="/")
+    try:
+        serve.run(build_app(settings), name=APP, route_prefix="/")
+    except RuntimeError as e:  # Serve says which deployments failed; the replicas' own error says why
+        why = replica_error(APP)
+        serve.shutdown()
+        ray.shutdown()
+        raise RuntimeError(f"{e} {why}".strip()) from None
     log.info("serving on Ray at http://%s:%d with %d engine replicas", settings.host, settings.port,
              settings.ray_replicas)  # fmt: skip
     stop.wait()

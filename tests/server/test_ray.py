@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -241,3 +242,23 @@ def test_domain_errors_pickle_as_themselves():
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error)
     assert pickle.loads(pickle.dumps(Overloaded("busy", retry_after=3))).retry_after == 3
+
+
+def test_a_failed_deployment_ends_in_the_replicas_own_error(monkeypatch: pytest.MonkeyPatch):
+    """``server-serve --ray`` reported only "Failed to update the deployments ['Engine', 'Writer']"."""
+    from server.scale import ray_app
+
+    message = (
+        "The deployment failed to start 3 times in a row. ... Error:\nTraceback (most recent call last):\n"
+        '  File "server/services.py", line 93, in open_store\n'
+        "OSError: --store-url zzz://a cannot be opened: Protocol not known: zzz\n"
+    )  # as Serve keeps it
+    deployments = {"Api": SimpleNamespace(status="HEALTHY", message=""),
+                   "Engine": SimpleNamespace(status="DEPLOY_FAILED", message=message)}  # fmt: skip
+    status = SimpleNamespace(applications={"sidecar": SimpleNamespace(deployments=deployments)})
+    monkeypatch.setattr(ray_app.serve, "status", lambda: status)
+    assert (
+        ray_app.replica_error("sidecar")
+        == "Engine: OSError: --store-url zzz://a cannot be opened: Protocol not known: zzz"
+    )
+    assert ray_app.replica_error("another") == ""
