@@ -1,9 +1,9 @@
 """App factory, lifespan and ``server-serve``.
 
 The services are built once (``server.services``: backbone, runtime warmed up, store recovered,
-caches, batcher): by ``server-serve`` before it serves, so a start-up mistake is one line, or by the
-lifespan of an app made without them (tests). ``/readyz`` turns ready only after that. Routes reach the services
-through the typed dependencies of ``server.deps``.
+caches, batcher): by ``server-serve`` before it serves, so a start-up mistake is one line, or by
+the lifespan of an app made without them (tests). ``/readyz`` turns ready only after that. Routes
+reach the services through the typed dependencies of ``server.deps``.
 """
 
 from __future__ import annotations
@@ -173,12 +173,12 @@ def _serve(args: dict[str, object]) -> int:
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu or auto")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    check_address(settings.host, settings.port)
-    if settings.ray:
+    if settings.ray:  # Serve's proxies bind the address (one may already hold it, for a redeploy)
         from server.scale.ray_app import serve_forever
 
         serve_forever(settings)
         return 0
+    check_address(settings.host, settings.port)
     built = build_local(settings)  # here, not in the lifespan: a wrong path or URL is one line, not a traceback
     # uvicorn drains in-flight requests on SIGTERM, then restores the previous handler and raises the
     # signal again; this handler makes that requested, graceful stop exit 0 instead of dying of SIGTERM.
