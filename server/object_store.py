@@ -31,17 +31,16 @@ import contextlib
 import datetime
 import hashlib
 import logging
-import os
 import posixpath
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import fsspec
 
+from models.files import write_atomic
 from server.exceptions import UnknownTask
 from server.store import (
     CURRENT,
@@ -53,9 +52,8 @@ from server.store import (
     check_task_id,
     disk_errors,
     version_entry,
-    write_synced,
 )
-from tuners.artifact import MANIFEST, WEIGHTS, fsync_dir
+from tuners.artifact import MANIFEST, WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +103,7 @@ class ObjectTaskStore(VersionedStore):
             if self._renames:  # a filesystem: as the local store writes (fsync, rename, fsync the folder)
                 target = Path(path)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-                write_synced(tmp, data)
-                os.replace(tmp, target)
-                fsync_dir(target.parent)
+                write_atomic(target, data)
             else:
                 self.fs.pipe_file(path, data)
 

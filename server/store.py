@@ -36,8 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.files import fsync_dir, write_atomic, write_synced
 from server.exceptions import InsufficientStorage, InvalidTaskId, TaskQuarantined, UnknownTask, UnknownVersion
-from tuners.artifact import MANIFEST, WEIGHTS, fsync_dir, parse_json
+from tuners.artifact import MANIFEST, WEIGHTS, parse_json
 
 log = logging.getLogger(__name__)
 TASK_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -346,10 +347,7 @@ class TaskStore(VersionedStore):
             return target
 
     def _point(self, folder: Path, name: str) -> None:
-        tmp = folder / f".{CURRENT}.{uuid.uuid4().hex}"
-        write_synced(tmp, name.encode())
-        os.replace(tmp, folder / CURRENT)
-        fsync_dir(folder)
+        write_atomic(folder / CURRENT, name.encode())  # a leftover .CURRENT.* is removed by recover()
 
     def delete(self, task_id: str) -> None:
         """Removes the task and all its versions atomically (a rename out of sight, then the files)."""
@@ -385,13 +383,6 @@ def version_entry(number: int, current: bool, manifest: bytes, published_at: str
         "published_at": published_at,
         "sha256": parsed.get("weights_sha256"),
     }
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _mtime(path: Path) -> str:

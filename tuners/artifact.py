@@ -13,9 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.backbones.base import FrozenBackbone
+from models.files import replacing_folder
 from tuners.base import TUNERS
 from tuners.errors import ArtifactError, IncompatibleBackboneError, TunerError
 from tuners.manifest import field_problems
@@ -60,17 +59,8 @@ def parse_json(data: bytes | str) -> Any:
         raise ValueError("the JSON is nested too deeply") from e
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a folder, so a rename inside it is durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_artifact_files(folder: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
-    """Writes the two files into an existing (temporary) folder and fsyncs them."""
+    """Writes the two files into an existing (temporary) folder."""
     weights = folder / WEIGHTS
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
@@ -79,9 +69,6 @@ def write_artifact_files(folder: Path, tensors: dict[str, torch.Tensor], manifes
     )
     manifest = {**manifest, "weights_sha256": _sha256(weights), "weights_bytes": weights.stat().st_size}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    for path in (weights, folder / MANIFEST):
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
 
 
 def save_artifact(
@@ -101,21 +88,8 @@ def save_artifact(
         "metrics": metrics or {},
         "provenance": provenance or {},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replacing_folder(out) as tmp:
         write_artifact_files(tmp, model.state_dict(), manifest)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

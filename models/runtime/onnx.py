@@ -14,8 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Collection
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from models.backbones.base import FrozenBackbone
+from models.files import replacing
 
 logger = logging.getLogger(__name__)
 
@@ -119,15 +118,8 @@ def export_atomic(module: nn.Module, args: tuple, path: Path, input_names: list[
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        with _EXPORT_LOCK:
-            _export(module, args, tmp, input_names, output_names)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _EXPORT_LOCK, replacing(path) as tmp:
+        _export(module, args, str(tmp), input_names, output_names)
     return path
 
 

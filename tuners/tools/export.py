@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from models.backbones.base import FrozenBackbone
+from models.files import replacing
 from models.imaging import read_image
 from models.runtime.onnx import OPSET, make_session
 from models.transform import ImageTransform
@@ -75,21 +74,15 @@ def merge(task: Task, out: Path) -> FrozenBackbone:
 
 def export(graph: TaskGraph, canvas: int, out: Path, metadata: dict[str, str]) -> None:
     """Legacy exporter (batch axis dynamic), metadata added, written atomically."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
+    with replacing(out) as tmp:
         batch = {name: {0: "batch"} for name in ("images", "boxes", "scores")}
         example = (torch.zeros(1, 3, canvas, canvas),)
-        torch.onnx.export(graph.eval(), example, tmp, input_names=["images"], output_names=["boxes", "scores"],
+        torch.onnx.export(graph.eval(), example, str(tmp), input_names=["images"], output_names=["boxes", "scores"],
                           opset_version=OPSET, dynamo=False, dynamic_axes=batch)  # fmt: skip
         model = onnx.load(tmp)
         for key, value in metadata.items():
             model.metadata_props.add(key=key, value=value)
         onnx.save(model, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from models import PostprocessConfig, build_backbone
 from models.backbones.base import FrozenBackbone
+from models.files import write_atomic
 from models.runtime.torch import build_runtime, default_runtime, resolve_device
 from models.transform import ImageTransform, PreprocessSpec
 from models.types import Detections
@@ -100,13 +100,8 @@ def lr_at(config: TrainConfig, step: int, total: int) -> float:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic: a temp file in the same folder, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``data`` as indented JSON, written atomically (:func:`models.files.write_atomic`)."""
+    write_atomic(path, json.dumps(data, indent=2).encode())
 
 
 class Trainer:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torchvision.ops import box_iou  # noqa: E402
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 from torchvision.utils import draw_bounding_boxes, make_grid  # noqa: E402
 
+from models.files import write_atomic  # noqa: E402
 from models.imaging import read_image  # noqa: E402
 from models.types import Detections  # noqa: E402
 from tuners.data.records import DetectionData  # noqa: E402
@@ -36,17 +36,11 @@ CONFIDENCE = 0.25  # score from which a detection counts in the confusion matrix
 PALETTE = plt.get_cmap("tab20")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _save(figure: plt.Figure, path: Path) -> None:
     out = io.BytesIO()
     figure.savefig(out, format="png", dpi=100)
     plt.close(figure)
-    _write_atomic(path, out.getvalue())
+    write_atomic(path, out.getvalue())
 
 
 def write_results(path: Path, history: list[dict[str, Any]]) -> None:
@@ -56,7 +50,7 @@ def write_results(path: Path, history: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(out, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
-    _write_atomic(path, out.getvalue().encode())
+    write_atomic(path, out.getvalue().encode())
 
 
 def plot_curves(path: Path, history: list[dict[str, Any]]) -> None:
@@ -172,7 +166,7 @@ def write_image(path: Path, image: torch.Tensor) -> None:
     out = io.BytesIO()
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(out, format="PNG" if path.suffix == ".png" else "JPEG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, out.getvalue())
+    write_atomic(path, out.getvalue())
 
 
 def save_predictions(

@@ -8,15 +8,14 @@ scheduler position, optimizer hyper-parameters). It is written atomically like a
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from models.files import replacing_folder
 
 MODEL, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "trainer_state.json"
 
@@ -50,23 +49,10 @@ def save_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     """Atomically replaces ``folder`` with the model, optimizer, RNG and ``info`` (JSON-able)."""
     tensors, rest = optimizer_tensors(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with replacing_folder(folder) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL))
         save_file(tensors, str(tmp / OPTIMIZER))
         (tmp / STATE).write_text(json.dumps({**info, "optimizer": rest}, indent=2))
-        for name in (MODEL, OPTIMIZER, STATE):
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
