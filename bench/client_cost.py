@@ -21,8 +21,7 @@ import httpx
 import torch
 
 from bench.common import scratch
-from bench.load import KeepAlive, Server, closed_loop, jpeg
-from bench.overload import cpu_seconds
+from bench.load import KeepAlive, Server, closed_loop, cpu_seconds, jpeg
 from bench.serve_load import detect, make_tasks, upload, warm
 from models import PreprocessSpec, build_backbone
 

@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import math
+import os
 import random
 import socket
 import subprocess
@@ -22,6 +23,12 @@ import httpx
 from PIL import Image
 
 from tuners.data.synth import photo
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of process ``pid`` so far (``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -91,6 +98,25 @@ class LoadResult:
         return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else math.nan
 
 
+def request_bytes(method: str, target: str, netloc: str, body: bytes, headers: dict | None = None) -> bytes:
+    """An HTTP/1.1 request, as the benchmarks' own clients send it (``target``: path and query)."""
+    head = [f"{method} {target} HTTP/1.1", f"host: {netloc}", f"content-length: {len(body)}"]
+    head += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def framing(header_lines: list[bytes]) -> tuple[int, bool, bool]:
+    """(Content-Length, chunked, Connection: close) of a response, from its header lines."""
+    length, chunked, close = 0, False, False
+    for line in header_lines:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip().lower()
+        length = int(value) if name == b"content-length" else length
+        chunked = chunked or (name == b"transfer-encoding" and value == b"chunked")
+        close = close or (name == b"connection" and value == b"close")
+    return length, chunked, close
+
+
 @dataclass
 class Answer:
     """A response, as the benchmarks read it."""
@@ -107,8 +133,9 @@ class KeepAlive:
     requests: ``post`` and ``get`` called as on ``httpx.Client``, a status and a body back.
 
     The load generator shares the machine's cores with the server it measures. httpx, pure Python
-    down to its HTTP parser, took 0.09 of a core at 4 clients and 70 req/s; this client takes 0.01,
-    and the same server answered about 4% more (``docs/BENCHMARKS.md``, twenty-first stop).
+    down to its HTTP parser, took 0.087 of a core at 4 clients and about 70 req/s; this client takes
+    0.014, and the same server answered a median 1.025 times the requests (``bench/client_cost.py``;
+    ``docs/BENCHMARKS.md``, twenty-first stop).
     """
 
     def __init__(self, url: str, timeout: float = 60.0) -> None:
@@ -135,10 +162,7 @@ class KeepAlive:
         return self.request("GET", path, params, b"", None)
 
     def request(self, method: str, path: str, params: dict | None, body: bytes, headers: dict | None) -> Answer:
-        target = path + ("?" + urlencode(params) if params else "")
-        head = [f"{method} {target} HTTP/1.1", f"host: {self.netloc}", f"content-length: {len(body)}"]
-        head += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        data = request_bytes(method, path + ("?" + urlencode(params) if params else ""), self.netloc, body, headers)
         reused = self.sock is not None
         try:
             return self._exchange(data)
@@ -157,13 +181,10 @@ class KeepAlive:
         status = self.reader.readline().split()
         if not status:
             raise ConnectionError("the server closed the connection")
-        length, chunked, close = 0, False, False
+        lines = []
         while (line := self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            name, value = name.strip().lower(), value.strip().lower()
-            length = int(value) if name == b"content-length" else length
-            chunked = chunked or (name == b"transfer-encoding" and value == b"chunked")
-            close = close or (name == b"connection" and value == b"close")
+            lines.append(line)
+        length, chunked, close = framing(lines)
         body = self._chunks() if chunked else self.reader.read(length)
         if close:
             self.close()

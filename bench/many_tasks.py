@@ -12,7 +12,6 @@ Run: ``.venv/bin/python -m bench.many_tasks --compare-to /path/to/old-worktree``
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -21,15 +20,9 @@ import httpx
 import torch
 
 from bench.common import scratch
-from bench.load import Request, Server, ab_arguments, ab_sides, closed_loop, jpeg
+from bench.load import Request, Server, ab_arguments, ab_sides, closed_loop, cpu_seconds, jpeg
 from bench.serve_load import detect, make_tasks, uniform, upload, warm
 from models import PreprocessSpec, build_backbone
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def promotions(url: str) -> float:

@@ -17,7 +17,6 @@ Run: ``.venv/bin/python -m bench.overload --compare-to /path/to/old-worktree``.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import time
 from pathlib import Path
@@ -26,18 +25,23 @@ from urllib.parse import urlencode, urlsplit
 import torch
 
 from bench.common import scratch
-from bench.load import LoadResult, Server, ab_parser, ab_sides, alternated, closed_loop, jpeg
+from bench.load import (
+    LoadResult,
+    Server,
+    ab_parser,
+    ab_sides,
+    alternated,
+    closed_loop,
+    cpu_seconds,
+    framing,
+    jpeg,
+    request_bytes,
+)
 from bench.serve_load import PHONE, POST, detect, make_tasks, upload, warm
 from models import PreprocessSpec, build_backbone
 
 COLUMNS = ["capacity req/s, C=4", "answered/s", "refused/s", "answered p50 ms", "p99 ms", "server CPU ms per request",
            "answered / capacity"]  # fmt: skip
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Connections:
@@ -48,8 +52,7 @@ class Connections:
     def __init__(self, url: str, path: str, body: bytes, content_type: str) -> None:
         address = urlsplit(url)
         self.host, self.port = address.hostname or "127.0.0.1", address.port or 80
-        head = f"POST {path} HTTP/1.1\r\nhost: {address.netloc}\r\ncontent-type: {content_type}\r\n"
-        self.request = (head + f"content-length: {len(body)}\r\n\r\n").encode() + body
+        self.request = request_bytes("POST", path, address.netloc, body, {"content-type": content_type})
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def send(self) -> int:
@@ -57,11 +60,12 @@ class Connections:
         reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
         writer.write(self.request)
         status = int((await reader.readline()).split()[1])
-        length, close = 0, False
+        lines = []
         while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            length = int(value) if name.lower() == "content-length" else length
-            close = close or (name.lower() == "connection" and value.strip().lower() == "close")
+            lines.append(line)
+        length, chunked, close = framing(lines)
+        if chunked:
+            raise RuntimeError("a chunked response: this client reads only bodies with a Content-Length")
         await reader.readexactly(length)
         if close:
             writer.close()
