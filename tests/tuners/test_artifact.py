@@ -10,10 +10,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import tuners.artifact as artifact_module
 from models.heads import resolve_head_config
 from tests.conftest import small_backbone
 from tuners import build_task_model
-from tuners.artifact import FORMAT_VERSION, LEGACY_HEAD_DEFAULTS, MANIFEST, WEIGHTS, load_artifact, save_artifact
+from tuners.artifact import (
+    FORMAT_VERSION,
+    LEGACY_HEAD_DEFAULTS,
+    MANIFEST,
+    WEIGHTS,
+    _pieces,
+    load_artifact,
+    nonfinite,
+    save_artifact,
+)
 from tuners.artifact import _sha256 as sha256
 from tuners.base import TUNERS
 from tuners.errors import ArtifactError, IncompatibleBackboneError, TunerError
@@ -60,6 +70,25 @@ def test_nan_weights(artifact: Path) -> None:
     tensors[name][0] = float("nan")
     _rewrite(artifact, tensors)
     assert f"{name}: contains NaN or Inf" in _problems(artifact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nonfinite_checks_in_bounded_pieces_and_misses_no_element(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN and Inf are found anywhere, also across the pieces' edges, with each piece at most the bound:
+    a check of a large task does not copy the whole task."""
+    state = {"big": torch.zeros(10, 7, dtype=dtype), "small": torch.zeros(3, dtype=dtype), "n": torch.arange(4)}
+    state["tail"] = torch.zeros(2, 5, dtype=dtype)
+    monkeypatch.setattr(artifact_module, "CHECK_ELEMENTS", 16)
+    pieces = list(_pieces([state["big"], state["small"], state["tail"]], 16))
+    assert max(p.numel() for p in pieces) <= 16 and sum(p.numel() for p in pieces) == 70 + 3 + 10
+    assert nonfinite(state) == []
+    for name, index in (("big", (9, 6)), ("big", (2, 1)), ("small", (0,)), ("tail", (1, 4))):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            broken = {k: v.clone() for k, v in state.items()}
+            broken[name][index] = bad
+            assert nonfinite(broken) == [f"{name}: contains NaN or Inf"], (name, index, bad)
 
 
 def test_wrong_fingerprint(artifact: Path) -> None:
