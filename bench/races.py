@@ -30,9 +30,8 @@ import time
 import httpx
 
 from bench.common import scratch
-from bench.load import Server, jpeg
+from bench.load import Server, jpeg, rss_mib
 from bench.serve_load import make_tasks
-from bench.soak import rss_mib
 from models import PreprocessSpec, build_backbone
 from tuners.artifact import MANIFEST, WEIGHTS
 

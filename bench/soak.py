@@ -15,23 +15,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 
 from bench.common import scratch
-from bench.load import Server, histogram_count, jpeg
+from bench.load import Server, histogram_count, jpeg, rss_mib
 from bench.serve_load import make_tasks, upload
 from models import PreprocessSpec, build_backbone
 from tuners.artifact import WEIGHTS
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def main() -> None:

@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="queued requests before answering 503")
     max_request_bytes: int = Field(20 * MiB, gt=0, description="largest accepted request body")
     max_upload_bytes: int = Field(UPLOAD_LIMIT_BYTES, gt=0, description="largest accepted artifact upload")
+    upload_concurrency: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="uploads read into memory and validated at once (each holds about twice its size); "
+        "the others wait their turn, their bodies spooled to disk",
+    )
     head_timeout_s: float = Field(
         20.0, gt=0, description="seconds a client has to send a request's line and headers before it is disconnected"
     )

@@ -8,6 +8,7 @@ dependency per request.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from typing import Annotated
@@ -44,6 +45,11 @@ async def get_tasks(request: Request) -> Tasks:
     return (await _services(request)).tasks
 
 
+async def get_upload_turns(request: Request) -> asyncio.Semaphore:
+    """Turns for uploads to hold their parts in memory (``upload_concurrency`` of them; set before ready)."""
+    return request.app.state.upload_turns
+
+
 async def get_quarantined(request: Request) -> dict[str, str]:
     """Quarantined task id -> reason; empty while the services are starting."""
     services: Services | None = getattr(request.app.state, "services", None)
@@ -58,6 +64,7 @@ QuarantinedDep = Annotated[dict[str, str], Depends(get_quarantined)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 TasksDep = Annotated[Tasks, Depends(get_tasks)]
 ServicesDep = Annotated[Services, Depends(_services)]
+UploadTurnsDep = Annotated[asyncio.Semaphore, Depends(get_upload_turns)]
 
 
 DISABLED = (

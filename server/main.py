@@ -9,6 +9,7 @@ reach the services through the typed dependencies of ``server.deps``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import signal
@@ -82,6 +83,7 @@ def create_app(
         built.start()
         freeze_heap()
         app.state.services, app.state.metrics = built, built.metrics
+        app.state.upload_turns = asyncio.Semaphore(settings.upload_concurrency)
         app.state.ready = True
         log_management(settings)
         log.info("ready: serving store %s", settings.store_url or settings.store_dir)

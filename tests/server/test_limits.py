@@ -3,15 +3,22 @@ and the server's memory and temp disk stay within the limit plus a small margin.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.server.conftest import spawn_server
+from clients import SidecarClient
+from server.main import create_app
+from server.schemas import TaskInfo
+from server.tasks import Tasks
+from tests.server.conftest import LiveServer, settings, spawn_server
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -95,3 +102,33 @@ def test_a_2_gib_chunked_upload_stops_at_the_limit_in_memory_and_on_disk(tmp_pat
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.mark.parametrize("turns", [1, 2])
+def test_uploads_sent_at_once_are_validated_upload_concurrency_at_a_time(
+    tmp_path: Path, backbone, artifacts, monkeypatch: pytest.MonkeyPatch, turns: int
+):
+    """Each upload holds about twice its size in memory while it is validated: uploads sent together
+    take turns (``upload_concurrency`` at a time), and every one of them is published."""
+    in_flight, most, publish = [0], [0], Tasks.publish
+
+    async def counted(self: Tasks, task_id: str, weights: bytes, config: bytes) -> TaskInfo:
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            await asyncio.sleep(0.2)  # the other uploads arrive meanwhile
+            return await publish(self, task_id, weights, config)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(Tasks, "publish", counted)
+
+    def upload(url: str, i: int) -> int:
+        with SidecarClient(url) as client:
+            return client.upload_task(f"t{i}", artifacts[f"side{i}"]).version
+
+    app = create_app(settings(tmp_path / "s", upload_concurrency=turns), backbone=backbone)
+    with LiveServer(app) as live, ThreadPoolExecutor(4) as pool:
+        versions = list(pool.map(lambda i: upload(live.url, i), range(4)))
+        listed = {t.id for t in SidecarClient(live.url).list_tasks()}
+    assert versions == [1, 1, 1, 1] and listed == {"t0", "t1", "t2", "t3"} and most[0] == turns

@@ -5,12 +5,15 @@ Each route reads its input and calls one method of the ``Tasks`` service.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, Query, Request
 
 from server.api.bodies import BINARY, BodyLimits, body_limits, multipart_body, read_files, read_form
-from server.deps import SettingsDep, TaskId, TasksDep, ensure_ready, require_admin
+from server.deps import SettingsDep, TaskId, TasksDep, UploadTurnsDep, ensure_ready, require_admin
 from server.schemas import ERRORS, TaskInfo, TaskList, TaskVersions
 from tuners.errors import ArtifactError
 
@@ -22,17 +25,26 @@ UPLOAD_BODY = multipart_body(
 )
 
 
-async def read_upload(request: Request, limits: BodyLimits) -> tuple[bytes, bytes]:
-    """The ``weights`` and ``config`` files of a multipart upload, within ``limits`` together."""
+@asynccontextmanager
+async def upload_parts(
+    request: Request, limits: BodyLimits, turns: asyncio.Semaphore
+) -> AsyncIterator[tuple[bytes, bytes]]:
+    """The ``weights`` and ``config`` files of a multipart upload, within ``limits`` together.
+
+    The body spools to temporary files as it arrives, with no turn needed; the parts are read into
+    memory only in one of ``turns``, held until the block ends, so uploads sent at once hold the memory
+    of ``upload_concurrency`` of them, not of all.
+    """
     form = await read_form(request, limits, max_files=2, max_fields=2)
-    try:
-        parts = await read_files(form, ("weights", "config"))
-    finally:
-        await form.close()
-    missing = [name for name, data in parts.items() if data is None]
-    if missing:
-        raise ArtifactError([f"missing part {n}" for n in missing])
-    return parts["weights"], parts["config"]  # type: ignore[return-value]
+    async with turns:
+        try:
+            parts = await read_files(form, ("weights", "config"))
+        finally:
+            await form.close()
+        missing = [name for name, data in parts.items() if data is None]
+        if missing:
+            raise ArtifactError([f"missing part {n}" for n in missing])
+        yield parts["weights"], parts["config"]  # type: ignore[misc]
 
 
 def audited(request: Request, info: TaskInfo) -> TaskInfo:
@@ -55,11 +67,13 @@ async def get_task(tasks: TasksDep, task_id: TaskId) -> TaskInfo:
 @router.put(
     "/v1/tasks/{task_id}", response_model=TaskInfo, responses=ERRORS, openapi_extra=UPLOAD_BODY, dependencies=ADMIN
 )
-async def upload_task(request: Request, tasks: TasksDep, settings: SettingsDep, task_id: TaskId) -> TaskInfo:
+async def upload_task(
+    request: Request, tasks: TasksDep, settings: SettingsDep, turns: UploadTurnsDep, task_id: TaskId
+) -> TaskInfo:
     """Publishes a new version after full validation; a failed upload changes nothing."""
-    weights, config = await read_upload(request, body_limits(settings, settings.max_upload_bytes))
-    request.state.audit_sha256 = hashlib.sha256(weights).hexdigest()
-    return audited(request, await tasks.publish(task_id, weights, config))
+    async with upload_parts(request, body_limits(settings, settings.max_upload_bytes), turns) as (weights, config):
+        request.state.audit_sha256 = await asyncio.to_thread(lambda: hashlib.sha256(weights).hexdigest())
+        return audited(request, await tasks.publish(task_id, weights, config))
 
 
 @router.get("/v1/tasks/{task_id}/versions", response_model=TaskVersions, responses=ERRORS)
