@@ -16,11 +16,14 @@ Run: ``.venv/bin/python -m bench.uploads --compare-to /path/to/old-worktree``.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import httpx
@@ -55,6 +58,13 @@ def peak_above(pid: int, action: Callable[[], object]) -> float:
     return peak[0] - before
 
 
+def keep_uploading(url: str, folder: Path, stop: Event, count: Synchronized) -> None:
+    """Uploads ``folder`` as task ``big`` again and again until ``stop``; counts the uploads."""
+    while not stop.is_set():
+        upload(url, "big", folder)
+        count.value += 1
+
+
 def one_round(store: Path, cwd: Path | None, big: Path, small: Path, image: bytes, args: argparse.Namespace) -> list:
     """[peak MiB of one upload, of ``--together`` at once, quiet p50, p99, uploading p50, p99 ms, uploads]."""
     with Server(store, cwd=cwd) as server:
@@ -68,20 +78,14 @@ def one_round(store: Path, cwd: Path | None, big: Path, small: Path, image: byte
         upload(server.url, "t0", small)
         warm(server.url, ["t0"], image)
         quiet = closed_loop(server.url, args.clients, args.seconds, detect(["t0"], image))
-        stop, count = threading.Event(), [0]
-
-        def keep_uploading() -> None:
-            while not stop.is_set():
-                upload(server.url, "big", big)
-                count[0] += 1
-
-        uploader = threading.Thread(target=keep_uploading)
-        uploader.start()
+        stop, count = multiprocessing.Event(), multiprocessing.Value("i", 0)
+        uploader = multiprocessing.Process(target=keep_uploading, args=(server.url, big, stop, count))
+        uploader.start()  # a process of its own: in this one, it would take the clients' GIL
         busy = closed_loop(server.url, args.clients, args.seconds, detect(["t0"], image))
         stop.set()
         uploader.join()
         httpx.get(f"{server.url}/healthz", timeout=30).raise_for_status()
-    return [alone, together, *(r.quantile(q) * 1e3 for r in (quiet, busy) for q in (0.5, 0.99)), count[0]]
+    return [alone, together, *(r.quantile(q) * 1e3 for r in (quiet, busy) for q in (0.5, 0.99)), count.value]
 
 
 def main() -> None:
