@@ -5,10 +5,10 @@ uploaded to a fresh server of each checkout: once alone, then ``--together`` cop
 other task ids. A thread samples the server's resident memory every 20 ms, and each upload's peak
 is printed above the memory the server held before it. A published task stays resident (the
 cache's host tier holds 1 GiB), so the peak of uploads together includes the tasks published
-before the last one. Then one ``cst`` task serves a closed loop
-of ``--clients`` clients for ``--seconds``, quiet and then while the large artifact is uploaded
-again and again, one upload after another, and the requests' p50 and p99 are printed for both.
-The checkouts alternate over ``--rounds``, the order flipping every round.
+before the last one. Then one ``cst`` task serves a closed loop of ``--clients`` clients for
+``--seconds``, quiet and then while another process uploads the large artifact again and again,
+and the requests' p50 and p99 are printed for both. The checkouts alternate over ``--rounds``, the
+order flipping every round.
 
 Run: ``.venv/bin/python -m bench.uploads --compare-to /path/to/old-worktree``.
 """
