@@ -1,4 +1,4 @@
-"""uvicorn's HTTP protocol with a deadline on each request's head, which uvicorn does not set.
+"""uvicorn's HTTP protocol with a deadline and a size limit on each request's head; uvicorn sets neither.
 
 uvicorn times out a keep-alive connection only after a response. A connection that opens and sends
 nothing, or sends a request line and then a header a minute (slowloris), holds a socket forever;
@@ -7,20 +7,98 @@ of each request (request line and headers) must arrive within ``head_timeout_s``
 or of the connection opening; otherwise the connection is closed, as Apache's ``mod_reqtimeout``
 and nginx's ``client_header_timeout`` do. The body has its own deadline, kept while it streams
 (:mod:`server.api.bodies`).
+
+uvicorn also reads a head of any size: 100 MB of small headers, sent in 2 s, left the server 1 GiB
+larger for good, and a 100 MB request target took a core for 20 s (its parts are joined one by one).
+Here, as Apache's ``LimitRequestLine`` and ``LimitRequestFields`` and nginx's
+``large_client_header_buffers`` do, a target over ``MAX_TARGET_BYTES`` is answered 414, and a head
+over ``MAX_HEAD_BYTES`` or ``MAX_FIELDS`` header fields 431; then the connection is closed. The head's
+bytes are counted as they arrive, and no more than fit are parsed, so the limit holds to within one read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+MAX_TARGET_BYTES = 8 * 1024
+"""Longest request target (path and query): Apache's and nginx's 8 KiB."""
+MAX_HEAD_BYTES = 64 * 1024
+"""Longest request head, request line and header fields together."""
+MAX_FIELDS = 100
+"""Most header fields in one request: Apache's ``LimitRequestFields``."""
+LINGER_S = 2.0
+"""How long a refused connection stays open, its reads dropped, for the client to read the answer."""
+REASONS = {414: "URI Too Long", 431: "Request Header Fields Too Large"}
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing a head that was answered and closed."""
+
 
 class HeadDeadlineProtocol(HttpToolsProtocol):
-    """:class:`HttpToolsProtocol` that closes a connection whose request head is not in on time."""
+    """:class:`HttpToolsProtocol` that closes a connection whose request head is not in on time, and
+    answers a head that is too large."""
 
     head_timeout_s: float = 20.0
     _head_timer: asyncio.TimerHandle | None = None
+    _head_bytes = 0  # bytes of the head in progress so far (less the read it began in, after a first request)
+    _heads = 0  # heads completed on this connection
+    _refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        room = MAX_HEAD_BYTES - self._head_bytes
+        if self._head_timer is None or len(data) <= room:  # no head in progress, or all of it fits
+            self._head_bytes += len(data) if self._head_timer is not None else 0
+            super().data_received(data)
+            return
+        heads = self._heads
+        super().data_received(data[:room])  # the head must end in here
+        if self._refused or self.transport.is_closing():
+            return
+        if self._heads == heads:
+            self._refuse(431, "headers_too_large", f"the request head is over {MAX_HEAD_BYTES} bytes")
+            return
+        super().data_received(data[room:])
+
+    def on_url(self, url: bytes) -> None:
+        if len(self.url) + len(url) > MAX_TARGET_BYTES:
+            self._refuse(414, "uri_too_long", f"the request target is over {MAX_TARGET_BYTES} bytes")
+            raise _Refused
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= MAX_FIELDS:
+            self._refuse(431, "headers_too_large", f"the request has over {MAX_FIELDS} header fields")
+            raise _Refused
+        super().on_header(name, value)
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:  # else the parser stopped at a _Refused, and the head is answered
+            super().send_400_response(msg)
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answers ``status`` with the API's error body; the connection closes ``LINGER_S`` later."""
+        self._refused = True
+        self._disarm()
+        request_id = uuid.uuid4().hex
+        error = {"code": code, "message": message, "details": [], "request_id": request_id}
+        body = json.dumps({"error": error}).encode()
+        head = (
+            f"HTTP/1.1 {status} {REASONS[status]}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        # A lingering close, as Apache's and nginx's: closed with the rest of the head unread, the
+        # socket would reset, and a client still sending might lose the answer. Reads are dropped.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -32,6 +110,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._head_bytes, self._heads = 0, self._heads + 1
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -63,3 +63,50 @@ def test_a_body_that_keeps_pace_gets_its_time(server: LiveServer):
         received, _ = answer_within(sock, 10)
     status, _, body = received.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 415") and b"not_an_image" in body  # read whole: not a JPEG
+
+
+def _headers(n: int, size: int = 8) -> bytes:
+    return b"".join(b"X-%d: %s\r\n" % (i, b"v" * size) for i in range(n))
+
+
+FLOOD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + _headers(2_000_000)  # 25 MB of headers, never ended
+
+
+@pytest.mark.parametrize(
+    ("sent", "status", "code"),
+    [
+        (b"GET /healthz?x=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + _headers(150) + b"\r\n", 431, "headers_too_large"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431, "headers_too_large"),
+        (FLOOD, 431, "headers_too_large"),
+    ],
+    ids=["long target", "150 fields", "one 70 KB field", "25 MB of fields"],
+)
+def test_a_head_over_the_limits_is_answered_and_its_connection_closed(
+    server: LiveServer, sent: bytes, status: int, code: str
+):
+    """uvicorn alone read a head of any size: 100 MB of fields left the server 1 GiB larger for good."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        try:
+            sock.sendall(sent)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed after answering, LINGER_S later
+        received, after = answer_within(sock, 10)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d" % status) and json.loads(body)["error"]["code"] == code and after < 5
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_heads_within_the_limits_are_served_with_their_bodies_on_one_connection(server: LiveServer):
+    """Two 60 KB heads, each with a body in the same write, pipelined: the limit counts each head alone,
+    and a read that holds a head's end and a body is served."""
+    body = b"x" * 300_000
+    one = HEAD + _headers(90, 640) + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(one + one)
+        sock.settimeout(10)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}}"):
+            received += sock.recv(65536) or b"(closed)"
+            assert not received.endswith(b"(closed)"), received
+    assert received.count(b"HTTP/1.1 415 Unsupported Media Type\r\n") == 2, received  # read whole: not a JPEG
