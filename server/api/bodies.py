@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -21,6 +22,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from server.config import Settings
 from server.exceptions import InvalidRequest, RequestTimeout, TooLarge, UnsupportedMediaType
+from tuners.errors import ArtifactError
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,28 @@ async def read_files(form: FormData, names: tuple[str, ...]) -> dict[str, bytes 
     """The bytes of each named file part (``None`` when absent or not a file)."""
     found = {name: form.get(name) for name in names}
     return {name: await part.read() if isinstance(part, UploadFile) else None for name, part in found.items()}
+
+
+@asynccontextmanager
+async def upload_parts(
+    request: Request, limits: BodyLimits, turns: asyncio.Semaphore
+) -> AsyncIterator[tuple[bytes, bytes]]:
+    """The ``weights`` and ``config`` files of a multipart upload, within ``limits`` together.
+
+    The body spools to temporary files as it arrives, with no turn needed; the parts are read into
+    memory only in one of ``turns``, held until the block ends, so uploads sent at once hold the memory
+    of ``upload_concurrency`` of them, not of all.
+    """
+    form = await read_form(request, limits, max_files=2, max_fields=2)
+    async with turns:
+        try:
+            parts = await read_files(form, ("weights", "config"))
+        finally:
+            await form.close()
+        missing = [name for name, data in parts.items() if data is None]
+        if missing:
+            raise ArtifactError([f"missing part {n}" for n in missing])
+        yield parts["weights"], parts["config"]  # type: ignore[misc]
 
 
 def multipart_body(required: list[str], properties: dict[str, dict], raw_image: bool = False) -> dict:

@@ -97,6 +97,7 @@ def test_every_request_dependency_runs_on_the_event_loop():
     from server import deps
 
     annotated = [deps.SettingsDep, deps.QuarantinedDep, deps.EngineDep, deps.TasksDep, deps.ServicesDep]
+    annotated.append(deps.UploadTurnsDep)
     declared = [*detect_routes.router.dependencies, *task_routes.router.dependencies, *task_routes.ADMIN]
     calls = [a.__metadata__[0].dependency for a in annotated] + [d.dependency for d in declared]
     assert {c.__name__ for c in calls} >= {"ensure_ready", "require_inference", "require_admin", "get_engine"}

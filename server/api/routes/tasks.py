@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from server.api.bodies import BINARY, BodyLimits, body_limits, multipart_body, read_files, read_form
+from server.api.bodies import BINARY, body_limits, multipart_body, upload_parts
 from server.deps import SettingsDep, TaskId, TasksDep, UploadTurnsDep, ensure_ready, require_admin
 from server.schemas import ERRORS, TaskInfo, TaskList, TaskVersions
-from tuners.errors import ArtifactError
 
 router = APIRouter(tags=["tasks"], dependencies=[Depends(ensure_ready)])
 ADMIN = [Depends(require_admin)]
@@ -23,28 +20,6 @@ UPLOAD_BODY = multipart_body(
     ["weights", "config"],
     {"weights": {**BINARY, "description": "tuner.safetensors"}, "config": {**BINARY, "description": "tuner.json"}},
 )
-
-
-@asynccontextmanager
-async def upload_parts(
-    request: Request, limits: BodyLimits, turns: asyncio.Semaphore
-) -> AsyncIterator[tuple[bytes, bytes]]:
-    """The ``weights`` and ``config`` files of a multipart upload, within ``limits`` together.
-
-    The body spools to temporary files as it arrives, with no turn needed; the parts are read into
-    memory only in one of ``turns``, held until the block ends, so uploads sent at once hold the memory
-    of ``upload_concurrency`` of them, not of all.
-    """
-    form = await read_form(request, limits, max_files=2, max_fields=2)
-    async with turns:
-        try:
-            parts = await read_files(form, ("weights", "config"))
-        finally:
-            await form.close()
-        missing = [name for name, data in parts.items() if data is None]
-        if missing:
-            raise ArtifactError([f"missing part {n}" for n in missing])
-        yield parts["weights"], parts["config"]  # type: ignore[misc]
 
 
 def audited(request: Request, info: TaskInfo) -> TaskInfo:
