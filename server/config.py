@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from models.transform import MAX_CANVAS
 from tuners.artifact import UPLOAD_LIMIT_BYTES
 
-MiB = 1 << 20
+MiB, GiB = 1 << 20, 1 << 30
 # what a browser sends as its Origin header: scheme://host[:port], the host a name or an address ([::1])
 ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(\[[0-9a-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?", re.IGNORECASE)
 
@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="queued requests before answering 503")
     max_request_bytes: int = Field(20 * MiB, gt=0, description="largest accepted request body")
     max_upload_bytes: int = Field(UPLOAD_LIMIT_BYTES, gt=0, description="largest accepted artifact upload")
+    max_body_memory_bytes: int = Field(
+        GiB,
+        gt=0,
+        description="bytes of request bodies held in memory at once, all requests together; "
+        "a body that would pass it is answered 503 before it is read",
+    )
     upload_concurrency: int = Field(
         1,
         ge=1,
@@ -142,6 +148,9 @@ class Settings(BaseSettings):
     def _read_keys(self) -> Settings:
         self._admin_keys = _keys(self.admin_key, self.admin_key_file, "admin_key_file")
         self._inference_keys = _keys(self.inference_key, self.inference_key_file, "inference_key_file")
+        largest = max(self.max_request_bytes, self.max_upload_bytes)
+        if self.max_body_memory_bytes < largest:
+            raise ValueError(f"max_body_memory_bytes must hold the largest body accepted, {largest} bytes")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
         wrong = [o for o in self.cors_origin_list if o != "*" and not ORIGIN.fullmatch(o)]

@@ -38,7 +38,7 @@ STATUS: dict[type[ex.SidecarError], int] = {
 }
 
 # Errors that can leave part of the body unread: the connection is closed after the answer.
-UNREAD_BODY = (ex.RequestTimeout, ex.TooLarge)
+UNREAD_BODY = (ex.RequestTimeout, ex.TooLarge, ex.BodiesOverBudget)
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:

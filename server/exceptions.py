@@ -99,6 +99,10 @@ class Overloaded(SidecarError):
         super().__init__(message, details, retry_after)
 
 
+class BodiesOverBudget(Overloaded):
+    """The request bodies in memory would pass the server's budget; this one is refused unread."""
+
+
 class CacheBudget(SidecarError):
     """A task model is larger than a whole tier's byte budget."""
 

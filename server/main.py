@@ -26,6 +26,7 @@ from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
 from models.backbones.base import FrozenBackbone
+from server.api.bodies import BodyBudget
 from server.api.routes import backbone as backbone_routes
 from server.api.routes import detect, health, tasks
 from server.config import Settings
@@ -102,6 +103,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.ready = False
+    app.state.body_budget = BodyBudget(settings.max_body_memory_bytes)
     install_handlers(app)
     if settings.cors_origin_list:  # off unless origins are listed
         app.add_middleware(
@@ -111,7 +113,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, bodies=app.state.body_budget)
     for module in (detect, tasks, backbone_routes, health):
         app.include_router(module.router)
     return app

@@ -2,6 +2,7 @@
 
 - Every response carries ``X-Request-ID``: the client's (when it is a sane token) or a new one. It
   is also in every error body (``server/errors.py`` reads it from the request state).
+- The request body bytes a request held in memory go back to the process's budget once it is answered.
 - Every response carries ``X-Content-Type-Options: nosniff``, and all but the interactive API docs
   a ``Content-Security-Policy`` that allows scripts, styles and connections from this origin only
   (the console page has no inline script or style).
@@ -20,6 +21,8 @@ import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.bodies import BodyBudget
 
 audit_log = logging.getLogger("sidecar.audit")
 
@@ -44,10 +47,11 @@ def management_action(method: str, path: str) -> tuple[str, str] | None:
 
 
 class RequestContext:
-    """See the module docstring."""
+    """See the module docstring. ``bodies`` (a ``server.api.bodies.BodyBudget``) gets back the body bytes
+    a request held once its answer is sent."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, bodies: BodyBudget) -> None:
+        self.app, self.bodies = app, bodies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,6 +78,7 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
+            self.bodies.give_back(state.pop("body_bytes", 0))
             if action is not None:
                 audit(action, scope, state, status[0])
 

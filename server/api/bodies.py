@@ -21,7 +21,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from server.config import Settings
-from server.exceptions import InvalidRequest, RequestTimeout, TooLarge, UnsupportedMediaType
+from server.exceptions import BodiesOverBudget, InvalidRequest, RequestTimeout, TooLarge, UnsupportedMediaType
 from tuners.errors import ArtifactError
 
 
@@ -33,6 +33,38 @@ class BodyLimits:
     max_bytes: int
     timeout_s: float
     min_rate: float
+
+
+class BodyBudget:
+    """Bytes of request bodies held in memory at once, all requests of this process together.
+
+    The admission queue bounds the work in flight, but a body is read before its request asks for a
+    place, so without this bound a few hundred clients each sending a 20 MB body would hold gigabytes
+    (60 at once held 1.1 GiB). A body is counted as it is read into memory (a raw body; a multipart
+    part when it is read from its spool file), up front when its length is declared, and until its
+    request's answer is sent (``server/middleware.py`` gives it back). One that would pass the budget
+    is answered 503 (``BodiesOverBudget``) before it is read. Used on the event loop only.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def take(self, request: Request, size: int) -> None:
+        """Counts ``size`` more bytes of ``request``'s body.
+
+        Raises:
+            BodiesOverBudget: the budget cannot hold them now.
+        """
+        if self.held + size > self.limit:
+            raise BodiesOverBudget(
+                f"the server holds {self.held} bytes of request bodies, and this one would pass its budget of "
+                f"{self.limit}; send it again shortly"
+            )
+        self.held += size
+        request.state.body_bytes = getattr(request.state, "body_bytes", 0) + size
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
 
 
 def body_limits(settings: Settings, max_bytes: int) -> BodyLimits:
@@ -69,7 +101,20 @@ async def limited_stream(request: Request, limits: BodyLimits) -> AsyncIterator[
 
 
 async def read_body(request: Request, limits: BodyLimits) -> bytes:
-    return b"".join([chunk async for chunk in limited_stream(request, limits)])
+    """The whole body, counted against the process's :class:`BodyBudget` (up front when its length is
+    declared, else chunk by chunk)."""
+    budget: BodyBudget = request.app.state.body_budget
+    declared = request.headers.get("content-length", "")
+    counted = int(declared) if declared.isdigit() and int(declared) <= limits.max_bytes else 0
+    budget.take(request, counted)
+    chunks, size = [], 0
+    async for chunk in limited_stream(request, limits):
+        size += len(chunk)
+        if size > counted:
+            budget.take(request, size - counted)
+            counted = size
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def read_form(request: Request, limits: BodyLimits, max_files: int, max_fields: int) -> FormData:
@@ -90,10 +135,13 @@ async def read_form(request: Request, limits: BodyLimits, max_files: int, max_fi
         raise InvalidRequest(f"the multipart body is malformed: {e.message}") from e
 
 
-async def read_files(form: FormData, names: tuple[str, ...]) -> dict[str, bytes | None]:
-    """The bytes of each named file part (``None`` when absent or not a file)."""
-    found = {name: form.get(name) for name in names}
-    return {name: await part.read() if isinstance(part, UploadFile) else None for name, part in found.items()}
+async def read_files(request: Request, form: FormData, names: tuple[str, ...]) -> dict[str, bytes | None]:
+    """The bytes of each named file part of ``request``'s ``form`` (``None`` when absent or not a file),
+    counted against the process's :class:`BodyBudget` before they are read."""
+    found = {name: part if isinstance(part := form.get(name), UploadFile) else None for name in names}
+    budget: BodyBudget = request.app.state.body_budget
+    budget.take(request, sum(part.size or 0 for part in found.values() if part is not None))
+    return {name: await part.read() if part is not None else None for name, part in found.items()}
 
 
 @asynccontextmanager
@@ -109,7 +157,7 @@ async def upload_parts(
     form = await read_form(request, limits, max_files=2, max_fields=2)
     async with turns:
         try:
-            parts = await read_files(form, ("weights", "config"))
+            parts = await read_files(request, form, ("weights", "config"))
         finally:
             await form.close()
         missing = [name for name, data in parts.items() if data is None]

@@ -21,6 +21,7 @@ from server.tasks import Tasks
 from tests.server.conftest import LiveServer, settings, spawn_server
 
 GiB, MiB = 1 << 30, 1 << 20
+JPEG = {"content-type": "image/jpeg"}
 
 
 def _rss(pid: int) -> int:
@@ -132,3 +133,29 @@ def test_uploads_sent_at_once_are_validated_upload_concurrency_at_a_time(
         versions = list(pool.map(lambda i: upload(live.url, i), range(4)))
         listed = {t.id for t in SidecarClient(live.url).list_tasks()}
     assert versions == [1, 1, 1, 1] and listed == {"t0", "t1", "t2", "t3"} and most[0] == turns
+
+
+def test_request_bodies_in_memory_stay_within_the_budget_and_are_given_back(tmp_path: Path, backbone):
+    """Three 1 MiB bodies being read fill a 3 MiB budget: a fourth is answered 503 before its body is
+    read (and its connection closed); once the three are answered, their bytes are given back."""
+    limits = {"max_request_bytes": MiB, "max_upload_bytes": MiB, "max_body_memory_bytes": 3 * MiB}
+    app = create_app(settings(tmp_path / "s", **limits), backbone=backbone)
+    head = b"POST /v1/detect?tasks=t HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+    with LiveServer(app) as live:
+        socks = [socket.create_connection(("127.0.0.1", live.port), timeout=30) for _ in range(3)]
+        for sock in socks:
+            sock.sendall(head % MiB + b"x" * (MiB // 2))
+        deadline = time.monotonic() + 10
+        while app.state.body_budget.held < 3 * MiB and time.monotonic() < deadline:
+            time.sleep(0.05)
+        refused = httpx.post(f"{live.url}/v1/detect?tasks=t", content=b"x" * 1000, headers=JPEG)
+        for sock in socks:
+            sock.sendall(b"x" * (MiB - MiB // 2))
+        answers = [sock.recv(30) for sock in socks]
+        for sock in socks:
+            sock.close()
+        after = httpx.post(f"{live.url}/v1/detect?tasks=t", content=b"x" * 1000, headers=JPEG)
+        held = app.state.body_budget.held
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+    assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
+    assert answers == [b"HTTP/1.1 415 Unsupported Media"] * 3 and after.status_code == 415 and held == 0
