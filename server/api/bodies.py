@@ -40,10 +40,10 @@ class BodyBudget:
 
     The admission queue bounds the work in flight, but a body is read before its request asks for a
     place, so without this bound a few hundred clients each sending a 20 MB body would hold gigabytes
-    (60 at once held 1.1 GiB). A body is counted as it is read into memory (a raw body; a multipart
-    part when it is read from its spool file), up front when its length is declared, and until its
-    request's answer is sent (``server/middleware.py`` gives it back). One that would pass the budget
-    is answered 503 (``BodiesOverBudget``) before it is read. Used on the event loop only.
+    (60 at once held 1.1 GiB). A body is counted as it is read into memory (a raw body chunk by chunk
+    as it arrives; a multipart part when it is read from its spool file) until its request's answer is
+    sent (``server/middleware.py`` gives it back). One that would pass the budget is answered 503
+    (``BodiesOverBudget``) and its connection closed, the rest of it unread. Used on the event loop only.
     """
 
     def __init__(self, limit: int) -> None:
@@ -101,18 +101,13 @@ async def limited_stream(request: Request, limits: BodyLimits) -> AsyncIterator[
 
 
 async def read_body(request: Request, limits: BodyLimits) -> bytes:
-    """The whole body, counted against the process's :class:`BodyBudget` (up front when its length is
-    declared, else chunk by chunk)."""
+    """The whole body, its chunks counted against the process's :class:`BodyBudget` as they arrive (not
+    the declared length up front: a client that declares 20 MB and trickles bytes would hold 20 MB of
+    budget for nothing until its deadline)."""
     budget: BodyBudget = request.app.state.body_budget
-    declared = request.headers.get("content-length", "")
-    counted = int(declared) if declared.isdigit() and int(declared) <= limits.max_bytes else 0
-    budget.take(request, counted)
-    chunks, size = [], 0
+    chunks = []
     async for chunk in limited_stream(request, limits):
-        size += len(chunk)
-        if size > counted:
-            budget.take(request, size - counted)
-            counted = size
+        budget.take(request, len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -136,26 +136,33 @@ def test_uploads_sent_at_once_are_validated_upload_concurrency_at_a_time(
 
 
 def test_request_bodies_in_memory_stay_within_the_budget_and_are_given_back(tmp_path: Path, backbone):
-    """Three 1 MiB bodies being read fill a 3 MiB budget: a fourth is answered 503 before its body is
-    read (and its connection closed); once the three are answered, their bytes are given back."""
+    """Three 1 MiB bodies being read fill a 3 MiB budget: a fourth is answered 503 (and its connection
+    closed); once the three are answered, their bytes are given back. A body is counted as it arrives,
+    so one declared at 1 MiB that trickles holds only what it sent."""
     limits = {"max_request_bytes": MiB, "max_upload_bytes": MiB, "max_body_memory_bytes": 3 * MiB}
     app = create_app(settings(tmp_path / "s", **limits), backbone=backbone)
     head = b"POST /v1/detect?tasks=t HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+    kib, budget = 1024, app.state.body_budget
     with LiveServer(app) as live:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=30) as trickle:
+            trickle.sendall(head % MiB + b"x" * 10)
+            time.sleep(0.5)
+            trickled = budget.held
         socks = [socket.create_connection(("127.0.0.1", live.port), timeout=30) for _ in range(3)]
         for sock in socks:
-            sock.sendall(head % MiB + b"x" * (MiB // 2))
+            sock.sendall(head % MiB + b"x" * (MiB - kib))
         deadline = time.monotonic() + 10
-        while app.state.body_budget.held < 3 * MiB and time.monotonic() < deadline:
+        while budget.held < 3 * (MiB - kib) and time.monotonic() < deadline:
             time.sleep(0.05)
-        refused = httpx.post(f"{live.url}/v1/detect?tasks=t", content=b"x" * 1000, headers=JPEG)
+        refused = httpx.post(f"{live.url}/v1/detect?tasks=t", content=b"x" * (8 * kib), headers=JPEG)
         for sock in socks:
-            sock.sendall(b"x" * (MiB - MiB // 2))
+            sock.sendall(b"x" * kib)
         answers = [sock.recv(30) for sock in socks]
         for sock in socks:
             sock.close()
         after = httpx.post(f"{live.url}/v1/detect?tasks=t", content=b"x" * 1000, headers=JPEG)
-        held = app.state.body_budget.held
+        held = budget.held
+    assert trickled <= 10
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
     assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
     assert answers == [b"HTTP/1.1 415 Unsupported Media"] * 3 and after.status_code == 415 and held == 0
