@@ -104,9 +104,11 @@ class Settings(BaseSettings):
         20.0, gt=0, description="seconds a client has to send a request's line and headers before it is disconnected"
     )
     body_timeout_s: float = Field(
-        20.0, gt=0, description="seconds a request body has to arrive, plus 1 s per body_min_rate bytes (else 408)"
+        20.0,
+        gt=0,
+        description="a request body must bring body_timeout_s * body_min_rate bytes every body_timeout_s (else 408)",
     )
-    body_min_rate: float = Field(500.0, gt=0, description="bytes per second that extend body_timeout_s")
+    body_min_rate: float = Field(500.0, gt=0, description="bytes per second a request body must keep to")
     max_image_pixels: int = Field(
         40_000_000,
         gt=0,

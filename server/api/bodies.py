@@ -2,9 +2,11 @@
 
 Every limit holds while the body streams: a declared ``Content-Length`` over the limit is refused
 before anything is read, and a chunked body is cut off at the first chunk past it. A body must also
-keep pace: it has ``timeout_s`` to arrive, plus one second for every ``min_rate`` bytes received
-(Apache's ``mod_reqtimeout``, ``body=20,MinRate=500`` by default), so a client that trickles a body
-(slowloris) is answered 408 instead of holding its connection and buffer forever. Multipart
+keep pace: every ``timeout_s`` (20 s by default) it must bring ``timeout_s * min_rate`` bytes (10,000
+at 500 bytes/s) or the rest of it, so a client that trickles a body (slowloris) is answered 408
+instead of holding its connection and buffer forever. The pace is kept over each such window, not
+over the whole body as Apache's ``mod_reqtimeout`` (``body=20,MinRate=500``) keeps it: there, a client
+that sent 19 MB at once had earned 38,000 s in which to send the last byte, holding 19 MB. Multipart
 parts spool to temporary files, which are closed (and so removed) on every path: success, a
 limit passed, a malformed body, or a client that disconnects.
 """
@@ -27,8 +29,8 @@ from tuners.errors import ArtifactError
 
 @dataclass(frozen=True)
 class BodyLimits:
-    """How large a body may be, and how fast it must arrive: within ``timeout_s``, plus a second for
-    every ``min_rate`` bytes received."""
+    """How large a body may be, and how fast it must arrive: ``timeout_s * min_rate`` bytes (or the rest)
+    in every ``timeout_s``."""
 
     max_bytes: int
     timeout_s: float
@@ -82,19 +84,22 @@ async def limited_stream(request: Request, limits: BodyLimits) -> AsyncIterator[
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_bytes:
         raise TooLarge(f"the request declares {declared} bytes; the limit is {limits.max_bytes}")
-    size, start, chunks = 0, asyncio.get_running_loop().time(), request.stream()
+    loop, chunks, quota = asyncio.get_running_loop(), request.stream(), limits.timeout_s * limits.min_rate
+    size, window, brought = 0, loop.time(), 0  # the current window's start, and the bytes it brought
     while True:
         try:
-            async with asyncio.timeout_at(start + limits.timeout_s + size / limits.min_rate):
+            async with asyncio.timeout_at(window + limits.timeout_s):
                 chunk = await anext(chunks)
         except StopAsyncIteration:
             return
         except TimeoutError:
             raise RequestTimeout(
-                f"the body arrived too slowly: {size} bytes in {asyncio.get_running_loop().time() - start:.0f} s; "
-                f"send it within {limits.timeout_s:g} s plus 1 s per {limits.min_rate:g} bytes"
+                f"the body arrived too slowly: {brought} bytes in the last {limits.timeout_s:g} s ({size} in all); "
+                f"send at least {quota:g} bytes every {limits.timeout_s:g} s"
             ) from None
-        size += len(chunk)
+        size, brought = size + len(chunk), brought + len(chunk)
+        if brought >= quota:
+            window, brought = loop.time(), 0
         if size > limits.max_bytes:
             raise TooLarge(f"the request is over the limit of {limits.max_bytes} bytes")
         yield chunk
