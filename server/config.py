@@ -90,8 +90,8 @@ class Settings(BaseSettings):
     max_body_memory_bytes: int = Field(
         GiB,
         gt=0,
-        description="bytes of request bodies held in memory at once, all requests together; "
-        "a body that would pass it is answered 503 before it is read",
+        description="bytes of request bodies (not uploads) received and not yet answered, all requests together; "
+        "a body that would pass it is answered 503",
     )
     upload_concurrency: int = Field(
         1,
@@ -150,9 +150,8 @@ class Settings(BaseSettings):
     def _read_keys(self) -> Settings:
         self._admin_keys = _keys(self.admin_key, self.admin_key_file, "admin_key_file")
         self._inference_keys = _keys(self.inference_key, self.inference_key_file, "inference_key_file")
-        largest = max(self.max_request_bytes, self.max_upload_bytes)
-        if self.max_body_memory_bytes < largest:
-            raise ValueError(f"max_body_memory_bytes must hold the largest body accepted, {largest} bytes")
+        if self.max_body_memory_bytes < self.max_request_bytes:
+            raise ValueError(f"max_body_memory_bytes must be at least max_request_bytes, {self.max_request_bytes}")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
         wrong = [o for o in self.cors_origin_list if o != "*" and not ORIGIN.fullmatch(o)]

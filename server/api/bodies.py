@@ -35,17 +35,21 @@ class BodyLimits:
     max_bytes: int
     timeout_s: float
     min_rate: float
+    budgeted: bool = True  # counted against the process's BodyBudget (uploads take turns instead)
 
 
 class BodyBudget:
-    """Bytes of request bodies held in memory at once, all requests of this process together.
+    """Bytes of request bodies received and not yet answered, all requests of this process together, in
+    memory or in a multipart part's spool file.
 
     The admission queue bounds the work in flight, but a body is read before its request asks for a
     place, so without this bound a few hundred clients each sending a 20 MB body would hold gigabytes
-    (60 at once held 1.1 GiB). A body is counted as it is read into memory (a raw body chunk by chunk
-    as it arrives; a multipart part when it is read from its spool file) until its request's answer is
-    sent (``server/middleware.py`` gives it back). One that would pass the budget is answered 503
-    (``BodiesOverBudget``) and its connection closed, the rest of it unread. Used on the event loop only.
+    (120 at once held 1.9 GiB), and multipart bodies as many gigabytes of temporary disk. Each chunk is
+    counted as it arrives (a declared length reserves nothing: a client that declares 20 MB and
+    trickles holds only what it sent), until its request's answer is sent (``server/middleware.py``
+    gives the bytes back). A chunk that would pass the budget is answered 503 (``BodiesOverBudget``),
+    and the connection closed with the rest unread. Uploads are not counted: they are an admin's, up to
+    512 MiB each, and take turns to be read into memory (:func:`upload_parts`). Used on the event loop only.
     """
 
     def __init__(self, limit: int) -> None:
@@ -69,13 +73,15 @@ class BodyBudget:
         self.held -= size
 
 
-def body_limits(settings: Settings, max_bytes: int) -> BodyLimits:
-    return BodyLimits(max_bytes, settings.body_timeout_s, settings.body_min_rate)
+def body_limits(settings: Settings, max_bytes: int, budgeted: bool = True) -> BodyLimits:
+    return BodyLimits(max_bytes, settings.body_timeout_s, settings.body_min_rate, budgeted)
 
 
 async def limited_stream(request: Request, limits: BodyLimits) -> AsyncIterator[bytes]:
-    """The body's chunks; raises :class:`TooLarge` as soon as their total passes ``limits.max_bytes``,
-    :class:`RequestTimeout` when the body falls behind its deadline, and :class:`UnsupportedMediaType`
+    """The body's chunks, each counted against the process's :class:`BodyBudget` when ``limits.budgeted``;
+    raises :class:`TooLarge`
+    as soon as their total passes ``limits.max_bytes``, :class:`RequestTimeout` when the body falls
+    behind its pace, :class:`BodiesOverBudget` at a chunk the budget cannot hold, and :class:`UnsupportedMediaType`
     for a compressed body (a ``Content-Encoding`` other than identity: its bytes are not what they say,
     and images compress no further), as RFC 7694 answers it."""
     coding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -85,6 +91,7 @@ async def limited_stream(request: Request, limits: BodyLimits) -> AsyncIterator[
     if declared.isdigit() and int(declared) > limits.max_bytes:
         raise TooLarge(f"the request declares {declared} bytes; the limit is {limits.max_bytes}")
     loop, chunks, quota = asyncio.get_running_loop(), request.stream(), limits.timeout_s * limits.min_rate
+    budget: BodyBudget = request.app.state.body_budget
     size, window, brought = 0, loop.time(), 0  # the current window's start, and the bytes it brought
     while True:
         try:
@@ -102,19 +109,13 @@ async def limited_stream(request: Request, limits: BodyLimits) -> AsyncIterator[
             window, brought = loop.time(), 0
         if size > limits.max_bytes:
             raise TooLarge(f"the request is over the limit of {limits.max_bytes} bytes")
+        if limits.budgeted:
+            budget.take(request, len(chunk))
         yield chunk
 
 
 async def read_body(request: Request, limits: BodyLimits) -> bytes:
-    """The whole body, its chunks counted against the process's :class:`BodyBudget` as they arrive (not
-    the declared length up front: a client that declares 20 MB and trickles bytes would hold 20 MB of
-    budget for nothing until its deadline)."""
-    budget: BodyBudget = request.app.state.body_budget
-    chunks = []
-    async for chunk in limited_stream(request, limits):
-        budget.take(request, len(chunk))
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return b"".join([chunk async for chunk in limited_stream(request, limits)])
 
 
 async def read_form(request: Request, limits: BodyLimits, max_files: int, max_fields: int) -> FormData:
@@ -135,13 +136,10 @@ async def read_form(request: Request, limits: BodyLimits, max_files: int, max_fi
         raise InvalidRequest(f"the multipart body is malformed: {e.message}") from e
 
 
-async def read_files(request: Request, form: FormData, names: tuple[str, ...]) -> dict[str, bytes | None]:
-    """The bytes of each named file part of ``request``'s ``form`` (``None`` when absent or not a file),
-    counted against the process's :class:`BodyBudget` before they are read."""
-    found = {name: part if isinstance(part := form.get(name), UploadFile) else None for name in names}
-    budget: BodyBudget = request.app.state.body_budget
-    budget.take(request, sum(part.size or 0 for part in found.values() if part is not None))
-    return {name: await part.read() if part is not None else None for name, part in found.items()}
+async def read_files(form: FormData, names: tuple[str, ...]) -> dict[str, bytes | None]:
+    """The bytes of each named file part (``None`` when absent or not a file)."""
+    found = {name: form.get(name) for name in names}
+    return {name: await part.read() if isinstance(part, UploadFile) else None for name, part in found.items()}
 
 
 @asynccontextmanager
@@ -157,7 +155,7 @@ async def upload_parts(
     form = await read_form(request, limits, max_files=2, max_fields=2)
     async with turns:
         try:
-            parts = await read_files(request, form, ("weights", "config"))
+            parts = await read_files(form, ("weights", "config"))
         finally:
             await form.close()
         missing = [name for name, data in parts.items() if data is None]

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from clients import SidecarClient
+from server.config import Settings
 from server.main import create_app
 from server.schemas import TaskInfo
 from server.tasks import Tasks
@@ -136,10 +137,10 @@ def test_uploads_sent_at_once_are_validated_upload_concurrency_at_a_time(
 
 
 def test_request_bodies_in_memory_stay_within_the_budget_and_are_given_back(tmp_path: Path, backbone):
-    """Three 1 MiB bodies being read fill a 3 MiB budget: a fourth is answered 503 (and its connection
-    closed); once the three are answered, their bytes are given back. A body is counted as it arrives,
+    """Three 1 MiB bodies being read fill a 3 MiB budget: a fourth, raw or multipart, is answered 503 (and
+    its connection closed); once the three are answered, their bytes are given back. A body is counted as it arrives,
     so one declared at 1 MiB that trickles holds only what it sent."""
-    limits = {"max_request_bytes": MiB, "max_upload_bytes": MiB, "max_body_memory_bytes": 3 * MiB}
+    limits = {"max_request_bytes": MiB, "max_body_memory_bytes": 3 * MiB}
     app = create_app(settings(tmp_path / "s", **limits), backbone=backbone)
     head = b"POST /v1/detect?tasks=t HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
     kib, budget = 1024, app.state.body_budget
@@ -155,6 +156,7 @@ def test_request_bodies_in_memory_stay_within_the_budget_and_are_given_back(tmp_
         while budget.held < 3 * (MiB - kib) and time.monotonic() < deadline:
             time.sleep(0.05)
         refused = httpx.post(f"{live.url}/v1/detect?tasks=t", content=b"x" * (8 * kib), headers=JPEG)
+        form = httpx.post(f"{live.url}/v1/detect", data={"tasks": "t"}, files={"image": ("a.jpg", b"x" * 8 * kib)})
         for sock in socks:
             sock.sendall(b"x" * kib)
         answers = [sock.recv(30) for sock in socks]
@@ -165,4 +167,10 @@ def test_request_bodies_in_memory_stay_within_the_budget_and_are_given_back(tmp_
     assert trickled <= 10
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
     assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
+    assert form.status_code == 503  # a multipart body too, spooled to disk or not
     assert answers == [b"HTTP/1.1 415 Unsupported Media"] * 3 and after.status_code == 415 and held == 0
+
+
+def test_a_body_budget_smaller_than_one_request_is_refused():
+    with pytest.raises(ValueError, match="max_body_memory_bytes must be at least max_request_bytes"):
+        Settings(max_request_bytes=2 * MiB, max_body_memory_bytes=MiB)

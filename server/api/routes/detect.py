@@ -29,7 +29,7 @@ async def read_image_and_tasks(
         return await read_body(request, limits), query_tasks
     form = await read_form(request, limits, max_files=1, max_fields=4)
     try:
-        image = (await read_files(request, form, ("image",)))["image"]
+        image = (await read_files(form, ("image",)))["image"]
         tasks = form.get("tasks")
     finally:
         await form.close()

@@ -46,7 +46,8 @@ async def upload_task(
     request: Request, tasks: TasksDep, settings: SettingsDep, turns: UploadTurnsDep, task_id: TaskId
 ) -> TaskInfo:
     """Publishes a new version after full validation; a failed upload changes nothing."""
-    async with upload_parts(request, body_limits(settings, settings.max_upload_bytes), turns) as (weights, config):
+    limits = body_limits(settings, settings.max_upload_bytes, budgeted=False)  # uploads take turns instead
+    async with upload_parts(request, limits, turns) as (weights, config):
         request.state.audit_sha256 = await asyncio.to_thread(lambda: hashlib.sha256(weights).hexdigest())
         return audited(request, await tasks.publish(task_id, weights, config))
 
