@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import scratch
-from bench.load import Server, ab_sides, cpu_seconds, rss_mib
+from bench.load import Server, ab_sides, cpu_seconds, peak_rss_growth
 
 MiB = 1 << 20
 Scenario = Callable[[int], str]  # port -> what the server answered
@@ -117,23 +117,10 @@ SCENARIOS: dict[str, Scenario] = {"fields": fields, "target": target, "pipeline"
 
 def measure(server: Server, scenario: Scenario) -> tuple[str, float, float]:
     """(answer, peak resident memory growth in MiB, CPU seconds) of ``scenario`` on ``server``."""
-    pid = server.process.pid
-    before, cpu, peak, done = rss_mib(pid), cpu_seconds(pid), [0.0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mib(pid))
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        said = scenario(server.port)
-        time.sleep(1)
-    finally:
-        done.set()
-        sampler.join()
-    return said, peak[0] - before, cpu_seconds(pid) - cpu
+    pid, said = server.process.pid, []
+    cpu = cpu_seconds(pid)
+    grown = peak_rss_growth(pid, lambda: (said.append(scenario(server.port)), time.sleep(1)))
+    return said[0], grown, cpu_seconds(pid) - cpu
 
 
 def main() -> None:

@@ -18,9 +18,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import statistics
-import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
@@ -30,32 +27,13 @@ import httpx
 import torch
 
 from bench.common import scratch
-from bench.load import Server, ab_parser, ab_sides, alternated, closed_loop, jpeg, rss_mib
+from bench.load import Server, ab_parser, ab_sides, alternated, closed_loop, jpeg, peak_rss_growth
 from bench.serve_load import detect, make_tasks, upload, warm
 from models import PreprocessSpec, build_backbone
 from tuners import build_task_model
 from tuners.artifact import save_artifact
 
 MiB = 1 << 20
-
-
-def peak_above(pid: int, action: Callable[[], object]) -> float:
-    """MiB of the server's peak resident memory while ``action()`` runs, above what it held before."""
-    before, peak, done = rss_mib(pid), [0.0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mib(pid))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        action()
-    finally:
-        done.set()
-        sampler.join()
-    return peak[0] - before
 
 
 def keep_uploading(url: str, folder: Path, stop: Event, count: Synchronized) -> None:
@@ -69,10 +47,10 @@ def one_round(store: Path, cwd: Path | None, big: Path, small: Path, image: byte
     """[peak MiB of one upload, of ``--together`` at once, quiet p50, p99, uploading p50, p99 ms, uploads]."""
     with Server(store, cwd=cwd) as server:
         pid = server.process.pid
-        alone = peak_above(pid, lambda: upload(server.url, "big", big))
+        alone = peak_rss_growth(pid, lambda: upload(server.url, "big", big))
         with ThreadPoolExecutor(args.together) as pool:
             names = [f"big{i}" for i in range(args.together)]
-            together = peak_above(pid, lambda: list(pool.map(lambda n: upload(server.url, n, big), names)))
+            together = peak_rss_growth(pid, lambda: list(pool.map(lambda n: upload(server.url, n, big), names)))
         for name in ["big", *names]:  # lora tasks never compile: warm() would wait for them
             httpx.delete(f"{server.url}/v1/tasks/{name}", timeout=60).raise_for_status()
         upload(server.url, "t0", small)

@@ -2,7 +2,8 @@
 
 - Every response carries ``X-Request-ID``: the client's (when it is a sane token) or a new one. It
   is also in every error body (``server/errors.py`` reads it from the request state).
-- The request body bytes a request held in memory go back to the process's budget once it is answered.
+- The body bytes a request was counted for go back to the process's budget once it is answered
+  (``server/api/bodies.py``, ``BodyBudget``).
 - Every response carries ``X-Content-Type-Options: nosniff``, and all but the interactive API docs
   a ``Content-Security-Policy`` that allows scripts, styles and connections from this origin only
   (the console page has no inline script or style).

@@ -9,7 +9,8 @@ and nginx's ``client_header_timeout`` do. The body has its own deadline, kept wh
 (:mod:`server.api.bodies`).
 
 uvicorn also reads a head of any size: 100 MB of small headers, sent in 2 s, left the server 1 GiB
-larger for good, and a 100 MB request target took a core for 20 s (its parts are joined one by one).
+larger for good, and a 200 MB request target held a core and the event loop for 20 s (its parts are
+joined one by one).
 Here, as Apache's ``LimitRequestLine`` and ``LimitRequestFields`` and nginx's
 ``large_client_header_buffers`` do, a target over ``MAX_TARGET_BYTES`` is answered 414, and a head
 over ``MAX_HEAD_BYTES`` or ``MAX_FIELDS`` header fields 431; then the connection is closed. The head's

@@ -78,12 +78,15 @@ def body_limits(settings: Settings, max_bytes: int, budgeted: bool = True) -> Bo
 
 
 async def limited_stream(request: Request, limits: BodyLimits) -> AsyncIterator[bytes]:
-    """The body's chunks, each counted against the process's :class:`BodyBudget` when ``limits.budgeted``;
-    raises :class:`TooLarge`
-    as soon as their total passes ``limits.max_bytes``, :class:`RequestTimeout` when the body falls
-    behind its pace, :class:`BodiesOverBudget` at a chunk the budget cannot hold, and :class:`UnsupportedMediaType`
-    for a compressed body (a ``Content-Encoding`` other than identity: its bytes are not what they say,
-    and images compress no further), as RFC 7694 answers it."""
+    """The body's chunks, each counted against the process's :class:`BodyBudget` when ``limits.budgeted``.
+
+    Raises:
+        TooLarge: as soon as their total passes ``limits.max_bytes``.
+        RequestTimeout: the body falls behind its pace.
+        BodiesOverBudget: at a chunk the budget cannot hold.
+        UnsupportedMediaType: a compressed body (a ``Content-Encoding`` other than identity: its bytes
+            are not what they say, and images compress no further), as RFC 7694 answers it.
+    """
     coding = request.headers.get("content-encoding", "identity").strip().lower()
     if coding not in ("", "identity"):
         raise UnsupportedMediaType(f"Content-Encoding {coding!r} is not accepted; send the body uncompressed")
