@@ -85,6 +85,7 @@ def create_app(
         freeze_heap()
         app.state.services, app.state.metrics = built, built.metrics
         app.state.upload_turns = asyncio.Semaphore(settings.upload_concurrency)
+        built.metrics.body_bytes.set_function(lambda: app.state.body_budget.held)
         app.state.ready = True
         log_management(settings)
         log.info("ready: serving store %s", settings.store_url or settings.store_dir)

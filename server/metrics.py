@@ -45,6 +45,9 @@ class Metrics:
         )
         self.feature_cache_bytes = Gauge("sidecar_feature_cache_bytes", "cached tap bytes", registry=r)
         self.queue_depth = Gauge("sidecar_queue_depth", "requests waiting for the engine", registry=r)
+        self.body_bytes = Gauge(
+            "sidecar_request_body_bytes", "request body bytes received and not yet answered", registry=r
+        )
         self.errors = Counter("sidecar_errors", "error responses by code", ["code"], registry=r)
 
     def render(self) -> bytes:

@@ -136,6 +136,10 @@ def test_uploads_sent_at_once_are_validated_upload_concurrency_at_a_time(
     assert versions == [1, 1, 1, 1] and listed == {"t0", "t1", "t2", "t3"} and most[0] == turns
 
 
+def gauge(metrics: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(f"{name} "))
+
+
 def test_request_bodies_in_memory_stay_within_the_budget_and_are_given_back(tmp_path: Path, backbone):
     """Three 1 MiB bodies being read fill a 3 MiB budget: a fourth, raw or multipart, is answered 503 (and
     its connection closed); once the three are answered, their bytes are given back. A body is counted as it arrives,
@@ -155,6 +159,7 @@ def test_request_bodies_in_memory_stay_within_the_budget_and_are_given_back(tmp_
         deadline = time.monotonic() + 10
         while budget.held < 3 * (MiB - kib) and time.monotonic() < deadline:
             time.sleep(0.05)
+        metric = httpx.get(f"{live.url}/metrics").text
         refused = httpx.post(f"{live.url}/v1/detect?tasks=t", content=b"x" * (8 * kib), headers=JPEG)
         form = httpx.post(f"{live.url}/v1/detect", data={"tasks": "t"}, files={"image": ("a.jpg", b"x" * 8 * kib)})
         for sock in socks:
@@ -163,8 +168,10 @@ def test_request_bodies_in_memory_stay_within_the_budget_and_are_given_back(tmp_
         for sock in socks:
             sock.close()
         after = httpx.post(f"{live.url}/v1/detect?tasks=t", content=b"x" * 1000, headers=JPEG)
-        held = budget.held
+        held, metric_after = budget.held, httpx.get(f"{live.url}/metrics").text
     assert trickled <= 10
+    assert gauge(metric, "sidecar_request_body_bytes") >= 3 * (MiB - kib)  # exported to /metrics
+    assert gauge(metric_after, "sidecar_request_body_bytes") == 0
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
     assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
     assert form.status_code == 503  # a multipart body too, spooled to disk or not
