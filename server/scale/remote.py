@@ -115,10 +115,16 @@ async def snapshots(engines: DeploymentHandle) -> list[dict[str, Any]]:
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{[^}]*\})?(?P<rest> .*)$")
 
 
-def merge_metrics(texts: dict[str, str], own: str, own_families: tuple[str, ...] = ("sidecar_errors",)) -> str:
+INGRESS_ONLY = ("sidecar_request_body_bytes",)  # the ingress reads the bodies; a replica's gauge stays 0
+
+
+def merge_metrics(
+    texts: dict[str, str], own: str, own_families: tuple[str, ...] = ("sidecar_errors", *INGRESS_ONLY)
+) -> str:
     """Prometheus texts of several registries as one: each replica's samples get ``replica="<pid>"``,
     and every family is written once (headers, then all its samples), as the text format requires.
-    From ``own`` (the ingress's registry) only ``own_families`` are kept: it serves no images."""
+    From ``own`` (the ingress's registry) only ``own_families`` are kept: it serves no images; from the
+    replicas, all but ``INGRESS_ONLY``."""
     headers: dict[str, list[str]] = {}
     samples: dict[str, list[str]] = defaultdict(list)
     for replica, text in [*texts.items(), ("", own)]:
@@ -132,6 +138,8 @@ def merge_metrics(texts: dict[str, str], own: str, own_families: tuple[str, ...]
                 continue
             found = SAMPLE.match(line)
             if found is None or (not replica and not family.startswith(own_families)):
+                continue
+            if replica and family.startswith(INGRESS_ONLY):
                 continue
             labels = found["labels"][1:-1] if found["labels"] else ""
             if replica:

@@ -232,6 +232,8 @@ def test_the_http_api_is_the_single_process_one(cluster: Cluster):
     replicas = {line.split('replica="')[1].split('"')[0] for line in metrics.text.splitlines() if 'replica="' in line}
     assert len(replicas) == 2  # each replica's registry, labelled
     assert "sidecar_tuner_cache_resident_bytes{replica=" in metrics.text
+    assert "\nsidecar_request_body_bytes 0.0" in metrics.text  # the ingress's, which reads the bodies
+    assert "sidecar_request_body_bytes{" not in metrics.text
     with SidecarClient(cluster.url) as client:
         assert client.backbone().name == "mobilenet_v2"
         assert {t.id: t.residency for t in client.list_tasks()}["t0"] == "device"
