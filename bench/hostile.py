@@ -8,7 +8,9 @@ memory (its peak while the scenario ran, above what it held before) and the serv
 - ``target``: a request target of 200 MB, sent as fast as the server takes it, for at most 30 s;
 - ``pipeline``: 300,000 pipelined ``GET /healthz`` sent before any answer is read, then the answers
   read for 10 s (the count is printed);
-- ``bodies``: 120 connections each sending a 19 MB body at once, all but the last MiB, then the rest.
+- ``bodies``: 120 connections each sending a 19 MB body at once, all but the last MiB, then the rest;
+- ``refused``: 20 clients in turn, each sending a 40 MB body (twice the limit) whole before reading the
+  answer, as most HTTP clients do: whether the send completes or the connection resets under it.
 
 Run: ``.venv/bin/python -m bench.hostile --compare-to /path/to/old-worktree``.
 """
@@ -112,7 +114,25 @@ def bodies(port: int, n: int = 120, size: int = 19 * MiB) -> str:
     return ", ".join(f"{count} {status}" for status, count in Counter(statuses).most_common())
 
 
-SCENARIOS: dict[str, Scenario] = {"fields": fields, "target": target, "pipeline": pipeline, "bodies": bodies}
+def refused(port: int, n: int = 20, size: int = 40 * MiB) -> str:
+    """``n`` clients one after another, each sending a body twice the request limit whole, then reading."""
+    outcomes: list[str] = []
+    for _ in range(n):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            head = b"POST /v1/detect?tasks=t HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            try:
+                sock.sendall(head + b"Content-Length: %d\r\n\r\n" % size)
+                sock.sendall(b"\xff" * size)
+                sent = "sent whole"
+            except OSError as e:
+                sent = f"{type(e).__name__} while sending"
+            outcomes.append(f"{sent}, then read {answer(sock)}")
+    return ", ".join(f"{count}x {outcome}" for outcome, count in Counter(outcomes).most_common())
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "fields": fields, "target": target, "pipeline": pipeline, "bodies": bodies, "refused": refused
+}  # fmt: skip
 
 
 def measure(server: Server, scenario: Scenario) -> tuple[str, float, float]:

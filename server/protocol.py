@@ -20,6 +20,12 @@ uvicorn also queues pipelined requests without a bound: 300,000 ``GET``s sent on
 4 s, before reading any answer, left the server 680 MiB larger (``bench.hostile``). Here a connection with
 ``MAX_PIPELINED`` requests waiting parses no more: those are answered, then it closes, and the client
 sends the rest again, as HTTP/1.1 asks of a client whose connection closes under its pipeline.
+
+Every close the server makes after an answer lingers, as Apache's and nginx's do: the answer is sent,
+the server half-closes, and what the client still sends is read and dropped until it closes its side,
+sends nothing for ``LINGER_S``, or ``LINGER_MAX_S`` pass. A socket closed with a body still arriving
+resets: a client still sending a body refused partway (413, 503 over the body budget) got ECONNRESET
+before it read the answer, and some systems drop an answer not yet read when the reset comes.
 """
 
 from __future__ import annotations
@@ -40,11 +46,27 @@ MAX_FIELDS = 100
 MAX_PIPELINED = 100
 """Most requests queued on one connection behind the one being answered (HTTP/1.1 pipelining)."""
 LINGER_S = 2.0
-"""How long a refused connection stays open, its reads dropped, for the client to read the answer."""
+"""A lingering close ends once the client has sent nothing for this long (nginx's ``lingering_timeout``)."""
+LINGER_MAX_S = 30.0
+"""... and at the latest this long after it began (nginx's ``lingering_time``)."""
 
 
 class _Refused(Exception):
     """Raised in a parser callback to stop parsing a head that was answered and closed."""
+
+
+class _LingeringClose:
+    """The transport as a request's cycle sees it: the cycle closes the connection after an answer
+    with ``Connection: close`` (or one it could not finish), and that close lingers."""
+
+    def __init__(self, protocol: HeadDeadlineProtocol) -> None:
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._protocol.transport, name)
+
+    def close(self) -> None:
+        self._protocol._linger()
 
 
 class HeadDeadlineProtocol(HttpToolsProtocol):
@@ -55,10 +77,14 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     _head_timer: asyncio.TimerHandle | None = None
     _head_bytes = 0  # bytes of the head in progress so far (less the read it began in, after a first request)
     _heads = 0  # heads completed on this connection
-    _refused = False
+    _refused = False  # no more requests are parsed on this connection
+    _linger_timer: asyncio.TimerHandle | None = None  # set once the connection lingers
+    _linger_deadline = 0.0
+    _last_read = 0.0
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
+            self._last_read = self.loop.time()
             return
         room = MAX_HEAD_BYTES - self._head_bytes
         if self._head_timer is None or len(data) <= room:  # no head in progress, or all of it fits
@@ -105,11 +131,27 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         self._linger()
 
     def _linger(self) -> None:
-        """A lingering close, as Apache's and nginx's: closed with requests unread, the socket would
-        reset, and a client still sending might lose the answers. Reads meanwhile are dropped."""
+        """A lingering close (see the module's docstring): half-closes, then drops the client's reads
+        until it closes, or is quiet for ``LINGER_S``, or ``LINGER_MAX_S`` pass."""
+        if self._linger_timer is not None or self.transport.is_closing():
+            return
+        self._refused = True
+        self._disarm()
+        self.pipeline.clear()  # requests queued behind the answer are not answered: the client sends them again
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self.loop.call_later(LINGER_S, self.transport.close)
+        self.flow.resume_reading()  # paused under a large body: read on, to drop it
+        now = self.loop.time()
+        self._last_read, self._linger_deadline = now, now + LINGER_MAX_S
+        self._linger_timer = self.loop.call_later(LINGER_S, self._linger_check)
+
+    def _linger_check(self) -> None:
+        now = self.loop.time()
+        if now >= self._linger_deadline or now - self._last_read >= LINGER_S:
+            self.transport.close()
+            return
+        wake = min(self._last_read + LINGER_S, self._linger_deadline)
+        self._linger_timer = self.loop.call_later(wake - now, self._linger_check)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -126,15 +168,22 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             self._refused = True
             raise _Refused
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.transport = _LingeringClose(self)  # type: ignore[assignment]
 
     def on_response_complete(self) -> None:
+        if self._linger_timer is not None:  # the answer closed the connection
+            self.server_state.total_requests += 1
+            return
         last = not self.pipeline
         super().on_response_complete()
-        if self._refused and last and not self.transport.is_closing():
+        if self._refused and last:
             self._linger()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         super().connection_lost(exc)
 
     def _arm(self) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server import protocol
 from server.main import create_app
 from server.protocol import MAX_PIPELINED
 from tests.server.conftest import LiveServer, settings
@@ -93,10 +94,7 @@ def test_a_head_over_the_limits_is_answered_and_its_connection_closed(
 ):
     """uvicorn alone read a head of any size: 100 MB of fields left the server 1 GiB larger for good."""
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        try:
-            sock.sendall(sent)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # closed after answering, LINGER_S later
+        sock.sendall(sent)  # all of it: after the answer, the server drops what comes (a lingering close)
         received, after = answer_within(sock, 10)
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d" % status) and json.loads(body)["error"]["code"] == code and after < 5
@@ -131,3 +129,61 @@ def test_a_pipeline_deeper_than_the_limit_is_answered_up_to_it_then_closed(serve
         sock.sendall(request * 3000)
         received, _ = answer_within(sock, 10)
     assert received.count(b"HTTP/1.1 200") == MAX_PIPELINED + 1 and received.count(b"HTTP/1.1") == MAX_PIPELINED + 1
+
+
+@pytest.mark.parametrize("framing", ["declared", "chunked"])
+def test_a_client_still_sending_a_refused_body_reads_the_answer_and_is_not_reset(
+    tmp_path: Path,
+    backbone,
+    framing: str,  # noqa: ANN001
+):
+    """A body over the limit is answered 413 before it is all sent, and the connection closes. Closed at
+    once, with the body still arriving, the socket resets: a client still sending gets ECONNRESET, and
+    on some systems loses the answer it has not read. The server lingers instead: it half-closes and
+    drops what still comes, so the client sends all of it, then reads the answer and an orderly end."""
+    limit, size = 64 * 1024, 8 * 1024 * 1024
+    with LiveServer(create_app(settings(tmp_path / "store", max_request_bytes=limit), backbone=backbone)) as live:
+        with socket.create_connection(("127.0.0.1", live.port)) as sock:
+            if framing == "declared":
+                sock.sendall(HEAD + b"Content-Length: %d\r\n\r\n" % size)
+                sock.sendall(b"x" * size)
+            else:
+                sock.sendall(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+                chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+                for _ in range(size // 65536):
+                    sock.sendall(chunk)
+            received, after = answer_within(sock, 10)
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower() and after < 5
+        assert json.loads(body)["error"]["code"] == "too_large"
+        assert httpx.get(f"{live.url}/healthz").status_code == 200
+
+
+def test_a_lingering_close_ends_when_the_client_is_quiet_or_at_its_bound(
+    tmp_path: Path,
+    backbone,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+):
+    """Lingering holds a socket only while the client sends: a client that stays connected and quiet is
+    closed ``LINGER_S`` after the answer, and one that never stops sending ``LINGER_MAX_S`` after it."""
+    monkeypatch.setattr(protocol, "LINGER_S", 0.5)
+    monkeypatch.setattr(protocol, "LINGER_MAX_S", 1.5)
+    refused = HEAD + b"Content-Length: %d\r\n\r\n" % (1 << 30)
+    with LiveServer(create_app(settings(tmp_path / "store", max_request_bytes=1024), backbone=backbone)) as live:
+        connections = live.server.server_state.connections
+        with socket.create_connection(("127.0.0.1", live.port)) as quiet:
+            quiet.sendall(refused)
+            received, _ = answer_within(quiet, 10)  # the answer, then the half-close's end of stream
+            assert received.startswith(b"HTTP/1.1 413")
+            deadline = time.monotonic() + 5
+            while connections and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not connections  # closed by the server while the client still held its end
+        with socket.create_connection(("127.0.0.1", live.port)) as sending:
+            sending.sendall(refused)
+            start = time.monotonic()
+            with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                while time.monotonic() - start < 10:
+                    sending.sendall(b"x" * 65536)
+                    time.sleep(0.01)
+            assert time.monotonic() - start < 5
