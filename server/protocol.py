@@ -113,8 +113,10 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def send_400_response(self, msg: str) -> None:
+        """Malformed HTTP: uvicorn's plain-text 400 and abrupt close become the API's error body and a
+        lingering close."""
         if not self._refused:  # else the parser stopped at a _Refused, and the head is answered
-            super().send_400_response(msg)
+            self._refuse(400, "malformed_http", f"the request is not valid HTTP/1.1: {msg}")
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         """Answers ``status`` with the API's error body; the connection closes ``LINGER_S`` later."""

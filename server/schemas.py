@@ -107,6 +107,7 @@ class BackboneInfo(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
+        400: "a request that is not valid HTTP/1.1 (server-serve, before the app)",
         401: "missing key",
         403: "wrong key",
         404: "unknown task or version",
