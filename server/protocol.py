@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+import weakref
 from http import HTTPStatus
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -57,16 +58,23 @@ class _Refused(Exception):
 
 class _LingeringClose:
     """The transport as a request's cycle sees it: the cycle closes the connection after an answer
-    with ``Connection: close`` (or one it could not finish), and that close lingers."""
+    with ``Connection: close`` (or one it could not finish), and that close lingers. It holds its
+    protocol weakly: the protocol holds the cycle, and a reference cycle would keep both, and the
+    body bytes the cycle holds, until a full collection."""
 
     def __init__(self, protocol: HeadDeadlineProtocol) -> None:
-        self._protocol = protocol
+        self._protocol = weakref.ref(protocol)
+        self._transport = protocol.transport
 
     def __getattr__(self, name: str) -> object:
-        return getattr(self._protocol.transport, name)
+        return getattr(self._transport, name)
 
     def close(self) -> None:
-        self._protocol._linger()
+        protocol = self._protocol()
+        if protocol is None:
+            self._transport.close()
+        else:
+            protocol._linger()
 
 
 class HeadDeadlineProtocol(HttpToolsProtocol):
@@ -78,7 +86,8 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     _head_bytes = 0  # bytes of the head in progress so far (less the read it began in, after a first request)
     _heads = 0  # heads completed on this connection
     _refused = False  # no more requests are parsed on this connection
-    _linger_timer: asyncio.TimerHandle | None = None  # set once the connection lingers
+    _lingering = False
+    _linger_timer: asyncio.TimerHandle | None = None
     _linger_deadline = 0.0
     _last_read = 0.0
 
@@ -135,9 +144,9 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     def _linger(self) -> None:
         """A lingering close (see the module's docstring): half-closes, then drops the client's reads
         until it closes, or is quiet for ``LINGER_S``, or ``LINGER_MAX_S`` pass."""
-        if self._linger_timer is not None or self.transport.is_closing():
+        if self._lingering or self.transport.is_closing():
             return
-        self._refused = True
+        self._refused = self._lingering = True
         self._disarm()
         self.pipeline.clear()  # requests queued behind the answer are not answered: the client sends them again
         if self.transport.can_write_eof():
@@ -148,6 +157,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         self._linger_timer = self.loop.call_later(LINGER_S, self._linger_check)
 
     def _linger_check(self) -> None:
+        self._linger_timer = None  # a fired handle keeps its callback, and with it this protocol
         now = self.loop.time()
         if now >= self._linger_deadline or now - self._last_read >= LINGER_S:
             self.transport.close()
@@ -174,7 +184,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             self.cycle.transport = _LingeringClose(self)  # type: ignore[assignment]
 
     def on_response_complete(self) -> None:
-        if self._linger_timer is not None:  # the answer closed the connection
+        if self._lingering:  # the answer closed the connection
             self.server_state.total_requests += 1
             return
         last = not self.pipeline
@@ -186,6 +196,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         self._disarm()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
+            self._linger_timer = None
         super().connection_lost(exc)
 
     def _arm(self) -> None:
