@@ -26,6 +26,9 @@ the server half-closes, and what the client still sends is read and dropped unti
 sends nothing for ``LINGER_S``, or ``LINGER_MAX_S`` pass. A socket closed with a body still arriving
 resets: a client still sending a body refused partway (413, 503 over the body budget) got ECONNRESET
 before it read the answer, and some systems drop an answer not yet read when the reset comes.
+
+An answer to a request with ``Expect: 100-continue`` that starts before the body was asked for closes
+the connection (:class:`_ClosesIfBodyNotAsked`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ import uuid
 import weakref
 from http import HTTPStatus
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 MAX_TARGET_BYTES = 8 * 1024
 """Longest request target (path and query): Apache's and nginx's 8 KiB."""
@@ -75,6 +79,25 @@ class _LingeringClose:
             self._transport.close()
         else:
             protocol._linger()
+
+
+class _ClosesIfBodyNotAsked:
+    """A request cycle's ``send`` when the client sent ``Expect: 100-continue``: an answer that starts
+    before the body was asked for (a 401 or a 415 decided from the head) closes the connection, as
+    Go's ``net/http`` does. Kept open, the client may send the body or not, and the connection's state
+    is unknown: a client that reused it without sending the body had its next request read as this
+    one's body, and waited for an answer that never came (RFC 9110, section 10.1.1)."""
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = weakref.ref(cycle)  # the cycle holds this; a strong reference would make a cycle
+
+    async def __call__(self, message: ASGISendEvent) -> None:
+        cycle = self._cycle()
+        if cycle is None:
+            return
+        if message["type"] == "http.response.start" and cycle.waiting_for_100_continue and cycle.more_body:
+            cycle.keep_alive = False
+        await RequestResponseCycle.send(cycle, message)
 
 
 class HeadDeadlineProtocol(HttpToolsProtocol):
@@ -182,6 +205,8 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not None:
             self.cycle.transport = _LingeringClose(self)  # type: ignore[assignment]
+            if self.cycle.waiting_for_100_continue:
+                self.cycle.send = _ClosesIfBodyNotAsked(self.cycle)  # type: ignore[method-assign]
 
     def on_response_complete(self) -> None:
         if self._lingering:  # the answer closed the connection

@@ -201,3 +201,28 @@ def test_a_lingering_close_ends_when_the_client_is_quiet_or_at_its_bound(
                     sending.sendall(b"x" * 65536)
                     time.sleep(0.01)
             assert time.monotonic() - start < 5
+
+
+def test_an_answer_before_an_expected_body_was_asked_for_closes_the_connection(server: LiveServer):
+    """``Expect: 100-continue``, then a 415 decided from the head: the client has not sent the body and
+    may never. Kept open, a client that reused the connection had its next request read as this one's
+    body and waited for good; the answer now closes the connection. A body that was asked for (100
+    Continue) and sent leaves the connection open for the next request."""
+    head = HEAD + b"Expect: 100-continue\r\nContent-Length: 100\r\n"
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head + b"Content-Encoding: gzip\r\n\r\n")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # reusing the connection without the body
+        received, after = answer_within(sock, 10)
+    status, _, rest = received.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 415") and b"connection: close" in status.lower() and after < 5
+    assert b"HTTP/1.1" not in rest  # the GET is not answered: the client sends it again on a new connection
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(head + b"\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(b"x" * 100 + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b"HTTP/1.1 200" not in received:
+            received += sock.recv(65536) or b"(closed)"
+            assert not received.endswith(b"(closed)"), received
+    assert received.startswith(b"HTTP/1.1 415") and b"connection: close" not in received.lower()
