@@ -171,8 +171,7 @@ def test_a_lingering_close_ends_when_the_client_is_quiet_or_at_its_bound(
     """Lingering holds a socket only while the client sends: a client that stays connected and quiet is
     closed ``LINGER_S`` after the answer, and one that never stops sending ``LINGER_MAX_S`` after it.
     A closed connection's protocol is freed at once, with the body bytes it read: a first version kept
-    it in a reference cycle (through its fired timer) that the collector never freed, 90 KB per
-    connection here."""
+    it in a reference cycle (through its fired timer) that the collector did not free."""
     monkeypatch.setattr(protocol, "LINGER_S", 0.5)
     monkeypatch.setattr(protocol, "LINGER_MAX_S", 1.5)
     refused = HEAD + b"Content-Length: %d\r\n\r\n" % (1 << 30)
