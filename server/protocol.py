@@ -29,12 +29,20 @@ before it read the answer, and some systems drop an answer not yet read when the
 
 An answer to a request with ``Expect: 100-continue`` that starts before the body was asked for closes
 the connection (:class:`_ClosesIfBodyNotAsked`).
+
+A request that asks to switch protocols (``Connection: Upgrade`` with ``Upgrade: h2c``, as ``curl
+--http2`` and Java's ``HttpClient`` send on ``http://``, or ``websocket``) is served as HTTP/1.1, as
+RFC 9110 (section 7.8) lets a server do: the app has no other protocol. llhttp stops at the head of
+such a request and uvicorn then loses its body and what follows it on the connection (``curl --http2``
+posting a photo got 415 "the image is empty"), so the ``Upgrade`` field of each head is renamed
+``Ignored`` before it is parsed (:func:`ignore_upgrade`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 import weakref
 from http import HTTPStatus
@@ -54,6 +62,22 @@ LINGER_S = 2.0
 """A lingering close ends once the client has sent nothing for this long (nginx's ``lingering_timeout``)."""
 LINGER_MAX_S = 30.0
 """... and at the latest this long after it began (nginx's ``lingering_time``)."""
+
+
+UPGRADE_FIELD = re.compile(rb"\nupgrade:", re.IGNORECASE)
+IGNORED_FIELD = b"\nIgnored:"  # as long as the name it replaces: the head's size is unchanged
+
+
+def ignore_upgrade(data: bytes) -> bytes:
+    """``data``, which starts in a request head, with the head's ``Upgrade`` fields renamed ``Ignored``;
+    the bytes after the head's end (a body, or the next request) are left as they are. A field name
+    split across two reads, or in a head pipelined behind a body in the same read, is missed, and
+    that request's upgrade is left to uvicorn."""
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end]
+    if not UPGRADE_FIELD.search(head):
+        return data
+    return UPGRADE_FIELD.sub(IGNORED_FIELD, head) + (b"" if end < 0 else data[end:])
 
 
 class _Refused(Exception):
@@ -110,6 +134,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     _heads = 0  # heads completed on this connection
     _refused = False  # no more requests are parsed on this connection
     _lingering = False
+    _in_body = False  # between a request's head and its end: reads are body bytes
     _linger_timer: asyncio.TimerHandle | None = None
     _linger_deadline = 0.0
     _last_read = 0.0
@@ -118,6 +143,8 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         if self._refused:
             self._last_read = self.loop.time()
             return
+        if not self._in_body:
+            data = ignore_upgrade(data)
         room = MAX_HEAD_BYTES - self._head_bytes
         if self._head_timer is None or len(data) <= room:  # no head in progress, or all of it fits
             self._head_bytes += len(data) if self._head_timer is not None else 0
@@ -203,10 +230,15 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             self._refused = True
             raise _Refused
         super().on_headers_complete()
+        self._in_body = True
         if self.cycle is not None:
             self.cycle.transport = _LingeringClose(self)  # type: ignore[assignment]
             if self.cycle.waiting_for_100_continue:
                 self.cycle.send = _ClosesIfBodyNotAsked(self.cycle)  # type: ignore[method-assign]
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         if self._lingering:  # the answer closed the connection

@@ -225,3 +225,30 @@ def test_an_answer_before_an_expected_body_was_asked_for_closes_the_connection(s
             received += sock.recv(65536) or b"(closed)"
             assert not received.endswith(b"(closed)"), received
     assert received.startswith(b"HTTP/1.1 415") and b"connection: close" not in received.lower()
+
+
+def test_a_request_asking_to_upgrade_is_served_as_http_1_1_with_its_body(server: LiveServer):
+    """``curl --http2`` on ``http://`` (and Java's ``HttpClient``) asks to switch to h2c. llhttp stopped at
+    the head, and uvicorn lost the body and the requests behind it: a posted photo was answered 415
+    "the image is empty". The upgrade is ignored, as RFC 9110 allows, and the request served whole."""
+    body = b"\xff\xd8 not a whole JPEG"
+    upgrade = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    request = HEAD + upgrade + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(request + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(10)
+        received = b""
+        while not received.endswith(b'"ok"}'):
+            received += sock.recv(65536) or b"(closed)"
+            assert not received.endswith(b"(closed)"), received
+    first = json.loads(received.split(b"\r\n\r\n")[1].split(b"HTTP/1.1")[0])
+    assert received.startswith(b"HTTP/1.1 415") and b"HTTP/1.1 200" in received
+    assert first["error"]["code"] == "not_an_image" and "empty" not in first["error"]["message"]
+
+
+def test_ignore_upgrade_renames_the_heads_field_and_leaves_the_body():
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nuPgRaDe: h2c\r\nContent-Length: 30\r\n\r\n"
+    body = b"\r\nUpgrade: body bytes, kept\r\n"
+    out = protocol.ignore_upgrade(head + body)
+    assert out == head.replace(b"uPgRaDe:", b"Ignored:") + body and len(out) == len(head + body)
+    assert protocol.ignore_upgrade(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
