@@ -125,8 +125,9 @@ class _ClosesIfBodyNotAsked:
 
 
 class HeadDeadlineProtocol(HttpToolsProtocol):
-    """:class:`HttpToolsProtocol` that closes a connection whose request head is not in on time, and
-    answers a head that is too large."""
+    """:class:`HttpToolsProtocol` that closes a connection whose request head is not in on time, answers
+    a head that is too large, bounds a pipeline, lingers when it closes, and ignores upgrades (see the
+    module's docstring)."""
 
     head_timeout_s: float = 20.0
     _head_timer: asyncio.TimerHandle | None = None
