@@ -179,7 +179,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             self._refuse(400, "malformed_http", f"the request is not valid HTTP/1.1: {msg}")
 
     def _refuse(self, status: int, code: str, message: str) -> None:
-        """Answers ``status`` with the API's error body; the connection closes ``LINGER_S`` later."""
+        """Answers ``status`` with the API's error body, then closes the connection, lingering."""
         self._refused = True
         self._disarm()
         request_id = uuid.uuid4().hex
