@@ -63,7 +63,7 @@ class TaskVersion:
 
 def complete(folder: Path) -> bool:
     """A version folder holds both artifact files."""
-    return (folder / MANIFEST).is_file() and (folder / WEIGHTS).is_file()
+    return os.path.isfile(os.path.join(folder, MANIFEST)) and os.path.isfile(os.path.join(folder, WEIGHTS))
 
 
 class VersionedStore:
@@ -250,11 +250,17 @@ class TaskStore(VersionedStore):
 
     def task_ids(self) -> list[str]:
         """Every task folder's id, servable or not."""
-        return sorted(p.name for p in self.root.iterdir() if self.is_task(p.name))
+        with os.scandir(self.root) as entries:  # is_dir() from the listing itself: no stat per entry
+            return sorted(e.name for e in entries if TASK_ID.fullmatch(e.name) and e.is_dir())
 
     def _pointer(self, task_id: str) -> str | None:
         folder = self.root / task_id
-        return (folder / CURRENT).read_text().strip() if folder.is_dir() else None
+        try:
+            return (folder / CURRENT).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            if folder.is_dir():
+                raise  # a task without a readable pointer
+            return None
 
     def _version(self, task_id: str, version: int) -> TaskVersion | None:
         path = self.root / task_id / f"v{version}"
@@ -264,7 +270,8 @@ class TaskStore(VersionedStore):
         """Complete versions of ``task_id``, oldest first."""
         folder = self.root / check_task_id(task_id)
         try:
-            names = [p.name for p in folder.iterdir()]
+            with os.scandir(folder) as entries:
+                names = [e.name for e in entries]
         except (FileNotFoundError, NotADirectoryError):  # never there, or deleted just now
             raise UnknownTask.of(task_id) from None
         numbers = (VERSION.fullmatch(name) for name in names)

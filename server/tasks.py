@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from server.executor import Executor
 from server.schemas import QuarantinedTask, TaskInfo, TaskList, TaskVersions, VersionInfo
 from server.store import TaskVersion, VersionedStore, check_task_id, complete
 from server.task_reader import quarantine_damaged
-from server.tuner_cache import TunerCache
+from server.tuner_cache import States, TunerCache
 from tuners.artifact import MANIFEST, build_spare, load_artifact, manifest_architecture, parse_json, read_manifest
 from tuners.errors import ArtifactError, IncompatibleBackboneError
 from tuners.task_model import TaskModel
@@ -28,21 +29,38 @@ from tuners.task_model import TaskModel
 log = logging.getLogger(__name__)
 
 
+def fixed_fields(manifest: dict[str, Any], nbytes: int) -> dict[str, Any]:
+    """The fields of :class:`TaskInfo` that a version's files fix: its manifest's, and its bytes on disk."""
+    return {
+        "method": manifest["method"],
+        "kind": manifest.get("kind", "side"),
+        "labels": manifest["labels"],
+        "metrics": {k: v for k, v in manifest.get("metrics", {}).items() if k != "per_class"},
+        "bytes": nbytes,
+        "backbone": manifest["backbone"],
+        "sha256": manifest.get("weights_sha256"),
+        "created_at": manifest.get("provenance", {}).get("created_at"),
+    }
+
+
 class Tasks:
     """List, inspect, publish, delete, pin and unpin tasks."""
 
     def __init__(self, store: VersionedStore, cache: TunerCache, executor: Executor) -> None:
         self.store, self.cache, self.executor = store, cache, executor
+        # Per version folder: what its files fix in a listing, read once (see _read_fixed).
+        self._fixed: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        self._fixed_lock = threading.Lock()
 
-    def info(self, found: TaskVersion, manifest: dict[str, Any] | None = None, nbytes: int | None = None) -> TaskInfo:
-        """What the API says about ``found``, read from its folder unless the caller has ``manifest`` and ``nbytes``.
+    def info(self, found: TaskVersion, fixed: dict[str, Any] | None = None, states: States | None = None) -> TaskInfo:
+        """What the API says about ``found``. ``fixed``: its :func:`fixed_fields`, else read from its folder
+        (once per version); ``states``: :meth:`TunerCache.states`, when the caller has it.
 
         Raises:
             UnknownTask: the task was deleted, or the version pruned, while this read it.
         """
         try:
-            manifest = read_manifest(found.path) if manifest is None else manifest
-            nbytes = sum(p.stat().st_size for p in found.path.iterdir()) if nbytes is None else nbytes
+            fixed = self._read_fixed(found) if fixed is None else fixed
         except (ArtifactError, OSError) as e:
             if complete(found.path):
                 raise
@@ -51,31 +69,51 @@ class Tasks:
             versions = self.store.versions(found.task_id)
         except UnknownTask:
             versions = []  # deleted since; what the version was is still true
+        residency, compiled = (self.cache.states() if states is None else states).get(found.task_id, (None, False))
         return TaskInfo(
+            **fixed,
             id=found.task_id,
             version=found.version,
             versions=versions,
-            method=manifest["method"],
-            kind=manifest.get("kind", "side"),
-            labels=manifest["labels"],
-            metrics={k: v for k, v in manifest.get("metrics", {}).items() if k != "per_class"},
-            bytes=nbytes,
-            residency=self.cache.residency(found.task_id),
+            residency=residency,
             pinned=self.cache.is_pinned(found.task_id),
-            compiled=self.cache.is_compiled(found.task_id),
-            backbone=manifest["backbone"],
-            sha256=manifest.get("weights_sha256"),
-            created_at=manifest.get("provenance", {}).get("created_at"),
+            compiled=compiled,
         )
 
+    def _read_fixed(self, found: TaskVersion) -> dict[str, Any]:
+        """:func:`fixed_fields` of ``found``, read from its files once: a published version does not
+        change, and a manifest changed on disk since (another inode, size or time) is read again.
+
+        Raises:
+            ArtifactError, OSError.
+        """
+        stat = (found.path / MANIFEST).stat()
+        stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        with self._fixed_lock:
+            known = self._fixed.get(found.path)
+        if known is not None and known[0] == stamp:
+            return known[1]
+        fixed = fixed_fields(read_manifest(found.path), sum(p.stat().st_size for p in found.path.iterdir()))
+        with self._fixed_lock:
+            self._fixed[found.path] = (stamp, fixed)
+        return fixed
+
     async def list(self) -> TaskList:
-        infos = []
-        for found in await asyncio.to_thread(self.store.list):
+        return await asyncio.to_thread(self._list)
+
+    def _list(self) -> TaskList:
+        """Every servable task and every quarantined one. It runs on a worker thread: a store of
+        thousands of tasks takes a while to read, and the event loop goes on serving meanwhile."""
+        infos, listed, states = [], set(), self.cache.states()
+        for found in self.store.list():
             with contextlib.suppress(UnknownTask, TaskQuarantined):  # deleted since the listing; or listed below
-                infos.append(self._current_info(found))
+                infos.append(self._current_info(found, states))
+                listed.add(found.path)
+        with self._fixed_lock:  # versions deleted or pruned since are forgotten
+            self._fixed = {path: known for path, known in self._fixed.items() if path in listed}
         return TaskList(tasks=infos, quarantined=self.quarantined())
 
-    def _current_info(self, found: TaskVersion) -> TaskInfo:
+    def _current_info(self, found: TaskVersion, states: States | None = None) -> TaskInfo:
         """:meth:`info` of a task's current version. One whose manifest cannot be read any more (changed
         on disk since it was published) quarantines its task, as an unreadable ``CURRENT`` does, so that
         one damaged file neither fails every listing nor hides the other tasks.
@@ -84,7 +122,7 @@ class Tasks:
             TaskQuarantined, UnknownTask.
         """
         try:
-            return self.info(found)
+            return self.info(found, states=states)
         except ArtifactError as e:  # not OSError: a full file table or a flaky disk passes, a damaged file stays
             self.cache.forget(found.task_id)
             quarantine_damaged(self.store, found, e)
@@ -109,10 +147,11 @@ class Tasks:
         """
         found = await asyncio.to_thread(self.store.rollback, check_task_id(task_id), version)
         self.cache.forget(task_id, keep_version=version)
-        return self.info(found)
+        return await asyncio.to_thread(self.info, found)
 
     async def get(self, task_id: str) -> TaskInfo:
-        return self._current_info(await asyncio.to_thread(self.store.get, check_task_id(task_id)))
+        check_task_id(task_id)
+        return await asyncio.to_thread(lambda: self._current_info(self.store.get(task_id)))
 
     async def publish(self, task_id: str, weights: bytes, config: bytes) -> TaskInfo:
         """Validates and publishes a new version of ``task_id``.
@@ -136,13 +175,15 @@ class Tasks:
         self.cache.forget(task_id, keep_version=published.version)
         model, manifest = checked[-1]
         self.cache.admit(published, model, manifest)
-        return self.info(published, manifest, len(weights) + len(config))  # a DELETE may follow at once
+        return self.info(published, fixed_fields(manifest, len(weights) + len(config)))  # a DELETE may follow
 
     async def delete(self, task_id: str) -> None:
         """Removes the task; requests already holding it finish with the version they hold."""
         await asyncio.to_thread(self.store.delete, check_task_id(task_id))
         self.cache.unpin(task_id)
         self.cache.forget(task_id)
+        with self._fixed_lock:  # a task published again under this id starts at v1 again, in the same folder
+            self._fixed = {path: known for path, known in self._fixed.items() if path.parent.name != task_id}
 
     async def pin(self, task_id: str) -> TaskInfo:
         """Loads the task and keeps it resident until unpinned, across restarts (the pin is kept in the store).
@@ -159,13 +200,13 @@ class Tasks:
             if not was:
                 self.cache.unpin(task_id)
             raise
-        return self.info(found)
+        return await asyncio.to_thread(self.info, found)
 
     async def unpin(self, task_id: str) -> TaskInfo:
         found = self.store.get(check_task_id(task_id))
         await asyncio.to_thread(self.store.set_pinned, task_id, False)
         self.cache.unpin(task_id)
-        return self.info(found)
+        return await asyncio.to_thread(self.info, found)
 
     async def build_spares(self) -> int:
         """Builds spare models for the store's architectures, the most common first, until the device

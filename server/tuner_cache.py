@@ -47,6 +47,7 @@ from tuners.task_model import TaskModel
 
 log = logging.getLogger(__name__)
 TIERS = ("device", "host")
+States = dict[str, tuple[str, bool]]  # task id -> (tier, compiled), for the resident tasks
 
 
 class VersionGone(UnknownVersion):
@@ -95,13 +96,19 @@ class TunerCache:
     def _entry_bytes(self, model: TaskModel) -> int:
         return entry_bytes(model, self.compiling.compiler is not None)
 
-    def residency(self, task_id: str) -> str | None:
+    def states(self) -> States:
+        """Per resident task: its tier (the first of ``TIERS`` that holds a version of it) and whether a
+        version of it has a compiled graph. One pass over the entries, for a listing of every task."""
+        found: States = {}
         with self._lock:
-            return next((t for t in TIERS for k in self.tiers[t] if k[0] == task_id), None)
+            for tier in TIERS:
+                for (task_id, _), entry in self.tiers[tier].items():
+                    where, compiled = found.get(task_id, (tier, False))
+                    found[task_id] = (where, compiled or entry.compiled is not None)
+        return found
 
-    def is_compiled(self, task_id: str) -> bool:
-        with self._lock:
-            return any(e.compiled is not None for t in TIERS for k, e in self.tiers[t].items() if k[0] == task_id)
+    def residency(self, task_id: str) -> str | None:
+        return self.states().get(task_id, (None, False))[0]
 
     def is_pinned(self, task_id: str) -> bool:
         return task_id in self._pinned

@@ -95,7 +95,7 @@ def test_host_tier_parks_evicted_models_and_returns_them_unchanged(tmp_path: Pat
         model, weights = lease.model, {k: v.clone() for k, v in lease.model.state_dict().items()}
         cache.release(lease)
         cache.release(await cache.acquire("b"))  # a moves to the host tier
-        assert cache.residency("a") == "host"
+        assert cache.residency("a") == "host" and cache.states() == {"a": ("host", False), "b": ("device", False)}
         parked = [*model.parameters(), *model.buffers()]
         assert all(t.device.type == "cpu" and t.is_pinned() == (device == "cuda") for t in parked)
         lease = await cache.acquire("a")
