@@ -6,6 +6,7 @@ The FastAPI app's lifespan and the Ray Serve replicas both call :func:`build_ser
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from dataclasses import dataclass
@@ -68,8 +69,9 @@ class Services:
         self.executor.close()
 
     async def metrics_text(self) -> bytes:
-        """This process's Prometheus metrics (a Ray ingress merges its replicas' instead)."""
-        return self.metrics.render()
+        """This process's Prometheus metrics (a Ray ingress merges its replicas' instead), rendered on a
+        worker thread: each task that has served requests adds its latency histogram."""
+        return await asyncio.to_thread(self.metrics.render)
 
     async def quarantined(self) -> dict[str, str]:
         """Quarantined task id -> why it is not served."""

@@ -182,6 +182,7 @@ class Tasks:
         await asyncio.to_thread(self.store.delete, check_task_id(task_id))
         self.cache.unpin(task_id)
         self.cache.forget(task_id)
+        self.executor.metrics.forget_task(task_id)
         with self._fixed_lock:  # a task published again under this id starts at v1 again, in the same folder
             self._fixed = {path: known for path, known in self._fixed.items() if path.parent.name != task_id}
 

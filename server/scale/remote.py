@@ -10,6 +10,7 @@ another; if that fails too, the answer is 503 ``overloaded`` with ``Retry-After`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections import defaultdict
@@ -166,7 +167,7 @@ class RemoteServices:
 
     async def metrics_text(self) -> bytes:
         texts = {str(s["pid"]): s["metrics"] for s in await snapshots(self.engines)}
-        return merge_metrics(texts, self.metrics.render().decode()).encode()
+        return await asyncio.to_thread(lambda: merge_metrics(texts, self.metrics.render().decode()).encode())
 
     async def quarantined(self) -> dict[str, str]:
         return await self.tasks.ask("quarantined")

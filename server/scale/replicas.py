@@ -87,6 +87,8 @@ class EngineReplica:
             await cache.pin(task_id)
         elif change.get("pinned") is False or current is None:
             cache.unpin(task_id)
+        if current is None:
+            self.services.metrics.forget_task(task_id)
         self.state = state
         return os.getpid()
 

@@ -3,24 +3,20 @@ files ignored, crashes at every step of every write survived, a full disk refuse
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import hashlib
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
-import server.tasks
 from clients import SidecarClient, SidecarError
 from server.exceptions import InsufficientStorage, TaskQuarantined, UnknownTask
 from server.main import create_app
-from server.services import build_services
 from server.store import TaskStore
 from tests.server.conftest import LiveServer, settings
 from tuners.artifact import MANIFEST, WEIGHTS
@@ -150,45 +146,6 @@ def test_stray_files_in_the_store_do_not_stop_the_start(tmp_path: Path, backbone
         assert (e.value.status, e.value.code) == (404, "unknown_task")
     assert (root / "notes.txt").read_text() == "the operator's notes" and (root / "Not A Task").is_dir()
     assert any("notes.txt" in r.getMessage() for r in caplog.records)
-
-
-def test_a_listing_reads_each_version_once_off_the_event_loop_and_sees_files_changed_since(
-    tmp_path: Path, backbone, artifacts, monkeypatch
-):
-    """With 2,000 tasks (1,000 resident), a listing took about a second on the event loop, and every
-    detect request waited for it (``bench.listing``): each task's manifest was read and parsed
-    again, and its residency looked up over every cache entry. Now a listing runs on a worker
-    thread and reads a version's manifest once; a manifest changed on disk since (damaged, here)
-    is read again and quarantines its task, and a task deleted and published again under its id
-    lists its new files."""
-    root, reads, threads = tmp_path / "store", [], set()
-    real = server.tasks.read_manifest
-
-    def counted(folder: Path) -> dict:
-        reads.append(folder.parent.name)
-        threads.add(threading.get_ident())
-        return real(folder)
-
-    monkeypatch.setattr(server.tasks, "read_manifest", counted)
-
-    async def run() -> None:
-        services = build_services(settings(root), backbone)
-        for name in ("a", "b"):
-            await services.tasks.publish(name, *_files(artifacts["side1"]))
-        assert reads == []  # an upload has its manifest at hand
-        first = await services.tasks.list()
-        assert sorted(reads) == ["a", "b"] and threading.get_ident() not in threads
-        assert await services.tasks.list() == first and len(reads) == 2
-        await services.tasks.delete("b")
-        await services.tasks.publish("b", *_files(artifacts["side2"]))  # v1 again, in the same folder
-        manifest = root / "a" / "v1" / MANIFEST
-        manifest.write_bytes(manifest.read_bytes()[:40])
-        listing = await services.tasks.list()
-        assert [(t.id, t.version, t.method) for t in listing.tasks] == [("b", 1, "e3va")]
-        assert [q.id for q in listing.quarantined] == ["a"] and manifest.is_file()
-        services.tuner_cache.close()
-
-    asyncio.run(run())
 
 
 CRASH = textwrap.dedent("""
