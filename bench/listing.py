@@ -1,11 +1,12 @@
-"""Listing a large store while the server is under load, this checkout against another.
+"""Reading a large store's state while the server is under load, this checkout against another.
 
 A store of ``--tasks`` ``linear_probe`` tasks (one artifact published under every id), of which
-``--resident`` are made resident by a request each. Then, on one server, C clients ask one task in a
-closed loop, in slices of ``--seconds``: alone, and with another client listing every task
-(``GET /v1/tasks``) once a second, as a console or a deployment script does, in turn, the order
-flipping every round. Printed per checkout and load: req/s, p50 and p99 of the detect requests,
-and the listing's median time.
+``--resident`` are made resident by a request each (so each has a latency histogram in
+``/metrics``). Then, on one server, C clients ask one task in a closed loop, in slices of
+``--seconds``: alone; with another client listing every task (``GET /v1/tasks``) once a second,
+as a console or a deployment script does; and with another reading ``/metrics`` once a second, as
+Prometheus does (every 15 s by default). The loads take turns, the order turning every round.
+Printed per checkout and load: req/s, p50 and p99 of the detect requests, and the reads' median time.
 
 Run: ``.venv/bin/python -m bench.listing --compare-to /path/to/old-worktree``.
 """
@@ -40,20 +41,25 @@ def fill(store: Path, artifact: Path, tasks: int) -> list[str]:
     return ids
 
 
-def listing_beside(url: str, load: Callable[[], LoadResult], every: float = 1.0) -> tuple[LoadResult, list[float]]:
-    """``load()``'s result while another client lists every task each ``every`` s; the listings' seconds."""
+READS = {"alone": None, "listing each second": "/v1/tasks", "metrics each second": "/metrics"}
+
+
+def read_beside(
+    url: str, path: str, load: Callable[[], LoadResult], every: float = 1.0
+) -> tuple[LoadResult, list[float]]:
+    """``load()``'s result while another client gets ``path`` each ``every`` s; those reads' seconds."""
     times: list[float] = []
     stop = threading.Event()
 
-    def lister() -> None:
+    def reader() -> None:
         with httpx.Client(timeout=120) as client:
             while not stop.is_set():
                 start = time.perf_counter()
-                client.get(f"{url}/v1/tasks").raise_for_status()
+                client.get(f"{url}{path}").raise_for_status()
                 times.append(time.perf_counter() - start)
                 stop.wait(every)
 
-    thread = threading.Thread(target=lister)
+    thread = threading.Thread(target=reader)
     thread.start()
     try:
         return load(), times
@@ -63,29 +69,30 @@ def listing_beside(url: str, load: Callable[[], LoadResult], every: float = 1.0)
 
 
 def side(store: Path, cwd: Path | None, ids: list[str], image: bytes, args: argparse.Namespace) -> dict:
-    """{load: (merged detect result, listing seconds)} over the rounds, on one server of checkout ``cwd``."""
+    """{"loads": {load: merged detect result}, "reads": {load: seconds of its reads}} over the rounds,
+    on one server of checkout ``cwd``."""
     results: dict[str, list[LoadResult]] = defaultdict(list)
-    listings: list[float] = []
+    reads: dict[str, list[float]] = defaultdict(list)
     with Server(store, cwd=cwd) as server:
         with KeepAlive(server.url, timeout=120) as http:
             for task_id in ids[: args.resident]:
                 if detect([task_id], image)(http, None).status_code != 200:
                     raise RuntimeError(f"warming {task_id} failed")
-        one = detect(ids[:1], image)
+        load = lambda: closed_loop(server.url, args.clients, args.seconds, detect(ids[:1], image))  # noqa: E731
+        names = list(READS)
         for i in range(args.rounds):
-            for name in ("alone", "listing each second")[:: 1 if i % 2 == 0 else -1]:
-                if name == "alone":
-                    results[name].append(closed_loop(server.url, args.clients, args.seconds, one))
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                if READS[name] is None:
+                    results[name].append(load())
                 else:
-                    load = lambda: closed_loop(server.url, args.clients, args.seconds, one)  # noqa: E731
-                    result, times = listing_beside(server.url, load)
+                    result, times = read_beside(server.url, READS[name], load)
                     results[name].append(result)
-                    listings += times
-    return {"loads": {name: merged(runs) for name, runs in results.items()}, "listing": listings}
+                    reads[name] += times
+    return {"loads": {name: merged(runs) for name, runs in results.items()}, "reads": reads}
 
 
 def main() -> None:
-    parser = ab_parser(__doc__, tasks=2000, rounds=2, seconds=10.0)
+    parser = ab_parser(__doc__, tasks=2000, rounds=3, seconds=10.0)
     parser.add_argument("--resident", type=int, default=1000, help="tasks made resident before the loads")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -94,14 +101,14 @@ def main() -> None:
         artifact, image = make_tasks(backbone, 1, "linear_probe", work / "artifacts")[0], jpeg()
         del backbone
         ids = fill(work / "store", artifact, args.tasks)
-        print(f"| checkout | load, C={args.clients} | req/s | p50 ms | p99 ms | errors | listing s (median) |")
+        print(f"| checkout | load, C={args.clients} | req/s | p50 ms | p99 ms | errors | read s (median) |")
         print("|---|---|---|---|---|---|---|")
         for label, cwd in ab_sides(args):
             found = side(work / "store", cwd, ids, image, args)
             for name, r in found["loads"].items():
-                listing = f"{statistics.median(found['listing']):.2f}" if name != "alone" else ""
+                read = f"{statistics.median(found['reads'][name]):.2f}" if found["reads"][name] else ""
                 print(f"| {label} | {name} | {r.rps:.1f} | {r.quantile(0.5) * 1e3:.0f} | {r.quantile(0.99) * 1e3:.0f} "
-                      f"| {r.errors} | {listing} |", flush=True)  # fmt: skip
+                      f"| {r.errors} | {read} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
