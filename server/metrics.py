@@ -58,6 +58,6 @@ class Metrics:
             self.request_seconds.remove(task_id)
 
     def render(self) -> bytes:
-        """The text format. Slow with many tasks (about 0.25 s for 2,000 that have served requests):
-        call it off the event loop."""
+        """The text format. It grows with the tasks that have served requests (16 series each): call it
+        off the event loop."""
         return generate_latest(self.registry)
