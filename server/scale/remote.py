@@ -107,9 +107,10 @@ def _resident(info: TaskInfo, resident: dict[str, str], compiled: set[str]) -> T
     return info.model_copy(update={"residency": resident.get(info.id), "compiled": info.id in compiled})
 
 
-async def snapshots(engines: DeploymentHandle) -> list[dict[str, Any]]:
-    """Every live replica's snapshot (replicas that do not answer within 5 s are left out)."""
-    found = await engines.broadcast("snapshot").results_async(timeout_s=5, return_exceptions=True)
+async def snapshots(engines: DeploymentHandle, metrics: bool = False) -> list[dict[str, Any]]:
+    """Every live replica's snapshot, with its metrics' text when ``metrics`` (replicas that do not
+    answer within 5 s are left out)."""
+    found = await engines.broadcast("snapshot", metrics).results_async(timeout_s=5, return_exceptions=True)
     return [s for s in found if isinstance(s, dict)]
 
 
@@ -166,7 +167,7 @@ class RemoteServices:
         return None
 
     async def metrics_text(self) -> bytes:
-        texts = {str(s["pid"]): s["metrics"] for s in await snapshots(self.engines)}
+        texts = {str(s["pid"]): s["metrics"] for s in await snapshots(self.engines, metrics=True)}
         return await asyncio.to_thread(lambda: merge_metrics(texts, self.metrics.render().decode()).encode())
 
     async def quarantined(self) -> dict[str, str]:

@@ -109,7 +109,7 @@ class EngineReplica:
         store, cache = self.services.store, self.services.tuner_cache
         for task_id in store.task_ids():
             store.refresh(task_id)
-        for task_id in {k[0] for tier in cache.tiers.values() for k in tier}:
+        for task_id in cache.states():  # the resident tasks, read under the cache's lock
             try:
                 cache.forget(task_id, keep_version=store.get(task_id).version)
             except Exception:  # noqa: BLE001
@@ -120,18 +120,20 @@ class EngineReplica:
         for task_id in (t for t in pinned if not cache.is_pinned(t)):
             asyncio.get_running_loop().create_task(cache.pin(task_id))
 
-    async def snapshot(self) -> dict[str, Any]:
-        """What this replica holds and has done: for routing checks, ``/metrics`` and ``GET /v1/tasks``."""
+    async def snapshot(self, metrics: bool = True) -> dict[str, Any]:
+        """What this replica holds and has done: for routing checks, ``/metrics`` (its text, when
+        ``metrics``) and ``GET /v1/tasks``."""
         cache, executor = self.services.tuner_cache, self.services.executor
+        states = cache.states()  # under the cache's lock: loads change the tiers meanwhile
         return {
             "pid": os.getpid(),
-            "resident": {k[0]: tier for tier, entries in cache.tiers.items() for k in entries},
+            "resident": {task_id: tier for task_id, (tier, _) in states.items()},
             "pinned": cache.pinned(),
-            "compiled": sorted({k[0] for entries in cache.tiers.values() for k, e in entries.items() if e.compiled}),
+            "compiled": sorted(task_id for task_id, (_, compiled) in states.items() if compiled),
             "backbone_passes": executor.backbone_image_passes,
             "images_served": int(self.services.metrics.images_served._value.get()),
             "state": self.state,
-            "metrics": (await self.services.metrics_text()).decode(),
+            "metrics": (await self.services.metrics_text()).decode() if metrics else "",
         }
 
 
