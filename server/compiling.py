@@ -5,9 +5,12 @@ served ``after`` requests while resident, so that tasks churning through the cac
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from server.cache_entries import Entry
@@ -16,6 +19,32 @@ from tuners.task_model import TaskModel
 
 log = logging.getLogger(__name__)
 Compiler = Callable[[TaskModel, dict[str, Any]], CompiledTask]
+
+
+def trim_graphs(used: Path, keep_bytes: int) -> None:
+    """Marks graph ``used`` as just used, then removes the least recently used ``.onnx`` graphs beside
+    it until they hold at most ``keep_bytes`` (``used`` stays). Graphs are named by their content, so
+    those of versions pruned or deleted would otherwise pile up; a removed graph is exported again
+    when a task needs it. Another process removing the same files meanwhile is harmless."""
+    try:
+        os.utime(used)
+        total = used.stat().st_size
+    except OSError:  # removed meanwhile by another process: it is in memory, and exported again if needed
+        total = 0
+    graphs = []
+    with os.scandir(used.parent) as entries:
+        for entry in entries:
+            if entry.name.endswith(".onnx") and not entry.name.startswith(".") and entry.path != str(used):
+                with contextlib.suppress(OSError):  # removed meanwhile
+                    stat = entry.stat()
+                    graphs.append((stat.st_mtime_ns, stat.st_size, entry.path))
+    total += sum(size for _, size, _ in graphs)
+    for _, size, path in sorted(graphs):
+        if total <= keep_bytes:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        total -= size
 
 
 class BackgroundCompiler:

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
         3, ge=1, description="consecutive inference failures after which a task's current version stops serving"
     )
     cache_dir: Path = Field(Path(".cache"), description="exported ONNX graphs (backbone and compiled tasks)")
+    compiled_cache_bytes: int = Field(
+        2 * GiB, gt=0, description="compiled task graphs kept in cache_dir; the least recently used go first"
+    )
     device_cache_bytes: int = Field(256 * MiB, gt=0, description="byte budget of task models on the device")
     host_cache_bytes: int = Field(
         1024 * MiB,

@@ -20,7 +20,7 @@ from models.runtime import build_runtime
 from models.runtime.torch import BackboneRuntime, default_runtime, resolve_device, set_float32_precision
 from models.transform import PreprocessSpec
 from server.batcher import Batcher
-from server.compiling import Compiler
+from server.compiling import Compiler, trim_graphs
 from server.config import Settings
 from server.engine import Engine, Limits
 from server.executor import Executor
@@ -78,12 +78,15 @@ class Services:
         return dict(self.store.quarantined)
 
 
-def task_compiler(backbone: FrozenBackbone, cache_dir: Path, device: str, threads: int) -> Compiler:
-    """Compiles a side task to ONNX Runtime; graphs are kept on disk under ``cache_dir``, named by their content."""
+def task_compiler(backbone: FrozenBackbone, cache_dir: Path, device: str, threads: int, keep_bytes: int) -> Compiler:
+    """Compiles a side task to ONNX Runtime; graphs are kept on disk under ``cache_dir``, named by their
+    content, the most recently used ones up to ``keep_bytes``."""
 
     def compile_task(model: TaskModel, manifest: dict) -> CompiledTask:
         path = cache_dir / "tasks" / f"{manifest['method']}-{graph_key(manifest, backbone)}.onnx"
-        return CompiledTask(model, backbone, path, device, threads)
+        compiled = CompiledTask(model, backbone, path, device, threads)
+        trim_graphs(path, keep_bytes)
+        return compiled
 
     return compile_task
 
@@ -174,7 +177,8 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
     runtime = warmed_runtime(settings, backbone, runtime_name, device)
     task_runtime = settings.task_runtime if settings.task_runtime != "auto" else default_runtime(device)
     compiler = (
-        task_compiler(backbone, settings.cache_dir / "onnx", str(device), threads=1)  # run side by side, see Executor
+        # threads=1: graphs run side by side (see Executor)
+        task_compiler(backbone, settings.cache_dir / "onnx", str(device), 1, settings.compiled_cache_bytes)
         if task_runtime == "onnx"
         else None
     )

@@ -1,5 +1,5 @@
 """A server with many tasks: management reads run off the event loop, a listing reads each version's
-manifest once, and a deleted task's series leave ``/metrics``."""
+manifest once, a deleted task's series leave ``/metrics``, and compiled graphs on disk keep to a budget."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import httpx
 import server.tasks
 from clients import SidecarClient
 from server.main import create_app
-from server.services import build_services
-from tests.server.conftest import LiveServer, settings
-from tuners.artifact import MANIFEST, WEIGHTS
+from server.services import build_services, task_compiler
+from tests.server.conftest import LiveServer, make_artifact, settings
+from tuners.artifact import MANIFEST, WEIGHTS, load_artifact
+from tuners.compiled import graph_key
 
 
 def _files(artifact: Path) -> tuple[bytes, bytes]:
@@ -86,3 +87,18 @@ def test_a_deleted_task_leaves_metrics(tmp_path: Path, backbone, artifacts, phot
         client.delete_task("gone")
         metrics = httpx.get(f"{live.url}/metrics").text
         assert 'task="gone"' not in metrics and 'sidecar_request_seconds_count{task="kept"} 1.0' in metrics
+
+
+def test_compiled_graphs_on_disk_keep_to_their_budget(tmp_path: Path, backbone):
+    """Graphs are named by their content, so every version ever compiled left one in ``cache_dir`` for
+    good. Now, past ``compiled_cache_bytes``, the least recently compiled or reloaded go."""
+    versions = [load_artifact(make_artifact(backbone, tmp_path / "art", "cst", seed), backbone) for seed in (1, 2, 3)]
+    folder = tmp_path / "onnx"
+    paths = [folder / "tasks" / f"cst-{graph_key(manifest, backbone)}.onnx" for _, manifest in versions]
+    task_compiler(backbone, folder, "cpu", 1, keep_bytes=1 << 40)(*versions[0])
+    budget = int(2.5 * paths[0].stat().st_size)  # the three graphs are the same size: two fit
+    compile_task = task_compiler(backbone, folder, "cpu", 1, keep_bytes=budget)
+    compile_task(*versions[1])
+    compile_task(*versions[0])  # reloaded: now more recently used than the second
+    compiled = compile_task(*versions[2])
+    assert [p.is_file() for p in paths] == [True, False, True] and compiled.provider == "CPUExecutionProvider"
