@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from pathlib import Path
 from typing import Literal
 
@@ -157,6 +158,8 @@ class Settings(BaseSettings):
             raise ValueError(f"max_body_memory_bytes must be at least max_request_bytes, {self.max_request_bytes}")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
+        if self.ssl_certfile is not None and self.ssl_keyfile is not None:
+            _check_tls(self.ssl_certfile, self.ssl_keyfile)
         wrong = [o for o in self.cors_origin_list if o != "*" and not ORIGIN.fullmatch(o)]
         if wrong:  # a browser's Origin is scheme://host[:port]; anything else would never match, silently
             raise ValueError(f"cors_origins {wrong} are not origins: write scheme://host[:port], with no path or '/'")
@@ -205,6 +208,22 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+def _check_tls(certfile: Path, keyfile: Path) -> None:
+    """Loads the certificate and key once, so that a missing file, a damaged PEM, a key that does
+    not match the certificate or an encrypted key is one line before start-up: uvicorn would fail
+    only after the backbone loaded, naming no file, and Serve's proxy would fail in its own actor."""
+    for name, path in (("ssl_certfile", certfile), ("ssl_keyfile", keyfile)):
+        if not path.is_file():
+            raise ValueError(f"{name} {path} is not a file")
+    try:  # the password callback runs only for an encrypted key, which has no flag here
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile, password=lambda: b"")
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise ValueError(
+            f"ssl_certfile {certfile} with ssl_keyfile {keyfile} cannot be loaded "
+            f"(a PEM certificate and its unencrypted private key): {e.strerror or e}"
+        ) from None
 
 
 def _keys(value: SecretStr | None, path: Path | None, name: str) -> tuple[SecretStr, ...]:

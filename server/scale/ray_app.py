@@ -108,6 +108,33 @@ def build_app(settings: Settings) -> Application:
     return ingress.bind(engine.bind(settings), writer.bind(settings))
 
 
+def http_options(settings: Settings) -> dict[str, Any]:
+    """Serve's proxy options: the address, and the certificate and key when TLS is set (the proxy
+    terminates it, as uvicorn does for ``server-serve``). Paths are absolute: the proxy is an actor
+    that starts in another folder. Serve's other proxy defaults stay (README, settings)."""
+    tls = {name: str(path.resolve()) if path else None for name, path in
+           (("ssl_certfile", settings.ssl_certfile), ("ssl_keyfile", settings.ssl_keyfile))}  # fmt: skip
+    return {"host": settings.host, "port": settings.port, **tls}
+
+
+def start_proxies(settings: Settings) -> None:
+    """``serve.start`` with :func:`http_options`. Where Serve already runs in the cluster, it keeps its
+    proxies' options and only logs that it ignored the new ones: a server asked for HTTPS or another
+    port would then say it serves what it does not, so a difference is an error here."""
+    from ray.serve.context import _get_global_client  # Serve has no public accessor for the running options
+
+    wanted = http_options(settings)
+    serve.start(http_options=wanted)
+    running = _get_global_client().http_config
+    differ = {key: getattr(running, key) for key, value in wanted.items() if getattr(running, key) != value}
+    if differ:
+        raise RuntimeError(
+            f"Serve already runs in this Ray cluster with other proxy options ({differ}, where this server "
+            "asks for " + ", ".join(f"{key}={wanted[key]!r}" for key in differ) + "); stop it first "
+            "(serve shutdown) or start with its options"
+        )
+
+
 def replica_error(app: str) -> str:
     """The exception a failed deployment's replicas raised, as ``Deployment: Error: message``: the last
     line of the traceback Serve keeps in the deployment's status (a wrong ``--store-url``, a missing
@@ -137,7 +164,11 @@ def serve_forever(settings: Settings) -> None:
     stop = threading.Event()  # replaces the handler ray.init installs, which exits at once: stop gracefully
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    try:
+        start_proxies(settings)
+    except RuntimeError:
+        ray.shutdown()  # this driver's connection; the cluster's Serve is left as it was
+        raise
     try:
         serve.run(build_app(settings), name=APP, route_prefix="/")
     except RuntimeError as e:  # Serve says which deployments failed; the replicas' own error says why
@@ -145,7 +176,8 @@ def serve_forever(settings: Settings) -> None:
         serve.shutdown()
         ray.shutdown()
         raise RuntimeError(f"{e} {why}".strip()) from None
-    log.info("serving on Ray at http://%s:%d with %d engine replicas", settings.host, settings.port,
+    scheme = "https" if settings.ssl_certfile else "http"
+    log.info("serving on Ray at %s://%s:%d with %d engine replicas", scheme, settings.host, settings.port,
              settings.ray_replicas)  # fmt: skip
     stop.wait()
     log.info("stopping: draining the replicas")

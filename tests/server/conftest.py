@@ -109,6 +109,17 @@ def spawn_server(tmp_path: Path, *flags: str, env: dict[str, str] | None = None)
             time.sleep(0.2)
 
 
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """(cert.pem, key.pem) in ``folder``: a self-signed certificate for 127.0.0.1, valid for a day."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 def settings(store: Path, **overrides: object) -> Settings:
     values = {"weights": "random", "image_size": 64, "store_dir": store, "device": "cpu", "batch_window_ms": 2.0}
     return Settings(**{**values, **overrides})

@@ -1,6 +1,7 @@
 """Scale-out on a real local Ray Serve: 2 engine replicas of the small test backbone behind the same
-HTTP API. Routing by residency, one backbone pass per fan-out, versions reaching every replica,
-a replica killed under load, deletes everywhere, per-replica metrics, and no process left behind."""
+HTTP API, served over TLS by Serve's proxy. Routing by residency, one backbone pass per fan-out,
+versions reaching every replica, a replica killed under load, deletes everywhere, per-replica
+metrics, and no process left behind."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pytest
 from clients import Retry, SidecarClient
 from models.postprocess import PostprocessConfig
 from server.exceptions import Overloaded, UnknownTask
-from tests.server.conftest import free_port, settings
+from tests.server.conftest import free_port, self_signed_certificate, settings
 from tuners.errors import ArtifactError
 
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed: make test installs the 'ray' extra")
@@ -60,6 +61,11 @@ def _alive(pids: set[int]) -> set[int]:
 class Cluster:
     url: str
     engines: object  # DeploymentHandle of the engine replicas
+    cert: str  # the proxy's self-signed certificate
+    http: httpx.Client  # trusts it
+
+    def client(self, **options: object) -> SidecarClient:
+        return SidecarClient(self.url, verify=self.cert, **options)
 
     def snapshots(self) -> list[dict]:
         """Every live replica's snapshot (a replica just killed may still be listed, and fails)."""
@@ -71,22 +77,24 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     from ray import serve
 
-    from server.scale.ray_app import APP, OFFLINE_ENV, build_app
+    from server.scale.ray_app import APP, OFFLINE_ENV, build_app, start_proxies
 
     os.environ.update(OFFLINE_ENV)
     temp = tempfile.mkdtemp(prefix="sdray-", dir="/tmp")  # short: Ray keeps unix sockets here
     work = tmp_path_factory.mktemp("ray")
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False, namespace="sidecar-test")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cert, key = self_signed_certificate(work)
     config = settings(  # the store a cluster uses: a URL every replica reads through its own mirror
         work / "mirror", store_url=f"file://{work / 'shared'}", cache_dir=work / "cache", ray_replicas=2,
-        ray_replica_cpus=0.25, threads=1,
+        ray_replica_cpus=0.25, threads=1, port=free_port(), ssl_certfile=cert, ssl_keyfile=key,
     )  # fmt: skip
+    start_proxies(config)  # as server-serve --ray starts them
     serve.run(build_app(config), name=APP, route_prefix="/")
     started = _children(os.getpid())
+    url = f"https://127.0.0.1:{config.port}"
     try:
-        yield Cluster(f"http://127.0.0.1:{port}", serve.get_deployment_handle("Engine", APP))
+        with httpx.Client(base_url=url, verify=str(cert), timeout=60) as http:
+            yield Cluster(url, serve.get_deployment_handle("Engine", APP), str(cert), http)
     finally:
         started |= _children(os.getpid())
         serve.shutdown()
@@ -112,7 +120,7 @@ def _served_by(cluster: Cluster, request) -> tuple[dict, dict]:  # noqa: ANN001
 
 def test_tasks_route_to_the_replica_that_holds_them(cluster: Cluster, artifacts, photo_bytes):
     tasks = [f"t{i}" for i in range(6)]
-    with SidecarClient(cluster.url) as client:
+    with cluster.client() as client:
         for i, task in enumerate(tasks):
             assert client.upload_task(task, artifacts[f"side{i}"]).version == 1
         for task in tasks:  # first touch: each task loads where it lands
@@ -128,7 +136,7 @@ def test_tasks_route_to_the_replica_that_holds_them(cluster: Cluster, artifacts,
 
 
 def test_a_fan_out_makes_one_backbone_pass_on_one_replica(cluster: Cluster, photo_bytes):
-    with SidecarClient(cluster.url) as client:
+    with cluster.client() as client:
         before = {s["pid"]: s["backbone_passes"] for s in cluster.snapshots()}
         answer = client.detect(photo_bytes, ["t3", "t0", "t2", "t1"])
         after = {s["pid"]: s["backbone_passes"] for s in cluster.snapshots()}
@@ -137,7 +145,7 @@ def test_a_fan_out_makes_one_backbone_pass_on_one_replica(cluster: Cluster, phot
 
 
 def test_a_new_version_is_what_every_replica_serves_once_the_upload_answers(cluster: Cluster, artifacts, photo_bytes):
-    with SidecarClient(cluster.url) as client:
+    with cluster.client() as client:
         assert client.upload_task("t0", artifacts["side6"]).version == 2
         everywhere = cluster.engines.broadcast("detect", photo_bytes, ["t0"], PostprocessConfig()).results(
             timeout_s=30
@@ -148,15 +156,15 @@ def test_a_new_version_is_what_every_replica_serves_once_the_upload_answers(clus
 
 
 def test_a_killed_replica_costs_at_most_its_requests_in_flight(cluster: Cluster, photo_bytes):
-    with SidecarClient(cluster.url) as client:
+    with cluster.client() as client:
         client.pin("t3")
     victim = cluster.snapshots()[0]["pid"]
     statuses: list[tuple[int, str | None]] = []
 
     def ask() -> None:
         for i in range(5):
-            r = httpx.post(f"{cluster.url}/v1/detect", params={"tasks": f"t{i}"}, content=photo_bytes,
-                           headers={"content-type": "image/png"}, timeout=60)  # fmt: skip
+            r = cluster.http.post("/v1/detect", params={"tasks": f"t{i}"}, content=photo_bytes,
+                                  headers={"content-type": "image/png"})  # fmt: skip
             statuses.append((r.status_code, r.headers.get("retry-after")))
 
     threads = [threading.Thread(target=ask) for _ in range(4)]
@@ -180,7 +188,7 @@ def test_a_killed_replica_costs_at_most_its_requests_in_flight(cluster: Cluster,
     while not all(s["pinned"] == ["t3"] for s in cluster.snapshots()):  # the new one pins t3 unasked
         assert time.time() < deadline, cluster.snapshots()
         time.sleep(0.5)
-    with SidecarClient(cluster.url) as client:
+    with cluster.client() as client:
         client.pin("t3", pinned=False)
 
 
@@ -192,7 +200,7 @@ def test_a_restarted_writer_keeps_pins_and_its_next_write_reaches_every_replica(
     from server.scale.ray_app import APP
 
     writer = serve.get_deployment_handle("Writer", APP)
-    with SidecarClient(cluster.url, retry=Retry(attempts=20, total_s=90, backoff_s=0.5)) as client:
+    with cluster.client(retry=Retry(attempts=20, total_s=90, backoff_s=0.5)) as client:
         client.pin("t2")
         before = writer.health.remote().result(timeout_s=10)
         os.kill(before["pid"], signal.SIGKILL)
@@ -208,35 +216,49 @@ def test_a_restarted_writer_keeps_pins_and_its_next_write_reaches_every_replica(
 
 
 def test_a_deleted_task_is_unknown_on_every_replica(cluster: Cluster, photo_bytes):
-    with SidecarClient(cluster.url) as client:
+    with cluster.client() as client:
         client.delete_task("t5")
         answers = cluster.engines.broadcast("detect", photo_bytes, ["t5"], PostprocessConfig()).results(
             timeout_s=30, return_exceptions=True
         )
         assert len(answers) == 2 and all(isinstance(a, UnknownTask) for a in answers), answers
-        r = httpx.post(f"{cluster.url}/v1/detect", params={"tasks": "t5"}, content=photo_bytes,
-                       headers={"content-type": "image/png"})  # fmt: skip
+        r = cluster.http.post("/v1/detect", params={"tasks": "t5"}, content=photo_bytes,
+                              headers={"content-type": "image/png"})  # fmt: skip
         assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_task"
 
 
 def test_the_http_api_is_the_single_process_one(cluster: Cluster):
     from server.main import create_app
 
-    assert httpx.get(f"{cluster.url}/readyz").json()["ready"] is True
-    served = httpx.get(f"{cluster.url}/openapi.json").json()["paths"]
+    assert cluster.url.startswith("https://") and cluster.http.get("/readyz").json()["ready"] is True
+    with pytest.raises(httpx.HTTPError):  # TLS only: plain HTTP on the same port gets no answer
+        httpx.get(cluster.url.replace("https", "http") + "/healthz", timeout=10)
+    served = cluster.http.get("/openapi.json").json()["paths"]
     assert served.keys() == create_app(settings(Path("unused"))).openapi()["paths"].keys()
-    r = httpx.get(f"{cluster.url}/v1/tasks/nope")
+    r = cluster.http.get("/v1/tasks/nope")
     assert (r.status_code, r.json()["error"]["code"]) == (404, "unknown_task") and r.headers["x-request-id"]
-    metrics = httpx.get(f"{cluster.url}/metrics")
+    metrics = cluster.http.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     replicas = {line.split('replica="')[1].split('"')[0] for line in metrics.text.splitlines() if 'replica="' in line}
     assert len(replicas) == 2  # each replica's registry, labelled
     assert "sidecar_tuner_cache_resident_bytes{replica=" in metrics.text
     assert "\nsidecar_request_body_bytes 0.0" in metrics.text  # the ingress's, which reads the bodies
     assert "sidecar_request_body_bytes{" not in metrics.text
-    with SidecarClient(cluster.url) as client:
+    with cluster.client() as client:
         assert client.backbone().name == "mobilenet_v2"
         assert {t.id: t.residency for t in client.list_tasks()}["t0"] == "device"
+
+
+def test_proxies_already_running_with_other_options_are_an_error(cluster: Cluster, tmp_path: Path):
+    """Serve kept the running proxies' options and only logged that it ignored the new ones."""
+    from server.scale.ray_app import start_proxies
+
+    port, cert = int(cluster.url.rsplit(":", 1)[1]), Path(cluster.cert)
+    with pytest.raises(RuntimeError, match=r"options \(\{'ssl_certfile': '/.*cert.pem'.*asks for ssl_certfile=None"):
+        start_proxies(settings(tmp_path, port=port))  # the same port, without TLS
+    with pytest.raises(RuntimeError, match=rf"\{{'port': {port}\}}, where this server asks for port=1\)"):
+        start_proxies(settings(tmp_path, port=1, ssl_certfile=cert, ssl_keyfile=cert.with_name("key.pem")))
+    assert cluster.http.get("/healthz").status_code == 200  # the running proxies are left as they were
 
 
 def test_domain_errors_pickle_as_themselves():

@@ -15,7 +15,7 @@ import pytest
 
 from clients import SidecarClient, SidecarError
 from server.main import create_app
-from tests.server.conftest import LiveServer, settings
+from tests.server.conftest import LiveServer, self_signed_certificate, settings
 from tuners.artifact import WEIGHTS
 
 KEY_A, KEY_B = "k-alpha-7f3c9e1d2b", "k-bravo-0a8b6c4d2e"
@@ -152,12 +152,7 @@ def test_cors_allow_list(tmp_path: Path, backbone):
 
 
 def test_tls_end_to_end_with_a_self_signed_certificate(tmp_path: Path, backbone, artifacts, photo_bytes):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_certificate(tmp_path)
     app = create_app(settings(tmp_path / "store", ssl_certfile=cert, ssl_keyfile=key), backbone=backbone)
     with LiveServer(app) as live:
         assert live.url.startswith("https://")
@@ -168,6 +163,33 @@ def test_tls_end_to_end_with_a_self_signed_certificate(tmp_path: Path, backbone,
             untrusting.list_tasks()  # the system trust store does not know this certificate
         with pytest.raises(httpx.HTTPError):
             httpx.get(live.url.replace("https", "http") + "/healthz")
+
+
+def test_tls_files_that_cannot_serve_are_one_clear_error_before_start_up(tmp_path: Path):
+    """uvicorn failed only after the backbone loaded, with "[Errno 2] No such file or directory"."""
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    cert, key = self_signed_certificate(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    other_cert, other_key = self_signed_certificate(other)
+    damaged = tmp_path / "damaged.pem"
+    damaged.write_text(cert.read_text()[:200])
+    locked = tmp_path / "locked.pem"
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret", "-out", str(locked)],
+                   check=True, capture_output=True)  # fmt: skip
+    for certfile, keyfile, problem in [
+        (tmp_path / "missing.pem", key, "ssl_certfile .*missing.pem is not a file"),
+        (cert, tmp_path, "ssl_keyfile .* is not a file"),
+        (damaged, key, "damaged.pem with ssl_keyfile .* cannot be loaded"),
+        (cert, other_key, "cannot be loaded"),  # the key of another certificate
+        (cert, locked, "cannot be loaded .*unencrypted"),
+    ]:
+        with pytest.raises(ValidationError, match=problem):
+            Settings(ssl_certfile=certfile, ssl_keyfile=keyfile)
+    assert Settings(ssl_certfile=other_cert, ssl_keyfile=other_key).ssl_certfile == other_cert
 
 
 def test_key_files_that_cannot_be_read_are_one_clear_error(tmp_path: Path):
