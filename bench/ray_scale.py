@@ -83,18 +83,17 @@ def on_ray(replicas: int, tasks: list[Path], image: bytes, args: argparse.Namesp
     from ray import serve
 
     from server.config import Settings
-    from server.scale.ray_app import APP, OFFLINE_ENV, build_app
+    from server.scale.ray_app import APP, OFFLINE_ENV, build_app, start_proxies
 
     os.environ.update(OFFLINE_ENV)
     ray_dir = tempfile.mkdtemp(prefix="sdb-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     ray.init(num_cpus=3, include_dashboard=False, _temp_dir=ray_dir, log_to_driver=False, namespace="sidecar-bench")
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = Settings(store_dir=work / f"store-ray{replicas}", cache_dir=work / "cache", ray_replicas=replicas,
-                            ray_replica_cpus=1.0, threads=1)  # fmt: skip
+                            ray_replica_cpus=1.0, threads=1, port=free_port())  # fmt: skip
+        start_proxies(settings)
         serve.run(build_app(settings), name=APP, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{settings.port}"
         ids = [f"t{i}" for i in range(len(tasks))]
         for task_id, folder in zip(ids, tasks):
             upload(url, task_id, folder)

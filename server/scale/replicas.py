@@ -120,7 +120,7 @@ class EngineReplica:
         for task_id in (t for t in pinned if not cache.is_pinned(t)):
             asyncio.get_running_loop().create_task(cache.pin(task_id))
 
-    async def snapshot(self, metrics: bool = True) -> dict[str, Any]:
+    async def snapshot(self, metrics: bool = False) -> dict[str, Any]:
         """What this replica holds and has done: for routing checks, ``/metrics`` (its text, when
         ``metrics``) and ``GET /v1/tasks``."""
         cache, executor = self.services.tuner_cache, self.services.executor

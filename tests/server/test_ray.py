@@ -261,6 +261,18 @@ def test_proxies_already_running_with_other_options_are_an_error(cluster: Cluste
     assert cluster.http.get("/healthz").status_code == 200  # the running proxies are left as they were
 
 
+def test_serve_run_with_tls_settings_says_where_tls_goes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """``serve run server.scale.ray_app:app`` builds the app after Serve started its proxies with its own
+    options, so TLS settings in the environment would be ignored: plain HTTP where HTTPS was asked for."""
+    from server.scale import ray_app
+
+    cert, key = self_signed_certificate(tmp_path)
+    monkeypatch.setenv("SIDECAR_SSL_CERTFILE", str(cert))
+    monkeypatch.setenv("SIDECAR_SSL_KEYFILE", str(key))
+    with pytest.raises(ValueError, match="take TLS from http_options in Serve's config"):
+        ray_app.app  # noqa: B018  (the attribute builds the application)
+
+
 def test_domain_errors_pickle_as_themselves():
     for error in (UnknownTask("no task 'x'"), Overloaded("busy", retry_after=3), ArtifactError(["a", "b"])):
         copy = pickle.loads(pickle.dumps(error))
