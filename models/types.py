@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,3 +47,14 @@ class Detections:
 
     def to(self, device: torch.device | str) -> Detections:
         return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device), self.depth)
+
+    def rows(self, labels: Sequence[str]) -> list[dict[str, Any]]:
+        """``{"box", "label", "class_id", "score"}`` per detection, as the server answers and
+        ``server-predict`` writes: the box rounded to 0.01 px and the score to 1e-4, in float64 and as
+        whole tensors (not ``round`` per number), so a float32 value keeps no trailing digits."""
+        boxes = torch.round(self.boxes.detach().cpu().double(), decimals=2).tolist()
+        scores = torch.round(self.scores.detach().cpu().double(), decimals=4).tolist()
+        return [
+            {"box": box, "label": labels[c], "class_id": c, "score": score}
+            for box, score, c in zip(boxes, scores, self.labels.tolist())
+        ]

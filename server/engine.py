@@ -153,10 +153,7 @@ class Engine:
             method=model.method,
             kind=model.kind,
             backbone_depth=det.depth,
-            detections=[
-                Detection(box=[round(v, 2) for v in box], label=model.labels[c], class_id=c, score=round(s, 4))
-                for box, s, c in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())
-            ],
+            detections=[Detection(**row) for row in det.rows(model.labels)],
         )
 
     def _failed(self, task_id: str, version: int, failure: TaskFailure) -> None:

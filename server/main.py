@@ -106,7 +106,16 @@ def create_app(
     app.state.ready = False
     app.state.body_budget = BodyBudget(settings.max_body_memory_bytes)
     install_handlers(app)
-    if settings.cors_origin_list:  # off unless origins are listed
+    add_middleware(app, settings)
+    for module in (detect, tasks, backbone_routes, health):
+        app.include_router(module.router)
+    return app
+
+
+def add_middleware(app: FastAPI, settings: Settings) -> None:
+    """CORS when origins are listed (off otherwise), then the request context: request ids, the
+    browser-safety headers, the audit trail and the shared budget of request bodies in memory."""
+    if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origin_list,
@@ -115,9 +124,6 @@ def create_app(
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestContext, bodies=app.state.body_budget)
-    for module in (detect, tasks, backbone_routes, health):
-        app.include_router(module.router)
-    return app
 
 
 def _help(name: str, field: FieldInfo) -> str:

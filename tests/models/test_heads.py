@@ -107,3 +107,18 @@ def test_serving_points_are_built_once_per_shape_and_fresh_under_autograd() -> N
     reg = torch.ones(points.shape[0], 4, requires_grad=True)
     (fresh[0].repeat(1, 2) + reg * fresh[1][:, None]).sum().backward()
     assert reg.grad is not None and torch.equal(reg.grad[:, 0], point_strides)
+
+
+def test_detection_rows_round_float32_values_to_what_they_print_as() -> None:
+    det = Detections(
+        boxes=torch.tensor([[0.1, 12.344, 2.3456, 300.999], [0.0, 1.0, 2.0, 3.0]]),  # float32
+        scores=torch.tensor([0.123456, 0.5]),
+        labels=torch.tensor([1, 0]),
+    )
+    assert float(det.boxes[0, 0]) != 0.1  # float32's 0.1 is 0.10000000149...
+    assert det.rows(["cat", "dog"]) == [
+        {"box": [0.1, 12.34, 2.35, 301.0], "label": "dog", "class_id": 1, "score": 0.1235},
+        {"box": [0.0, 1.0, 2.0, 3.0], "label": "cat", "class_id": 0, "score": 0.5},
+    ]
+    empty = Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    assert empty.rows(["cat"]) == []

@@ -84,14 +84,6 @@ def detect(
     return found
 
 
-def detections_json(det: Detections, labels: list[str]) -> list[dict[str, Any]]:
-    """As the server answers: box rounded to 0.01 px, score to 1e-4."""
-    return [
-        {"box": [round(v, 2) for v in box], "label": labels[c], "class_id": c, "score": round(s, 4)}
-        for box, s, c in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())
-    ]
-
-
 def detect_files(
     task: Task, paths: list[Path], post: PostprocessConfig, batch_size: int = 8
 ) -> Iterator[tuple[Path, ImageMeta, Detections]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from models import PostprocessConfig
 from models.imaging import read_image
 from tuners.commands import UsageError, positive_int, run, unit_float
-from tuners.tools.common import add_task_arguments, detect_files, detections_json, image_paths, load_task
+from tuners.tools.common import add_task_arguments, detect_files, image_paths, load_task
 from tuners.trainer.plots import draw_detections, write_image
 
 
@@ -42,7 +42,7 @@ def predict(args: argparse.Namespace) -> int:
     for path, meta, det in detect_files(task, image_paths(args.images), post, args.batch_size):
         height, width = meta.original_size
         answers.append({"image": str(path), "width": width, "height": height,
-                        "detections": detections_json(det, labels)})  # fmt: skip
+                        "detections": det.rows(labels)})  # fmt: skip
         if args.save_images:  # drawn on the full image
             write_image(args.out / f"{path.stem}.jpg", draw_detections(read_image(path), det, labels))
     result = {"task": str(args.artifact), "method": task.manifest["method"], "results": answers}
