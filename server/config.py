@@ -149,6 +149,7 @@ class Settings(BaseSettings):
 
     _admin_keys: tuple[SecretStr, ...] = PrivateAttr(())
     _inference_keys: tuple[SecretStr, ...] = PrivateAttr(())
+    _proxied: bool = PrivateAttr(False)  # Serve's proxies, not ``host``, decide where the API listens
 
     @model_validator(mode="after")
     def _read_keys(self) -> Settings:
@@ -174,9 +175,19 @@ class Settings(BaseSettings):
     def inference_keys(self) -> tuple[SecretStr, ...]:
         return self._inference_keys
 
+    def behind_serve_proxies(self) -> Settings:
+        """These settings where Serve's proxies decide the address the API listens on, whatever ``host``
+        says (``serve run``, KubeRay): management without an admin key is then never taken to be
+        loopback-only, so it is refused unless ``allow_open_management`` opens it."""
+        proxied = self.model_copy()
+        proxied._proxied = True
+        return proxied
+
     @property
     def loopback_only(self) -> bool:
         """Whether the server binds a loopback address only (127.0.0.0/8, ::1, localhost)."""
+        if self._proxied:
+            return False
         if self.host == "localhost":
             return True
         try:
@@ -199,11 +210,21 @@ class Settings(BaseSettings):
         return {
             "key": "management needs an admin key",
             "loopback": "management is open on loopback only",
-            "open": f"management is OPEN to anyone who reaches {self.host} (--allow-open-management); "
+            "open": f"management is OPEN to anyone who reaches {self._address} (--allow-open-management); "
             "set an admin key",
-            "disabled": f"management is disabled: {self.host} is beyond loopback and no admin key is set "
+            "disabled": f"management is disabled: {self._beyond} and no admin key is set "
             "(set SIDECAR_ADMIN_KEY_FILE or --admin-key-file)",
         }[self.management]
+
+    @property
+    def _address(self) -> str:
+        return "the address Serve's proxies listen on" if self._proxied else self.host
+
+    @property
+    def _beyond(self) -> str:
+        if self._proxied:
+            return "Serve's proxies choose the address, maybe beyond loopback,"
+        return f"{self.host} is beyond loopback"
 
     @property
     def cors_origin_list(self) -> list[str]:

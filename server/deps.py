@@ -67,12 +67,6 @@ ServicesDep = Annotated[Services, Depends(_services)]
 UploadTurnsDep = Annotated[asyncio.Semaphore, Depends(get_upload_turns)]
 
 
-DISABLED = (
-    "task management is disabled: this server listens on {host}, beyond loopback, and has no admin key; "
-    "start it with SIDECAR_ADMIN_KEY_FILE=path (or --admin-key-file) and send Authorization: Bearer KEY"
-)
-
-
 def key_id(key: str) -> str:
     """A short, one-way name for a key, for audit lines: never the key itself."""
     return hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -100,7 +94,7 @@ async def require_admin(request: Request, settings: SettingsDep) -> None:
     """Management: an admin key when one is set; refused off loopback without one (unless opened)."""
     mode = settings.management
     if mode == "disabled":
-        raise ManagementDisabled(DISABLED.format(host=settings.host))
+        raise ManagementDisabled(f"task {settings.management_message}, then send Authorization: Bearer KEY")
     if mode == "key":
         _check(request, settings.admin_keys, "admin")
 

@@ -192,11 +192,11 @@ def __getattr__(name: str) -> Application:
     """``serve run server.scale.ray_app:app`` builds the application from the environment's settings."""
     if name == "app":
         settings = Settings()
-        if settings.ssl_certfile is not None:  # Serve's proxies are up before this runs, with Serve's options
+        if settings.ssl_certfile is not None:  # Serve starts its proxies with its own options, not these
             raise ValueError(
                 "SIDECAR_SSL_CERTFILE and SIDECAR_SSL_KEYFILE apply to server-serve (--ray too); under serve "
                 "run or KubeRay, Serve's proxies take TLS from http_options in Serve's config (ssl_certfile, "
                 "ssl_keyfile): set them there and unset these"
             )
-        return build_app(settings)
+        return build_app(settings.behind_serve_proxies())
     raise AttributeError(name)

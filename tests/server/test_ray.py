@@ -262,8 +262,8 @@ def test_proxies_already_running_with_other_options_are_an_error(cluster: Cluste
 
 
 def test_serve_run_with_tls_settings_says_where_tls_goes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """``serve run server.scale.ray_app:app`` builds the app after Serve started its proxies with its own
-    options, so TLS settings in the environment would be ignored: plain HTTP where HTTPS was asked for."""
+    """``serve run server.scale.ray_app:app`` and KubeRay start Serve's proxies with Serve's own options,
+    so TLS settings in the environment would be ignored: plain HTTP where HTTPS was asked for."""
     from server.scale import ray_app
 
     cert, key = self_signed_certificate(tmp_path)
@@ -271,6 +271,22 @@ def test_serve_run_with_tls_settings_says_where_tls_goes(monkeypatch: pytest.Mon
     monkeypatch.setenv("SIDECAR_SSL_KEYFILE", str(key))
     with pytest.raises(ValueError, match="take TLS from http_options in Serve's config"):
         ray_app.app  # noqa: B018  (the attribute builds the application)
+
+
+def test_serve_run_never_takes_management_to_be_loopback_only(monkeypatch: pytest.MonkeyPatch):
+    """``serve run`` and KubeRay bind where Serve's config says, whatever SIDECAR_HOST says."""
+    from server.scale import ray_app
+
+    monkeypatch.setattr(ray_app, "build_app", lambda settings: settings)
+    for name in ("SIDECAR_ADMIN_KEY", "SIDECAR_ADMIN_KEY_FILE", "SIDECAR_ALLOW_OPEN_MANAGEMENT", "SIDECAR_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    built = ray_app.app
+    assert built.host == "127.0.0.1" and built.management == "disabled"
+    assert pickle.loads(pickle.dumps(built)).management == "disabled"  # as the replicas get it
+    monkeypatch.setenv("SIDECAR_ALLOW_OPEN_MANAGEMENT", "true")
+    assert ray_app.app.management == "open"
+    monkeypatch.setenv("SIDECAR_ADMIN_KEY", "a-key-of-enough-length")
+    assert ray_app.app.management == "key"
 
 
 def test_domain_errors_pickle_as_themselves():

@@ -64,6 +64,20 @@ def test_off_loopback_management_is_refused_without_a_key_and_detect_stays_open(
     assert any("management is disabled" in line for line in logs)
 
 
+def test_behind_serve_proxies_management_needs_a_key_even_with_a_loopback_host(tmp_path: Path, backbone, artifacts):
+    """Under ``serve run`` or KubeRay the proxies choose the address (KubeRay's listen on 0.0.0.0), so the
+    default host, 127.0.0.1, said nothing about who could reach management: it was open to all."""
+    app = create_app(settings(tmp_path / "store").behind_serve_proxies(), backbone=backbone)
+    with LiveServer(app) as live, SidecarClient(live.url) as client:
+        with pytest.raises(SidecarError) as e:
+            client.upload_task("t", artifacts["side0"])
+        assert httpx.get(f"{live.url}/readyz").json()["details"]["management"] == "disabled"
+    assert (e.value.status, e.value.code) == (403, "management_disabled")
+    assert "Serve's proxies choose the address" in e.value.message and "SIDECAR_ADMIN_KEY_FILE" in e.value.message
+    keyed = settings(tmp_path / "store", admin_key=KEY_A).behind_serve_proxies()
+    assert keyed.management == "key" and keyed.model_copy(update={"port": 1}).management == "key"
+
+
 def test_open_management_is_explicit_and_warned_at_start(tmp_path: Path, backbone, artifacts, logs):
     app = create_app(settings(tmp_path / "store", host="0.0.0.0", allow_open_management=True), backbone=backbone)
     with LiveServer(app) as live, SidecarClient(live.url) as client:
