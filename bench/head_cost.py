@@ -5,7 +5,10 @@ side method's arithmetic (tuner + default light head, multiply-accumulates count
 2 worker threads) against the ONNX Runtime pass at batch 1: the floor under "one more task" in the
 fan-out figures, before any of the engine's own per-task work (decoding, NMS, the response); and
 the graphs of ``cst`` and ``side_tuning`` against the same tasks exported without folding their
-calibration into the head (``tuners.fold``), the two timed alternately.
+calibration into the head (``tuners.fold``), the two timed alternately. Last, what is left to take
+from 8 ``cst`` graphs on one thread beyond their arithmetic: the 8 run one after another against
+the same 8 exported as one graph (one session run instead of 8), and against the 8 with ONNX
+Runtime's NCHWc layout transformer off (what its layout optimisation already gives).
 
 Usage: .venv/bin/python -m bench.head_cost [--size 320] [--threads 2]
 """
@@ -13,16 +16,21 @@ Usage: .venv/bin/python -m bench.head_cost [--size 320] [--threads 2]
 from __future__ import annotations
 
 import argparse
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
+from torch import nn
 
 from bench.common import median_seconds, paired_median_seconds, scratch, untrained_tasks
 from models import FrozenBackbone, build_backbone, build_head
 from models.runtime import build_runtime
+from models.runtime.onnx import export_atomic, make_session, session_options, to_numpy
 from tuners import TUNERS, build_task_model
-from tuners.compiled import CompiledTask
+from tuners.compiled import CompiledTask, _TaskGraph
+from tuners.task_model import TaskModel
 
 
 def macs(fn) -> int:  # noqa: ANN001  (any callable)
@@ -71,6 +79,7 @@ def compiled_graphs(backbone, x: torch.Tensor, repeats: int) -> None:  # noqa: A
                   f"{eight / 8 / pass_eight:.3f} |")  # fmt: skip
         print(f"ONNX Runtime backbone pass, batch 1, 2 threads: {pass_eight * 1e3:.2f} ms (last median)")
         fold_saving(backbone, maps, x, pool, work, repeats)
+        one_session_and_layout(backbone, maps, work, repeats)
 
 
 def graph_set(
@@ -104,6 +113,49 @@ def fold_saving(
         print(f"{method}, calibration folded / not folded (alternated): one graph {one * 1e3:.2f} / "
               f"{one_plain * 1e3:.2f} ms = {one / one_plain:.3f}; 8 graphs on 2 threads {eight / 8 * 1e3:.2f} / "
               f"{eight_plain / 8 * 1e3:.2f} ms per graph = {eight / eight_plain:.3f}")  # fmt: skip
+
+
+class _Merged(nn.Module):
+    """Several side tasks' graphs (as ``CompiledTask`` exports each, calibrations folded) in one module,
+    for one ONNX graph: taps in, every task's head tensors out."""
+
+    def __init__(self, models: list[TaskModel], taps: list[str], outputs: list[str]) -> None:
+        super().__init__()
+        self.graphs = nn.ModuleList(_TaskGraph(copy.deepcopy(m).eval(), taps, outputs) for m in models)
+
+    def forward(self, *taps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t for graph in self.graphs for t in graph(*taps))
+
+
+def one_session_and_layout(backbone: FrozenBackbone, maps: dict, work: Path, repeats: int) -> None:
+    """Prints 8 ``cst`` graphs on one thread, one after another, against the same 8 as one graph and
+    against the 8 with ONNX Runtime's NCHWc layout transformer off, each pair timed alternately."""
+    models = untrained_tasks(backbone, "cst", 8)
+    graphs = [CompiledTask(m, backbone, work / f"cst-one-{i}.onnx", "cpu", threads=1) for i, m in enumerate(models)]
+    taps, outputs = graphs[0].taps, graphs[0].outputs
+    names = [f"{o}_{i}" for i in range(len(models)) for o in outputs]
+    args = tuple(maps[t] for t in taps)
+    one = make_session(export_atomic(_Merged(models, taps, outputs), args, work / "cst-8-as-one.onnx", taps, names),
+                       "cpu", threads=1)  # fmt: skip
+    plain = [
+        ort.InferenceSession(str(work / f"cst-one-{i}.onnx"), session_options(1), ["CPUExecutionProvider"],
+                             disabled_optimizers=["NchwcTransformer"])
+        for i in range(len(models))
+    ]  # fmt: skip
+
+    def feeds(session: ort.InferenceSession) -> dict:
+        return {i.name: to_numpy(maps[i.name]) for i in session.get_inputs()}
+
+    eight, merged = paired_median_seconds(
+        lambda: [g(maps) for g in graphs], lambda f=feeds(one): one.run(None, f), repeats
+    )
+    plain_feeds = [feeds(s) for s in plain]
+    eight_again, no_layout = paired_median_seconds(
+        lambda: [g(maps) for g in graphs], lambda: [s.run(None, f) for s, f in zip(plain, plain_feeds)], repeats
+    )
+    print(f"cst, 8 graphs on one thread (alternated): one after another {eight * 1e3:.2f} ms, as one graph "
+          f"{merged * 1e3:.2f} ms = {merged / eight:.3f}; one after another {eight_again * 1e3:.2f} ms, with "
+          f"NCHWc layouts off {no_layout * 1e3:.2f} ms = {no_layout / eight_again:.3f}")  # fmt: skip
 
 
 def main() -> None:
