@@ -51,16 +51,30 @@ function show(name) {
 // ---- detect ----
 const state = { file: null, shown: null, seq: 0, controller: null };
 
+// At first every task is ticked, when there are this many or fewer: a request names at most 32 tasks
+// (the server's default limit), and a server with hundreds of tasks would refuse them all at once.
+const TICK_ALL = 8;
+
 async function loadPicks() {
   const { tasks } = await api("/v1/tasks");
   const ticked = new Set([...document.querySelectorAll("#task-picks input:checked")].map((i) => i.value));
-  const first = !$("task-picks").children.length;
+  const all = !$("task-picks").children.length && tasks.length <= TICK_ALL;
   $("task-picks").replaceChildren(...tasks.map((t) => {
-    const box = el("input", { type: "checkbox", value: t.id, checked: first || ticked.has(t.id) });
+    const box = el("input", { type: "checkbox", value: t.id, checked: all || ticked.has(t.id) });
     const swatch = el("span", { className: "swatch" });
     swatch.style.background = colour(t.id);
     return el("label", {}, box, swatch, ` ${t.id} (${t.method}, ${t.kind})`);
   }));
+  filterPicks();
+}
+
+// Shows the tasks whose id, method or kind holds the filter's text; hidden ones stay ticked or not.
+function filterPicks() {
+  const text = $("task-filter").value.trim().toLowerCase();
+  const labels = [...document.querySelectorAll("#task-picks label")];
+  for (const label of labels) label.hidden = !label.textContent.toLowerCase().includes(text);
+  const ticked = document.querySelectorAll("#task-picks input:checked").length;
+  $("task-count").textContent = `${ticked} of ${labels.length} ticked`;
 }
 
 function clearBoxes() {
@@ -149,7 +163,8 @@ function pick(file) {
 }
 
 $("file").addEventListener("change", () => $("file").files[0] && pick($("file").files[0]));
-$("task-picks").addEventListener("change", detect);
+$("task-picks").addEventListener("change", () => { filterPicks(); detect(); });
+$("task-filter").addEventListener("input", filterPicks);
 $("threshold").addEventListener("change", detect);
 for (const [zone, onFiles] of [[$("drop"), (files) => pick(files[0])], [$("upload"), (files) => upload(files)]]) {
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });

@@ -1,6 +1,6 @@
 """The web console in a real browser: Debian's chromium driven by Playwright (``make test`` installs
-both where the machine allows). Detect with two tasks, a bad file, a late answer, resizing, and a task
-uploaded from the tasks view, each checked on the DOM."""
+both where the machine allows). Detect with two tasks, a bad file, a late answer, resizing, a task
+uploaded from the tasks view, and the filter among many tasks, each checked on the DOM."""
 
 from __future__ import annotations
 
@@ -159,3 +159,34 @@ def test_a_task_uploaded_from_the_tasks_view_is_listed_and_usable(page, artifact
     page.click("#task-table tbody tr[data-task='helmets'] >> text=Delete")
     page.wait_for_selector("#task-table tbody tr[data-task='helmets']", state="detached")
     expect(page.locator("#status")).to_have_text("deleted helmets")
+
+
+def test_many_tasks_start_unticked_and_a_filter_finds_them(console, backbone, artifacts, tmp_path: Path, photo_bytes):  # noqa: ANN001
+    """A server with more tasks than a request may name (32) had every one ticked at first, so the
+    first image got an error; now past 8 none is, and the filter finds a task among hundreds."""
+    from server.store import TaskStore
+
+    _, browser = console
+    folder, root = artifacts["side1"], tmp_path / "store"
+    weights, manifest = (folder / WEIGHTS).read_bytes(), (folder / MANIFEST).read_bytes()
+    store = TaskStore(root)
+    for i in range(40):
+        store.publish(f"line{i:02d}", weights, manifest, lambda _: None)
+    with LiveServer(create_app(settings(root), backbone=backbone)) as live:
+        page = browser.new_page(viewport={"width": 1000, "height": 800})
+        page.goto(live.url)
+        page.wait_for_selector("#task-picks input[value='line39']")
+        assert page.locator("#task-picks input:checked").count() == 0
+        expect(page.locator("#task-count")).to_have_text("0 of 40 ticked")
+        page.get_by_label("Filter").fill("ne07")
+        expect(page.locator("#task-picks label:visible")).to_have_count(1)
+        page.check("#task-picks input[value='line07']")
+        expect(page.locator("#task-count")).to_have_text("1 of 40 ticked")
+        page.get_by_label("Filter").fill("")
+        expect(page.locator("#task-picks label:visible")).to_have_count(40)
+        page.fill("#threshold", "0")
+        page.locator("#threshold").blur()  # commits the value (a change event) before the next step
+        page.set_input_files("#file", str(_photo(tmp_path, photo_bytes)))
+        page.wait_for_selector("#stage .box[data-task='line07']")
+        assert page.locator("#stage .box:not([data-task='line07'])").count() == 0
+        page.close()
