@@ -1,6 +1,7 @@
 """Server settings: one pydantic-settings class, from ``SIDECAR_*`` environment variables and flags.
 
-This is the only module that reads the environment (and the key files it names).
+This is the only module that reads the environment (and the key, certificate and private key files
+it names).
 
 Management (upload, delete, pin, unpin, rollback) needs an admin key whenever the server binds
 an address other than loopback, unless ``allow_open_management`` says otherwise: TorchServe

@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -112,9 +113,16 @@ def http_options(settings: Settings) -> dict[str, Any]:
     """Serve's proxy options: the address, and the certificate and key when TLS is set (the proxy
     terminates it, as uvicorn does for ``server-serve``). Paths are absolute: the proxy is an actor
     that starts in another folder. Serve's other proxy defaults stay (README, settings)."""
-    tls = {name: str(path.resolve()) if path else None for name, path in
-           (("ssl_certfile", settings.ssl_certfile), ("ssl_keyfile", settings.ssl_keyfile))}  # fmt: skip
-    return {"host": settings.host, "port": settings.port, **tls}
+
+    def absolute(path: Path | None) -> str | None:
+        return None if path is None else str(path.resolve())
+
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "ssl_certfile": absolute(settings.ssl_certfile),
+        "ssl_keyfile": absolute(settings.ssl_keyfile),
+    }
 
 
 def start_proxies(settings: Settings) -> None:
