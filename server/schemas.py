@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
+from typing_extensions import TypedDict  # pydantic needs typing_extensions' TypedDict before Python 3.12
 
 
 class ErrorDetail(BaseModel):
@@ -18,8 +19,16 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class Detection(BaseModel):
-    box: list[float] = Field(description="x1, y1, x2, y2 in original-image pixels", min_length=4, max_length=4)
+Box = Annotated[list[float], Field(description="x1, y1, x2, y2 in original-image pixels", min_length=4, max_length=4)]
+
+
+# A dict, not a model: an answer can hold tens of thousands of detections (32 tasks of up to 1,000
+# each), which the engine builds as plain dicts (models.types.Detections.rows) and pydantic writes
+# as JSON in Rust, without a Python object and a validation per detection.
+class Detection(TypedDict):
+    """One object a task found in the image."""
+
+    box: Box
     label: str
     class_id: int
     score: float

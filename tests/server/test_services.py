@@ -212,9 +212,9 @@ def _same_answers(a: list, b: list) -> None:
     assert len(a) == len(b) > 0
     for x in a:
         assert any(
-            x.label == y.label
-            and x.score == pytest.approx(y.score, abs=2e-3)
-            and x.box == pytest.approx(y.box, abs=0.05)
+            x["label"] == y["label"]
+            and x["score"] == pytest.approx(y["score"], abs=2e-3)
+            and x["box"] == pytest.approx(y["box"], abs=0.05)
             for y in b
         ), x
 
@@ -408,7 +408,7 @@ def test_a_start_builds_spare_models_so_first_loads_build_none(tmp_path: Path, b
             answer = await services.engine.detect(photo_bytes, [task], PostprocessConfig())  # type: ignore[attr-defined]
         finally:
             await services.stop()  # type: ignore[attr-defined]
-        return [(d.box, d.score) for d in answer.results[0].detections]
+        return [(d["box"], d["score"]) for d in answer.results[0].detections]
 
     async def run() -> None:
         services = build_services(settings(tmp_path / "store", **budget), backbone)
