@@ -20,27 +20,28 @@ import statistics
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import torch
 
 from bench.common import scratch
-from bench.listing import fill
-from bench.load import KeepAlive, LoadResult, Server, ab_parser, ab_sides, closed_loop, jpeg
-from bench.serve_load import detect, make_tasks, merged
-from models import PreprocessSpec, build_backbone
+from bench.listing import probe_store
+from bench.load import KeepAlive, LoadResult, Server, ab_parser, ab_sides, beside, closed_loop, jpeg
+from bench.serve_load import detect, merged
 
 LARGE = {"score_threshold": "0", "max_detections": "1000"}
 
 
-def beside_large(url: str, ids: list[str], image: bytes, load) -> tuple[LoadResult, list[tuple[float, int, int]]]:  # noqa: ANN001
+def beside_large(
+    url: str, ids: list[str], image: bytes, load: Callable[[], LoadResult]
+) -> tuple[LoadResult, list[tuple[float, int, int]]]:
     """``load()``'s result while one more client asks every task in ``ids`` for up to 1,000 detections
     each, in a closed loop; each large answer's (seconds, detections, bytes)."""
     answers: list[tuple[float, int, int]] = []
-    stop = threading.Event()
 
-    def large() -> None:
+    def large(stop: threading.Event) -> None:
         with httpx.Client(timeout=120) as client:
             while not stop.is_set():
                 start = time.perf_counter()
@@ -52,13 +53,7 @@ def beside_large(url: str, ids: list[str], image: bytes, load) -> tuple[LoadResu
                 count = sum(len(r["detections"]) for r in answer.json()["results"])
                 answers.append((time.perf_counter() - start, count, len(answer.content)))
 
-    thread = threading.Thread(target=large)
-    thread.start()
-    try:
-        return load(), answers
-    finally:
-        stop.set()
-        thread.join()
+    return beside(load, large), answers
 
 
 def side(store: Path, cwd: Path | None, ids: list[str], image: bytes, args: argparse.Namespace) -> dict:
@@ -87,10 +82,7 @@ def main() -> None:
     args = ab_parser(__doc__, tasks=32, rounds=2, seconds=15.0).parse_args()
     torch.set_num_threads(2)
     with scratch("sidecar-large-answers-") as work:
-        backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
-        artifact, image = make_tasks(backbone, 1, "linear_probe", work / "artifacts")[0], jpeg()
-        del backbone
-        ids = fill(work / "store", artifact, args.tasks)
+        ids, image = probe_store(work, args.tasks), jpeg()
         print(f"| checkout | load, C={args.clients} | req/s | p50 ms | p99 ms | large answers: count, median ms "
               "| detections | MB |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|")

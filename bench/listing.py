@@ -25,7 +25,7 @@ import httpx
 import torch
 
 from bench.common import scratch
-from bench.load import KeepAlive, LoadResult, Server, ab_parser, ab_sides, closed_loop, jpeg
+from bench.load import KeepAlive, LoadResult, Server, ab_parser, ab_sides, beside, closed_loop, jpeg
 from bench.serve_load import detect, make_tasks, merged
 from models import PreprocessSpec, build_backbone
 from server.store import TaskStore
@@ -41,6 +41,13 @@ def fill(store: Path, artifact: Path, tasks: int) -> list[str]:
     return ids
 
 
+def probe_store(work: Path, tasks: int) -> list[str]:
+    """One untrained ``linear_probe`` artifact on the real offline mobilenet_v2 at 320 px, published
+    as ``tasks`` tasks into ``work / "store"`` (:func:`fill`); their ids."""
+    backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
+    return fill(work / "store", make_tasks(backbone, 1, "linear_probe", work / "artifacts")[0], tasks)
+
+
 READS = {"alone": None, "listing each second": "/v1/tasks", "metrics each second": "/metrics"}
 
 
@@ -49,9 +56,8 @@ def read_beside(
 ) -> tuple[LoadResult, list[float]]:
     """``load()``'s result while another client gets ``path`` each ``every`` s; those reads' seconds."""
     times: list[float] = []
-    stop = threading.Event()
 
-    def reader() -> None:
+    def reader(stop: threading.Event) -> None:
         with httpx.Client(timeout=120) as client:
             while not stop.is_set():
                 start = time.perf_counter()
@@ -59,13 +65,7 @@ def read_beside(
                 times.append(time.perf_counter() - start)
                 stop.wait(every)
 
-    thread = threading.Thread(target=reader)
-    thread.start()
-    try:
-        return load(), times
-    finally:
-        stop.set()
-        thread.join()
+    return beside(load, reader), times
 
 
 def side(store: Path, cwd: Path | None, ids: list[str], image: bytes, args: argparse.Namespace) -> dict:
@@ -97,10 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     with scratch("sidecar-listing-") as work:
-        backbone = build_backbone("mobilenet_v2", allow_download=False, preprocess=PreprocessSpec(size=320))
-        artifact, image = make_tasks(backbone, 1, "linear_probe", work / "artifacts")[0], jpeg()
-        del backbone
-        ids = fill(work / "store", artifact, args.tasks)
+        ids, image = probe_store(work, args.tasks), jpeg()
         print(f"| checkout | load, C={args.clients} | req/s | p50 ms | p99 ms | errors | read s (median) |")
         print("|---|---|---|---|---|---|---|")
         for label, cwd in ab_sides(args):

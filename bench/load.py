@@ -287,6 +287,19 @@ def alternating(url: str, seconds: float, requests: dict[Kind, Request]) -> dict
     return {name: LoadResult(len(t), sum(t), t, errors[name]) for name, t in latencies.items()}
 
 
+def beside(load: Callable[[], LoadResult], client: Callable[[threading.Event], None]) -> LoadResult:
+    """``load()``'s result while ``client(stop)`` runs on a thread of its own, until ``stop`` is set
+    when the load ends: another client's requests beside the load's."""
+    stop = threading.Event()
+    thread = threading.Thread(target=client, args=(stop,))
+    thread.start()
+    try:
+        return load()
+    finally:
+        stop.set()
+        thread.join()
+
+
 def histogram_quantile(metrics: str, name: str, q: float) -> float:
     """Quantile ``q`` of Prometheus histogram ``name``, interpolated within its bucket as PromQL does."""
     buckets = []

@@ -27,6 +27,7 @@ from server.executor import BatchResult, Executor, Prepared, RowTaps, WorkItem
 from server.imaging import decode_image
 from server.main import create_app
 from server.metrics import Metrics
+from server.schemas import DetectResponse
 from server.services import build_services, warm_batches
 from server.stacks import StackCache
 from tests.conftest import on_device
@@ -196,9 +197,10 @@ def test_uploaded_tasks_compile_in_the_background_and_serve_the_same(tmp_path: P
                 await s.engine.detect(photo_bytes, ["t"], post)  # its second use (the upload was the first)
             await _until_compiled(compiled_services, "t")
             assert not (await services.tasks.get("t")).compiled
-            a = (await services.engine.detect(photo_bytes, ["t"], post)).results[0].detections
-            b = (await compiled_services.engine.detect(photo_bytes, ["t"], post)).results[0].detections
-            _same_answers(a, b)
+            answers = [await s.engine.detect(photo_bytes, ["t"], post) for s in (services, compiled_services)]
+            for answer in answers:  # built unchecked (model_construct): exactly what checking would build
+                assert DetectResponse.model_validate(answer.model_dump(), strict=True) == answer
+            _same_answers(answers[0].results[0].detections, answers[1].results[0].detections)
         finally:
             for s in (services, compiled_services):
                 await s.stop()
