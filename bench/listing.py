@@ -7,6 +7,7 @@ A store of ``--tasks`` ``linear_probe`` tasks (one artifact published under ever
 as a console or a deployment script does; and with another reading ``/metrics`` once a second, as
 Prometheus does (every 15 s by default). The loads take turns, the order turning every round.
 Printed per checkout and load: req/s, p50 and p99 of the detect requests, and the reads' median time.
+``--this-args`` gives this checkout's server flags (``--no-task-latency-histograms``).
 
 Run: ``.venv/bin/python -m bench.listing --compare-to /path/to/old-worktree``.
 """
@@ -14,6 +15,7 @@ Run: ``.venv/bin/python -m bench.listing --compare-to /path/to/old-worktree``.
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import threading
 import time
@@ -73,7 +75,7 @@ def side(store: Path, cwd: Path | None, ids: list[str], image: bytes, args: argp
     on one server of checkout ``cwd``."""
     results: dict[str, list[LoadResult]] = defaultdict(list)
     reads: dict[str, list[float]] = defaultdict(list)
-    with Server(store, cwd=cwd) as server:
+    with Server(store, shlex.split(args.this_args) if cwd is None else [], cwd=cwd) as server:
         with KeepAlive(server.url, timeout=120) as http:
             for task_id in ids[: args.resident]:
                 if detect([task_id], image)(http, None).status_code != 200:
@@ -94,6 +96,7 @@ def side(store: Path, cwd: Path | None, ids: list[str], image: bytes, args: argp
 def main() -> None:
     parser = ab_parser(__doc__, tasks=2000, rounds=3, seconds=10.0)
     parser.add_argument("--resident", type=int, default=1000, help="tasks made resident before the loads")
+    parser.add_argument("--this-args", default="", help="server flags of this checkout's side")
     args = parser.parse_args()
     torch.set_num_threads(2)
     with scratch("sidecar-listing-") as work:

@@ -135,6 +135,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM); serve HTTPS with ssl_keyfile")
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM)")
+    task_latency_histograms: bool = Field(
+        True,
+        description="a latency histogram per task in /metrics (16 series for each task that has served requests); "
+        "off: a count and a sum per task (3 series), for servers of thousands of tasks",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field("info")
     ray: bool = Field(False, description="serve on Ray Serve: engine replicas, requests routed to where tasks live")
     ray_address: str | None = Field(None, description="a Ray cluster to join (ray start --head); default: a local one")

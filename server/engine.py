@@ -120,6 +120,7 @@ class Engine:
         if all(r.error is not None for r in results):
             raise TaskFailed("every task named failed at inference", [f"{r.task}: {r.error.message}" for r in results])  # type: ignore[union-attr]
         elapsed = time.perf_counter() - start
+        self.metrics.detect_seconds.observe(elapsed)
         for task_id, _ in specs:
             self.metrics.request_seconds.labels(task=task_id).observe(elapsed)
         self.metrics.images_served.inc()

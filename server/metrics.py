@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LOAD_BUCKETS = (0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
-    """Every metric the server exports under ``/metrics``; names start with ``sidecar_``."""
+    """Every metric the server exports under ``/metrics``; names start with ``sidecar_``.
 
-    def __init__(self) -> None:
+    Args:
+        task_histograms: a latency histogram per task (``sidecar_request_seconds``, 16 series for
+            each task that has served requests); else a count and a sum per task (3 series), as
+            Triton exports per model, for servers of thousands of tasks. ``sidecar_detect_seconds``,
+            over all requests, is a histogram either way.
+    """
+
+    def __init__(self, task_histograms: bool = True) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.request_seconds = Histogram(
-            "sidecar_request_seconds", "detect latency per task", ["task"], buckets=LATENCY_BUCKETS, registry=r
+        self.detect_seconds = Histogram(
+            "sidecar_detect_seconds", "detect latency, every request", buckets=LATENCY_BUCKETS, registry=r
+        )
+        per_task = ("sidecar_request_seconds", "detect latency per task", ["task"])
+        self.request_seconds: Histogram | Summary = (
+            Histogram(*per_task, buckets=LATENCY_BUCKETS, registry=r)
+            if task_histograms
+            else Summary(*per_task, registry=r)
         )
         self.stage_seconds = Histogram(
             "sidecar_stage_seconds",
@@ -58,6 +71,6 @@ class Metrics:
             self.request_seconds.remove(task_id)
 
     def render(self) -> bytes:
-        """The text format. It grows with the tasks that have served requests (16 series each): call it
-        off the event loop."""
+        """The text format. It grows with the tasks that have served requests (16 series each, or 3
+        without ``task_histograms``): call it off the event loop."""
         return generate_latest(self.registry)

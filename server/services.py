@@ -171,7 +171,7 @@ def build_services(settings: Settings, backbone: FrozenBackbone) -> Services:
         set_float32_precision(settings.dtype)
     backbone = backbone.to(device)
     runtime_name = default_runtime(device) if settings.runtime == "auto" else settings.runtime
-    metrics = Metrics()
+    metrics = Metrics(settings.task_latency_histograms)
     store = open_store(settings)
     store.recover()
     runtime = warmed_runtime(settings, backbone, runtime_name, device)

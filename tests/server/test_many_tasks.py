@@ -8,9 +8,11 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
 import server.tasks
 from clients import SidecarClient
+from models.postprocess import PostprocessConfig
 from server.main import create_app
 from server.services import build_services, task_compiler
 from tests.server.conftest import LiveServer, make_artifact, settings
@@ -87,6 +89,30 @@ def test_a_deleted_task_leaves_metrics(tmp_path: Path, backbone, artifacts, phot
         client.delete_task("gone")
         metrics = httpx.get(f"{live.url}/metrics").text
         assert 'task="gone"' not in metrics and 'sidecar_request_seconds_count{task="kept"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("histograms, series", [(True, 16), (False, 3)])
+def test_task_latency_series_per_task(tmp_path: Path, backbone, artifacts, photo_bytes, histograms: bool, series: int):
+    """A latency histogram per task is 16 series for each task that served requests, too many for a
+    server of thousands of tasks: ``task_latency_histograms`` off keeps a count and a sum per task,
+    and the histogram over every request stays."""
+
+    async def run() -> str:
+        services = build_services(settings(tmp_path / "store", task_latency_histograms=histograms), backbone)
+        services.start()
+        try:
+            await services.tasks.publish("t", *_files(artifacts["side0"]))
+            for _ in range(2):
+                await services.engine.detect(photo_bytes, ["t"], PostprocessConfig())
+            return services.metrics.render().decode()
+        finally:
+            await services.stop()
+
+    text = asyncio.run(run())
+    assert sum('task="t"' in line for line in text.splitlines() if not line.startswith("#")) == series
+    assert 'sidecar_request_seconds_count{task="t"} 2.0' in text and "sidecar_detect_seconds_count 2.0" in text
+    assert ('sidecar_request_seconds_bucket{le="0.005",task="t"}' in text) is histograms
+    assert 'sidecar_detect_seconds_bucket{le="0.005"}' in text
 
 
 def test_compiled_graphs_on_disk_keep_to_their_budget(tmp_path: Path, backbone):
